@@ -1,0 +1,463 @@
+"""The plumbing every stage shares, as plain functions: config from the command line, distributed
+setup and FSDP2, precision, optimizer and schedule, checkpoints, metrics.
+
+Nothing here knows about SFT, reward models or PPO; each stage script reads top to bottom and calls
+these. The same script runs as `python sft.py` (one process, CPU or one GPU) and as
+`torchrun --nproc_per_node=8 sft.py` (NCCL on GPUs, gloo on CPU).
+
+Precision story (one for the whole project):
+- trainable weights, optimizer state and gradients stay float32;
+- on CUDA, forward passes run under bf16 autocast; frozen models (reference, reward) are cast to bf16;
+- logits are cast to float32 before every log-softmax, and log-prob differences, ratios, KL, rewards,
+  advantages and value targets are float32 (see model.token_logprobs for why).
+"""
+
+import ast
+import contextlib
+import dataclasses
+import inspect
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import typing
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+# -----------------------------------------------------------------------------
+# Config: one dataclass per script, a docstring under each field, overridable from the command line
+
+
+def field_docs(cls) -> dict:
+    """The docstring written under each dataclass field (cleanrl's style), read from the source."""
+    docs, tree = {}, ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def _convert(value: str, annotation, name: str):
+    """Command-line text -> the field's type (int, float, bool, str, or Optional of those)."""
+    if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value.lower() in ("none", "null"):
+            return None
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if annotation is bool:
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise SystemExit(f"--{name}: expected true/false, got {value!r}")
+    try:
+        return annotation(value)
+    except ValueError:
+        raise SystemExit(f"--{name}: expected {annotation.__name__}, got {value!r}")
+
+
+def parse_config(cls, argv=None, **presets):
+    """Build `cls` from defaults, then `presets` (dict of field values), then `--config=file.json`,
+    then `--key=value` / `--key value` / `--flag` arguments, in that order. `--help` lists the fields.
+
+    Explicit flags always win. Unknown keys are an error that names them: a typo in `--kl_coef` must
+    not silently train with the default.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    if "-h" in argv or "--help" in argv:
+        docs = field_docs(cls)
+        print(f"usage: {os.path.basename(sys.argv[0])} [--config=file.json] [--key=value ...]\n")
+        for name, f in fields.items():
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            print(f"  --{name}={default!r}\n      {docs.get(name, '')}")
+        raise SystemExit(0)
+    values, cli = dict(presets), {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise SystemExit(f"unexpected argument {arg!r}: use --key=value")
+        key, eq, val = arg[2:].partition("=")
+        if not eq:  # `--key value`, or a bare boolean flag
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                val, i = argv[i + 1], i + 1
+            elif key in fields and hints[key] is bool:
+                val = "true"
+            else:
+                raise SystemExit(f"--{key} needs a value")
+        if key == "config":
+            with open(val) as f:
+                values.update(json.load(f))
+        elif key not in fields:
+            raise SystemExit(f"unknown option --{key}; see --help for the {len(fields)} options")
+        else:
+            cli[key] = _convert(val, hints[key], key)
+        i += 1
+    unknown = [k for k in values if k not in fields]
+    if unknown:
+        raise SystemExit(f"unknown config keys {unknown}; see --help")
+    return cls(**{**values, **cli})
+
+
+def config_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+# -----------------------------------------------------------------------------
+# Distributed: optional, ~30 lines
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str = "auto") -> Dist:
+    """Under torchrun (WORLD_SIZE set): join the process group (NCCL on CUDA, gloo on CPU).
+    Otherwise one process. device: "auto" (CUDA if present), "cpu" or "cuda"."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+    return Dist(rank, local_rank, world_size, dev)
+
+
+def shutdown_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard_model(model, d: Dist):
+    """FSDP2: fully_shard each transformer block, then the root (torchtitan's pattern). A no-op for one process.
+
+    Parameters stay float32 (sharded); compute runs under autocast (see `autocast`)."""
+    if not d.distributed:
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(d.device.type, (d.world_size,))
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+@contextlib.contextmanager
+def unsharded(model):
+    """Gather an FSDP2 model's weights once for a whole rollout, instead of an all-gather per layer
+    per generated token; reshard on exit. A no-op for an unsharded model."""
+    from torch.distributed.fsdp import FSDPModule
+    fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in fsdp_modules:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in fsdp_modules:
+            m.set_reshard_after_forward(True, recurse=False)
+            m.reshard()
+
+
+def autocast(d: Dist, enabled: bool = True):
+    """bf16 autocast on CUDA; nothing on CPU unless forced with enabled="cpu" (tests use it to
+    check that bf16 does not break PPO's first ratio)."""
+    if enabled == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    if enabled and d.device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def all_reduce_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.distributed:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        x /= d.world_size
+    return x
+
+
+def all_reduce_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.distributed:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def seed_all(seed: int):
+    import random
+    import numpy as np
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# -----------------------------------------------------------------------------
+# Models in and out of stages: every stage reads HF-format directories, by path
+
+
+def model_dir(path: str, name: str) -> str:
+    """`path` itself if it holds config.json, else path/name (so --sft=runs/sft/final finds
+    runs/sft/final/policy), else `path` unchanged (a hub name such as "gpt2")."""
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    if os.path.exists(os.path.join(path, name, "config.json")):
+        return os.path.join(path, name)
+    if os.path.isdir(path):
+        raise SystemExit(f"{path} holds no model: expected {path}/config.json or {path}/{name}/config.json")
+    return path
+
+
+def load_model(path: str, name: str, d: Dist, trainable: bool, **overrides):
+    """Load a GPT from a checkpoint directory or hub name onto d.device; frozen models get
+    requires_grad=False, eval mode, and bf16 weights on CUDA (they never need fp32 master weights)."""
+    from model import GPT
+    model = GPT.from_pretrained(model_dir(path, name), **overrides).to(d.device)
+    if not trainable:
+        model.requires_grad_(False).eval()
+        if d.device.type == "cuda":
+            model.to(torch.bfloat16)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def make_adamw(model, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95), eps: float = 1e-8):
+    """AdamW with weight decay on 2-D weights only (matrices and embeddings), not on biases or
+    LayerNorm gains (nanoGPT's `configure_optimizers`)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+
+
+def lr_at(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0, schedule: str = "cosine",
+          min_lr_ratio: float = 0.0) -> float:
+    """Linear warmup to base_lr, then "cosine", "linear" or "constant" decay to min_lr_ratio * base_lr."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return base_lr
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "cosine":
+        coeff = 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif schedule == "linear":
+        coeff = 1.0 - progress
+    else:
+        raise ValueError(f"unknown lr schedule {schedule!r}: cosine, linear or constant")
+    return base_lr * (min_lr_ratio + (1 - min_lr_ratio) * coeff)
+
+
+def set_lr(optimizer, lr: float):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def clip_grad_norm(model, max_norm: float) -> torch.Tensor:
+    """Global gradient norm (over all shards under FSDP2: DTensor grads reduce correctly), clipped."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+# Peak dense bf16 tensor FLOP/s per device; unknown devices give no MFU rather than a wrong one.
+PEAK_BF16_FLOPS = {"H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H200": 989e12,
+                   "A100": 312e12, "L4": 121e12, "A10G": 125e12}
+
+
+def peak_flops(d: Dist) -> float | None:
+    if d.device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(d.device)
+    for key, flops in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return flops
+    return None
+
+
+def flops_per_token(n_params: int, n_layer: int, n_head: int, head_dim: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N + 12 * L * H * Q * T (PaLM appendix B; nanoGPT `estimate_mfu`)."""
+    return 6 * n_params + 12 * n_layer * n_head * head_dim * seq_len
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: consolidated, atomic, exact to resume
+#
+# run_dir/
+#   ckpt_000200/            one directory per save, written as ckpt_000200.tmp then renamed
+#     <name>/config.json, <name>/model.safetensors   each model in HF GPT-2 format (any world size loads it)
+#     train_state.pt        optimizer states, step, stage state: tensors and plain types (weights_only loads it)
+#     run_config.json       the stage's config
+#   latest                  the name of the newest complete checkpoint (replaced atomically)
+#   final -> the last checkpoint's models, same format (what the next stage reads, by path)
+#   metrics.jsonl
+
+
+def full_state_dict(model) -> dict:
+    """The whole model's weights on CPU on every rank (all-gathered under FSDP2)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state_dict(model, state: dict):
+    """Load whole (unsharded) weights into a model, sharded or not."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def full_optimizer_state(model, optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_optimizer_state(model, optimizer, state: dict):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
+
+
+def check_writable(run_dir: str):
+    """Fail before training, naming the path, if the run directory cannot be written."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        probe = os.path.join(run_dir, f".write_test.{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"run directory {run_dir} is not writable: {e}")
+
+
+def _write_text_atomic(path: str, text: str):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir: str, step: int, models: dict, optimizers: dict, state: dict, config, d: Dist,
+                    keep: int = 2) -> str | None:
+    """Save models (name -> model), optimizers (name -> (model, optimizer)) and `state` (plain values
+    and tensors) as run_dir/ckpt_{step}/, atomically. Collective under FSDP (all ranks call it);
+    only rank 0 writes. Returns the checkpoint path (on rank 0)."""
+    from model import save_hf
+    weights = {name: full_state_dict(m) for name, m in models.items()}
+    optim_states = {name: full_optimizer_state(m, opt) for name, (m, opt) in optimizers.items()}
+    path = None
+    if d.is_main:
+        name = f"ckpt_{step:06d}"
+        path, tmp = os.path.join(run_dir, name), os.path.join(run_dir, name + ".tmp")
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            for model_name, model in models.items():
+                save_hf(os.path.join(tmp, model_name), model.config, weights[model_name])
+            torch.save({"step": step, "optimizers": optim_states, "state": state}, os.path.join(tmp, "train_state.pt"))
+            with open(os.path.join(tmp, "run_config.json"), "w") as f:
+                json.dump(config_dict(config), f, indent=2)
+            _fsync_dir(tmp)
+            shutil.rmtree(path, ignore_errors=True)  # a stale one from a run that was resumed earlier
+            os.replace(tmp, path)
+            _write_text_atomic(os.path.join(run_dir, "latest"), name)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise SystemExit(f"could not write checkpoint {path}: {e}; the previous checkpoint is intact")
+        old = sorted(p for p in os.listdir(run_dir) if p.startswith("ckpt_") and not p.endswith(".tmp"))
+        for stale in old[:-keep] if keep > 0 else []:
+            shutil.rmtree(os.path.join(run_dir, stale), ignore_errors=True)
+    if d.distributed:
+        dist.barrier()
+    return path
+
+
+def _fsync_dir(path: str):
+    for root, _, files in os.walk(path):
+        for f in files:
+            with open(os.path.join(root, f), "rb+") as fh:
+                os.fsync(fh.fileno())
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    pointer = os.path.join(run_dir, "latest")
+    if not os.path.exists(pointer):
+        return None
+    with open(pointer) as f:
+        path = os.path.join(run_dir, f.read().strip())
+    return path if os.path.isdir(path) else None
+
+
+def load_train_state(ckpt: str) -> dict:
+    """train_state.pt, unpickled with weights_only=True: tensors and plain containers only."""
+    return torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=True)
+
+
+def publish_final(run_dir: str, ckpt: str, d: Dist):
+    """Copy the models of checkpoint `ckpt` to run_dir/final (atomically: copy, then rename)."""
+    if d.is_main:
+        final, tmp, old = (os.path.join(run_dir, n) for n in ("final", "final.tmp", "final.old"))
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(ckpt, tmp, ignore=shutil.ignore_patterns("train_state.pt"))
+        if os.path.exists(final):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    if d.distributed:
+        dist.barrier()
+
+
+# -----------------------------------------------------------------------------
+# Metrics: one JSON line per log step, a short line on the console
+
+
+class Metrics:
+    """Appends {"step": ..., **metrics} to run_dir/metrics.jsonl on rank 0. On resume, lines past the
+    checkpoint's step are dropped so the file equals that of an uninterrupted run."""
+
+    def __init__(self, run_dir: str, d: Dist, resume_step: int | None = None):
+        self.path, self.main = os.path.join(run_dir, "metrics.jsonl"), d.is_main
+        self.start = time.time()
+        if self.main and resume_step is None and os.path.exists(self.path):
+            os.remove(self.path)
+        if self.main and resume_step is not None and os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            _write_text_atomic(self.path, "".join(kept))
+
+    def log(self, step: int, metrics: dict, echo: bool = True):
+        if not self.main:
+            return
+        clean = {k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **clean}) + "\n")
+        if echo:
+            from tqdm import tqdm
+            shown = " ".join(f"{k}={_fmt(v)}" for k, v in clean.items())
+            tqdm.write(f"step {step}: {shown}")
+
+
+def _fmt(v):
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

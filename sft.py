@@ -1,0 +1,258 @@
+"""Stage 1 of RLHF: supervised fine-tuning on demonstrations {prompt, response}.
+
+Maximum likelihood on the response tokens only (prompt tokens carry no loss), with EOS appended to
+every response so the model learns to stop (InstructGPT, Ouyang et al. 2022, section 3.5). The
+result is the starting point of the reward model and of the PPO policy, and PPO's frozen reference.
+
+    python sft.py                                   # the built-in default task, CPU, a few minutes
+    python sft.py --init_from=gpt2 --tokenizer=gpt2 --dataset=Anthropic/hh-rlhf:harmless-base \\
+        --max_prompt_tokens=384 --max_response_tokens=128 --model_size=gpt2
+    torchrun --nproc_per_node=8 sft.py ...          # FSDP2, bf16 autocast on CUDA
+"""
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+import data
+from evaluate import sample_responses
+from model import GPT, config_for
+from runtime import (Dist, Metrics, all_reduce_sum, autocast, check_writable, clip_grad_norm, flops_per_token,
+                     init_distributed, latest_checkpoint, load_full_optimizer_state, load_model, load_train_state,
+                     lr_at, make_adamw, parse_config, peak_flops, publish_final, save_checkpoint, seed_all, set_lr,
+                     shard_model, shutdown_distributed)
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/sft"
+    """where checkpoints, metrics.jsonl and final/ go"""
+    init_from: str = "scratch"
+    """"scratch" (random init, model_size), a hub name such as "gpt2", or a local HF-format directory (e.g. another run's final/)"""
+    model_size: str = "cpu-small"
+    """model.GPT_SIZES name, used when init_from=scratch"""
+    tokenizer: str = "char"
+    """"char" for the default task, "gpt2" for real data (taken from the checkpoint when init_from is one)"""
+    dataset: str = "default"
+    """"default" (built-in task), a local .jsonl/.json(.gz) file, or a hub name (Anthropic/hh-rlhf, ...)"""
+    eval_dataset: str = ""
+    """held-out data; empty = the test split of `dataset`"""
+    max_train_examples: int = 0
+    """use at most this many training examples (0 = all)"""
+    max_prompt_tokens: int = 12
+    """prompts longer than this are cut from the left (counted)"""
+    max_response_tokens: int = 16
+    """responses (with EOS) longer than this are cut from the right (counted)"""
+    train_on_prompt: bool = False
+    """also put loss on prompt tokens (the TL;DR N+ recipe trains on query+response)"""
+    batch_size: int = 64
+    """global batch in examples per optimizer step, whatever the number of processes"""
+    micro_batch_size: int = 64
+    """examples per forward pass per process; batch_size / (world_size * micro) steps are accumulated"""
+    max_steps: int = 800
+    """optimizer steps; 0 = one epoch over the data"""
+    lr: float = 2e-3
+    """peak learning rate (AdamW)"""
+    weight_decay: float = 0.1
+    """AdamW decay on 2-D weights only"""
+    warmup_steps: int = 50
+    """linear warmup steps"""
+    lr_schedule: str = "cosine"
+    """cosine, linear or constant after warmup"""
+    grad_clip: float = 1.0
+    """max global gradient norm (0 = no clipping)"""
+    dropout: float = 0.0
+    """dropout in the model (off by default, as all stages)"""
+    gradient_checkpointing: bool = False
+    """recompute each block's activations in backward to save memory"""
+    eval_every: int = 200
+    """steps between evaluations (held-out loss, samples, gold reward on the default task)"""
+    eval_examples: int = 256
+    """held-out examples for the loss and prompts for sampling"""
+    eval_temperature: float = 1.0
+    """sampling temperature of evaluation samples"""
+    num_samples_shown: int = 3
+    """sampled responses printed at each evaluation"""
+    save_every: int = 400
+    """steps between checkpoints (and one at the end)"""
+    resume: bool = False
+    """continue from run_dir's latest checkpoint"""
+    stop_after: int = 0
+    """stop (with a checkpoint) after this many steps of this invocation: for tests of resume (0 = off)"""
+    seed: int = 0
+    """seeds init, data order and sampling"""
+    device: str = "auto"
+    """auto, cpu or cuda"""
+    bf16: bool = True
+    """bf16 autocast on CUDA (ignored on CPU)"""
+    log_every: int = 20
+    """steps between metric lines"""
+
+
+def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor):
+    """Summed token cross-entropy over the tokens that loss_mask marks, and their count.
+
+    logits (B, T, V) at position t predict input_ids[t + 1]; loss_mask[b, t] = 1 marks token t as a
+    target. Returns (sum, count) so the caller can divide by the token count of the whole global
+    batch: the same loss whatever the split into processes and micro-batches."""
+    targets, mask = input_ids[:, 1:], loss_mask[:, 1:].float()
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # float32: see model.token_logprobs
+    nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return (nll * mask).sum(), mask.sum()
+
+
+def build_policy(cfg: Config, d: Dist):
+    """Scratch (random init), a hub name, or a local HF-format directory."""
+    if cfg.init_from == "scratch":
+        tok = data.get_tokenizer(cfg.tokenizer)
+        model = GPT(config_for(cfg.model_size, vocab_size=tok.vocab_size, dropout=cfg.dropout, tokenizer=tok.name))
+        model.init_weights(seed=cfg.seed)
+        return model.to(d.device), tok
+    model = load_model(cfg.init_from, "policy", d, trainable=True, dropout=cfg.dropout)
+    return model, data.get_tokenizer(model.config.tokenizer)  # HF's own GPT-2 checkpoints mean "gpt2"
+
+
+def encode_all(records, tok, cfg: Config):
+    stats = data.TruncationStats()
+    pairs = [data.encode_pair(tok, r["prompt"], r["response"], cfg.max_prompt_tokens, cfg.max_response_tokens, stats)
+             for r in records]
+    return pairs, stats
+
+
+@torch.no_grad()
+def heldout_loss(model, pairs, cfg: Config, d: Dist, pad_id: int) -> float:
+    model.eval()
+    total, count = torch.zeros((), device=d.device), torch.zeros((), device=d.device)
+    for start in range(0, len(pairs), cfg.micro_batch_size):
+        batch = data.collate_sft(pairs[start:start + cfg.micro_batch_size], pad_id, cfg.train_on_prompt)
+        batch = {k: v.to(d.device) for k, v in batch.items()}
+        with autocast(d, cfg.bf16):
+            logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+        s, c = sft_loss(logits, batch["input_ids"], batch["loss_mask"])
+        total, count = total + s, count + c
+    model.train()
+    return (total / count).item()  # every rank evaluates the same examples: no reduction needed
+
+
+def evaluate(model, tok, eval_pairs, eval_records, cfg: Config, d: Dist, step: int) -> dict:
+    metrics = {"eval/loss": heldout_loss(model, eval_pairs, cfg, d, tok.eos_id)}
+    prompts = [r["prompt"] for r in eval_records]
+    samples = sample_responses(model, tok, prompts, d, cfg.max_response_tokens, cfg.eval_temperature,
+                               seed=cfg.seed + 1, max_prompt_tokens=cfg.max_prompt_tokens)
+    metrics["eval/eos_fraction"] = sum(s["ended"] for s in samples) / len(samples)
+    metrics["eval/response_length"] = sum(s["length"] for s in samples) / len(samples)
+    if cfg.dataset == "default":  # the programmatic annotator can grade the samples
+        metrics["eval/gold_reward"] = sum(data.gold_reward(s["prompt"], s["response"]) for s in samples) / len(samples)
+    if d.is_main:
+        for s in samples[:cfg.num_samples_shown]:
+            tqdm.write(f"  [step {step}] {s['prompt']!r} -> {s['response']!r}{'' if s['ended'] else ' (no EOS)'}")
+    return metrics
+
+
+def main(argv=None):
+    cfg = parse_config(Config, argv)
+    d = init_distributed(cfg.device)
+    seed_all(cfg.seed)
+    check_writable(cfg.run_dir)
+
+    # 1. Data: demonstrations, tokenized once, truncation counted and reported.
+    model, tok = build_policy(cfg, d)
+    records = data.load_records(cfg.dataset, "sft", split="train", max_records=cfg.max_train_examples or None, seed=cfg.seed)
+    pairs, stats = encode_all(records, tok, cfg)
+    eval_source, eval_split = (cfg.eval_dataset, "train") if cfg.eval_dataset else (cfg.dataset, "test")
+    eval_records = data.load_records(eval_source, "sft", split=eval_split, max_records=cfg.eval_examples, seed=cfg.seed)
+    eval_pairs, _ = encode_all(eval_records, tok, cfg)
+    if len(pairs) < cfg.batch_size:
+        raise SystemExit(f"{len(pairs)} usable training examples in {cfg.dataset}, fewer than one batch of {cfg.batch_size}")
+    if d.is_main:
+        print(f"sft: {len(pairs)} train / {len(eval_pairs)} held-out examples; {stats.summary()}")
+
+    # 2. Batch arithmetic: the global batch is fixed; processes and accumulation split it.
+    per_rank = cfg.batch_size // d.world_size
+    accum = per_rank // cfg.micro_batch_size if per_rank >= cfg.micro_batch_size else 1
+    micro = per_rank // accum
+    if micro * accum * d.world_size != cfg.batch_size:
+        raise SystemExit(f"batch_size {cfg.batch_size} must be world_size {d.world_size} x accumulation x micro_batch_size {cfg.micro_batch_size}")
+    steps_per_epoch = len(pairs) // cfg.batch_size
+    max_steps = cfg.max_steps or steps_per_epoch
+
+    # 3. Model, optimizer, and the state to resume from.
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing = True
+    model = shard_model(model, d)
+    optimizer = make_adamw(model, cfg.lr, cfg.weight_decay)
+    step = 0
+    ckpt = latest_checkpoint(cfg.run_dir) if cfg.resume else None
+    if ckpt:
+        from runtime import load_full_state_dict
+        state = load_train_state(ckpt)
+        resumed = GPT.from_pretrained(os.path.join(ckpt, "policy"))
+        load_full_state_dict(model, resumed.state_dict())
+        load_full_optimizer_state(model, optimizer, state["optimizers"]["policy"])
+        step = state["step"]
+        if d.is_main:
+            print(f"sft: resumed from {ckpt} at step {step}")
+    metrics = Metrics(cfg.run_dir, d, resume_step=step if ckpt else None)
+    n_params = sum(p.numel() for p in model.parameters())
+    peak = peak_flops(d)
+    fpt = flops_per_token(n_params, model.config.n_layer, model.config.n_head,
+                          model.config.n_embd // model.config.n_head, cfg.max_prompt_tokens + cfg.max_response_tokens)
+
+    # 4. The loop. Data order depends only on (seed, epoch), so a resumed run sees the same batches.
+    start_step, t0, tokens_seen = step, time.time(), 0
+    bar = tqdm(total=max_steps, initial=step, desc="sft", disable=not d.is_main)
+    while step < max_steps:
+        epoch, index = divmod(step, steps_per_epoch)
+        batch_items = list(data.batches(pairs, per_rank, seed=cfg.seed, epoch=epoch, rank=d.rank,
+                                        world_size=d.world_size))[index]
+        micro_batches = [data.collate_sft(batch_items[i:i + micro], tok.eos_id, cfg.train_on_prompt)
+                         for i in range(0, per_rank, micro)]
+        # Normalize by the response tokens of the whole global batch (all ranks, all micro-batches).
+        n_tokens = all_reduce_sum(sum(b["loss_mask"][:, 1:].sum() for b in micro_batches).float().to(d.device), d)
+        lr = lr_at(step, max_steps, cfg.lr, cfg.warmup_steps, cfg.lr_schedule)
+        set_lr(optimizer, lr)
+        loss_sum = torch.zeros((), device=d.device)
+        for batch in micro_batches:
+            batch = {k: v.to(d.device) for k, v in batch.items()}
+            with autocast(d, cfg.bf16):
+                logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+            token_loss, _ = sft_loss(logits, batch["input_ids"], batch["loss_mask"])
+            # FSDP averages gradients over ranks; scale by world_size so the result is sum / n_tokens.
+            (token_loss * d.world_size / n_tokens).backward()
+            loss_sum += token_loss.detach()
+            tokens_seen += int(batch["attention_mask"].sum())
+        grad_norm = clip_grad_norm(model, cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+
+        if step % cfg.log_every == 0 or step == max_steps:
+            elapsed = time.time() - t0
+            tok_s = tokens_seen * d.world_size / elapsed
+            row = {"train/loss": (all_reduce_sum(loss_sum, d) / n_tokens).item(), "lr": lr,
+                   "grad_norm": grad_norm.item(), "tokens_per_s": tok_s, "epoch": step / steps_per_epoch}
+            if peak:
+                row["mfu"] = fpt * tok_s / (peak * d.world_size)
+            metrics.log(step, row, echo=False)
+            bar.set_postfix(loss=f"{row['train/loss']:.3f}")
+        if step % cfg.eval_every == 0 or step == max_steps:
+            metrics.log(step, evaluate(model, tok, eval_pairs, eval_records, cfg, d, step))
+        stopping = cfg.stop_after and step - start_step >= cfg.stop_after
+        if step % cfg.save_every == 0 or step == max_steps or stopping:
+            path = save_checkpoint(cfg.run_dir, step, {"policy": model}, {"policy": (model, optimizer)}, {}, cfg, d)
+            if step == max_steps:
+                publish_final(cfg.run_dir, path if d.is_main else "", d)
+        if stopping:
+            break
+    bar.close()
+    if d.is_main and step == max_steps:
+        print(f"sft: done, {step} steps in {time.time() - t0:.0f}s; policy in {cfg.run_dir}/final/policy")
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()
