@@ -1,11 +1,25 @@
 """Sampling and scoring policies on held-out prompts: used inside every stage's evaluation, and by
-launch.sh for the final report (`python evaluate.py --help`)."""
+launch.sh for the final report:
+
+    python evaluate.py --policies=sft:runs/sft/final,ppo:runs/ppo/final --reference=runs/sft/final \
+        --reward_model=runs/rm/final --out=runs/report
+
+The report compares the policies on the same held-out prompts, same sampling temperature and seed:
+mean gold reward (default task), mean learned reward, KL to the reference, response length and the
+fraction ending with EOS; plus the reward model's held-out accuracy, each stage's wall time, and a
+few side-by-side samples. Written as report.md and report.json, and printed.
+"""
+
+import json
+import os
+from dataclasses import dataclass
 
 import torch
 
+import data
 from data import pad_left
-from model import generate
-from runtime import autocast, unsharded
+from model import generate, token_logprobs
+from runtime import autocast, init_distributed, load_model, parse_config, unsharded
 
 
 @torch.no_grad()
@@ -35,3 +49,176 @@ def sample_responses(model, tok, prompts: list[str], d, max_new_tokens: int, tem
                             "prompt_ids": p_ids, "response_ids": resp})
     model.train(was_training)
     return out
+
+
+def reward_scores(reward_model, query_response, attention_mask, last_index):
+    """The reward model's normalized score, read at each sequence's last valid token (its EOS)."""
+    scalars = reward_model(query_response, attention_mask=attention_mask, head="score").float()
+    raw = scalars[torch.arange(scalars.size(0), device=scalars.device), last_index]
+    return reward_model.config.reward_gain * raw + reward_model.config.reward_bias
+
+
+@torch.no_grad()
+def score_samples(samples, policy, ref, reward_model, tok, temperature, d, batch_size=64):
+    """Learned reward (normalized) and sequence KL(policy || ref) (k1, summed) of sampled responses."""
+    learned, kls = [], []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        qr, mask = pad_left([s["prompt_ids"] + s["response_ids"] for s in chunk], tok.eos_id)
+        qr, mask = qr.to(d.device), mask.to(d.device)
+        last = torch.full((len(chunk),), qr.size(1) - 1, device=d.device)
+        with autocast(d):
+            learned += reward_scores(reward_model.to(d.device), qr, mask, last).tolist()
+            logits_p = policy(qr, attention_mask=mask)[:, :-1]
+            logits_r = ref.to(d.device)(qr, attention_mask=mask)[:, :-1]
+        lp = token_logprobs(logits_p, qr[:, 1:], temperature) - token_logprobs(logits_r, qr[:, 1:], temperature)
+        for row, s in enumerate(chunk):
+            n = len(s["response_ids"])
+            kls.append(lp[row, -n:].sum().item())
+    return learned, kls
+
+
+# -----------------------------------------------------------------------------
+# The report
+
+
+@dataclass
+class Config:
+    policies: str = "sft:runs/sft/final,ppo:runs/ppo/final"
+    """comma-separated name:checkpoint pairs, evaluated side by side"""
+    reference: str = "runs/sft/final"
+    """the reference policy for the KL column (the SFT checkpoint)"""
+    reward_model: str = "runs/rm/final"
+    """the learned reward model (its run directory's metrics.jsonl gives the RM accuracy)"""
+    dataset: str = "default"
+    """held-out prompts: the test split of this dataset"""
+    num_prompts: int = 500
+    """held-out prompts to evaluate"""
+    max_prompt_tokens: int = 12
+    """prompts cut from the left to this many tokens"""
+    response_length: int = 16
+    """maximum new tokens"""
+    temperature: float = 1.0
+    """sampling temperature, the same for every policy"""
+    seed: int = 1234
+    """sampling seed, the same for every policy"""
+    num_samples_shown: int = 5
+    """side-by-side samples in the report"""
+    stage_times: str = ""
+    """a JSON file of {stage: seconds} written by launch.sh (optional)"""
+    ppo_metrics: str = ""
+    """a PPO run's metrics.jsonl to plot (optional; needs matplotlib)"""
+    out: str = "runs/report"
+    """directory for report.md, report.json and ppo_curves.png"""
+    device: str = "auto"
+    """auto, cpu or cuda"""
+
+
+def evaluate_policy(name, path, ref, reward_model, prompts, cfg, d):
+    policy = load_model(path, "policy", d, trainable=False)
+    tok = data.get_tokenizer(policy.config.tokenizer)
+    samples = sample_responses(policy, tok, prompts, d, cfg.response_length, cfg.temperature, cfg.seed,
+                               max_prompt_tokens=cfg.max_prompt_tokens)
+    learned, kls = score_samples(samples, policy, ref, reward_model, tok, cfg.temperature, d)
+    n = len(samples)
+    row = {"learned_reward": sum(learned) / n, "kl_to_reference": sum(kls) / n,
+           "response_length": sum(s["length"] for s in samples) / n, "eos_fraction": sum(s["ended"] for s in samples) / n}
+    if cfg.dataset == "default":
+        golds = [data.gold_reward(s["prompt"], s["response"]) for s in samples]
+        row["gold_reward"] = sum(golds) / n
+        for s, g in zip(samples, golds):
+            s["gold"] = g
+    for s, r in zip(samples, learned):
+        s["learned"] = r
+    return row, samples
+
+
+def last_eval(metrics_path: str) -> dict:
+    """The last line of a metrics.jsonl that has eval/ keys."""
+    if not os.path.exists(metrics_path):
+        return {}
+    rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
+    evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    return evals[-1] if evals else {}
+
+
+def format_report(report: dict) -> str:
+    lines = ["# RLHF pipeline report", ""]
+    cols = ["gold_reward", "learned_reward", "kl_to_reference", "response_length", "eos_fraction"]
+    cols = [c for c in cols if any(c in row for row in report["policies"].values())]
+    lines += ["| policy | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, row in report["policies"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[c]:.3f}" for c in cols) + " |")
+    rm = report.get("reward_model", {})
+    if rm:
+        lines += ["", "Reward model (held-out): " + ", ".join(f"{k} {v:.3f}" for k, v in rm.items())]
+    if report.get("stage_seconds"):
+        lines += ["", "Wall time per stage: " + ", ".join(f"{k} {v:.0f}s" for k, v in report["stage_seconds"].items())]
+    lines += ["", f"Held-out prompts: {report['num_prompts']}, temperature {report['temperature']}, seed {report['seed']}.", "",
+              "## Samples", ""]
+    for sample in report["samples"]:
+        lines.append(f"- prompt `{sample['prompt']}`")
+        for name, s in sample["responses"].items():
+            gold = f" gold {s['gold']:.2f}" if "gold" in s else ""
+            lines.append(f"  - {name}: `{s['response']}`{'' if s['ended'] else ' (no EOS)'} - learned {s['learned']:.2f}{gold}")
+    if report.get("plot"):
+        lines += ["", report["plot"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot_ppo(metrics_path: str, out_png: str) -> str:
+    """Learned reward, gold reward and KL against PPO updates, if matplotlib is installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "No plot: `pip install matplotlib` to get ppo_curves.png."
+    rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for key, label in (("objective/scores", "learned reward (rollouts)"), ("eval/learned_reward", "learned reward (held-out)"),
+                       ("eval/gold_reward", "gold reward (held-out)")):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            axes[0].plot(*zip(*pts), label=label)
+    kl = [(r["step"], r["objective/kl"]) for r in rows if "objective/kl" in r]
+    if kl:
+        axes[1].plot(*zip(*kl), color="tab:red")
+    axes[0].set_xlabel("PPO update"), axes[0].legend(), axes[1].set_xlabel("PPO update"), axes[1].set_ylabel("KL to reference (nats/seq)")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    return f"![PPO curves]({os.path.basename(out_png)})"
+
+
+def main(argv=None):
+    cfg = parse_config(Config, argv)
+    d = init_distributed(cfg.device)
+    os.makedirs(cfg.out, exist_ok=True)
+    ref = load_model(cfg.reference, "policy", d, trainable=False)
+    reward_model = load_model(cfg.reward_model, "reward", d, trainable=False)
+    prompts = [r["prompt"] for r in data.load_records(cfg.dataset, "prompt", split="test", max_records=cfg.num_prompts, seed=0)]
+    report = {"num_prompts": len(prompts), "temperature": cfg.temperature, "seed": cfg.seed, "policies": {}, "samples": []}
+    all_samples = {}
+    for item in cfg.policies.split(","):
+        name, path = item.split(":", 1)
+        report["policies"][name], all_samples[name] = evaluate_policy(name, path, ref, reward_model, prompts, cfg, d)
+    for i in range(min(cfg.num_samples_shown, len(prompts))):
+        keep = ("response", "ended", "learned", "gold")
+        report["samples"].append({"prompt": prompts[i], "responses": {
+            name: {k: s[i][k] for k in keep if k in s[i]} for name, s in all_samples.items()}})
+    rm_eval = last_eval(os.path.join(os.path.dirname(os.path.normpath(cfg.reward_model)), "metrics.jsonl"))
+    report["reward_model"] = {k.removeprefix("eval/"): v for k, v in rm_eval.items() if k.startswith("eval/")}
+    if cfg.stage_times and os.path.exists(cfg.stage_times):
+        report["stage_seconds"] = json.load(open(cfg.stage_times))
+    if cfg.ppo_metrics and os.path.exists(cfg.ppo_metrics):
+        report["plot"] = plot_ppo(cfg.ppo_metrics, os.path.join(cfg.out, "ppo_curves.png"))
+    text = format_report(report)
+    with open(os.path.join(cfg.out, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(cfg.out, "report.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

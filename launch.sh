@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# The whole RLHF pipeline in one command: SFT -> reward model -> PPO -> report.
+#
+#   bash launch.sh                 # the built-in default task, small models, CPU, no download
+#   bash launch.sh ablate-kl       # PPO from the same SFT and RM with several KL coefficients, incl. 0
+#   bash launch.sh dpo             # DPO from the same SFT checkpoint and preference data, into the report
+#
+# What each stage costs on a 2-core CPU and what it prints is in README.md ("Quick start"), measured.
+# Each stage writes $RUN_DIR/<stage>/final/ and a marker $RUN_DIR/<stage>/DONE; re-running skips
+# finished stages and resumes an interrupted one from its last checkpoint. A failing stage stops the
+# pipeline with a non-zero exit that names the stage.
+#
+# Real runs (environment variables; every stage script also takes --key=value flags, see --help):
+#   NPROC=8                          torchrun --nproc_per_node=8 (FSDP2; bf16 autocast on CUDA)
+#   BASE_MODEL=gpt2                  gpt2 ... gpt2-xl (hub, needs internet) or a local HF GPT-2 directory
+#   SFT_DATA / PREF_DATA / PROMPT_DATA   dataset for each stage: "default", a local .jsonl(.gz) file,
+#                                    or a hub name such as Anthropic/hh-rlhf:harmless-base
+#   RUN_DIR=runs                     where everything goes
+#   SFT_ARGS / RM_ARGS / PPO_ARGS    extra flags for one stage, e.g. PPO_ARGS="--preset=trl --num_updates=1000"
+#
+# Example: gpt2 on HH-RLHF, 8 GPUs
+#   NPROC=8 BASE_MODEL=gpt2 SFT_DATA=Anthropic/hh-rlhf:harmless-base PREF_DATA=Anthropic/hh-rlhf:harmless-base \
+#     PROMPT_DATA=Anthropic/hh-rlhf:harmless-base SFT_ARGS="--max_prompt_tokens=384 --max_response_tokens=128" \
+#     RM_ARGS="--max_prompt_tokens=384 --max_response_tokens=128" \
+#     PPO_ARGS="--preset=trl --max_prompt_tokens=384 --response_length=128" bash launch.sh
+set -euo pipefail
+cd "$(dirname "$0")"
+
+MODE=${1:-pipeline}
+NPROC=${NPROC:-1}
+RUN_DIR=${RUN_DIR:-runs}
+BASE_MODEL=${BASE_MODEL:-scratch}
+SFT_DATA=${SFT_DATA:-default}
+PREF_DATA=${PREF_DATA:-default}
+PROMPT_DATA=${PROMPT_DATA:-default}
+SFT_ARGS=${SFT_ARGS:-}
+RM_ARGS=${RM_ARGS:-}
+PPO_ARGS=${PPO_ARGS:-}
+DPO_ARGS=${DPO_ARGS:-}
+ABLATE_BETAS=${ABLATE_BETAS:-"0 0.01 0.05 0.2"}
+mkdir -p "$RUN_DIR"
+TIMES="$RUN_DIR/stage_times.json"
+[ -f "$TIMES" ] || echo '{}' > "$TIMES"
+
+if [ "$NPROC" -gt 1 ]; then
+  LAUNCH=(torchrun --standalone --nproc_per_node="$NPROC")
+else
+  LAUNCH=(python)
+fi
+TOKENIZER=char
+[ "$SFT_DATA" = default ] || TOKENIZER=gpt2
+
+# run_stage NAME SCRIPT ARGS...: skip if DONE, resume if a checkpoint exists, time it, name it on failure.
+run_stage() {
+  local name=$1 script=$2; shift 2
+  local dir="$RUN_DIR/$name"
+  if [ -f "$dir/DONE" ]; then
+    echo "== $name: already done ($dir/final), skipping"
+    return 0
+  fi
+  local resume=""
+  [ -f "$dir/latest" ] && resume="--resume"
+  echo "== $name: ${LAUNCH[*]} $script --run_dir=$dir $* $resume"
+  local start=$SECONDS
+  if ! "${LAUNCH[@]}" "$script" --run_dir="$dir" "$@" $resume; then
+    echo "launch.sh: stage '$name' failed (see the output above); fix it and re-run: finished stages are kept" >&2
+    exit 1
+  fi
+  python - "$TIMES" "$name" $((SECONDS - start)) <<'EOF'
+import json, sys
+path, name, secs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+times = json.load(open(path)); times[name] = secs; json.dump(times, open(path, "w"), indent=2)
+EOF
+  touch "$dir/DONE"
+}
+
+# 1. SFT (~1.5 min on 2 CPU cores): demonstrations -> policy. Prints held-out loss and gold reward.
+if [ "$BASE_MODEL" = scratch ]; then INIT=(--init_from=scratch --tokenizer="$TOKENIZER"); else INIT=(--init_from="$BASE_MODEL"); fi
+run_stage sft sft.py "${INIT[@]}" --dataset="$SFT_DATA" $SFT_ARGS
+
+# 2. Reward model (~1.5 min): comparisons -> scalar reward. Prints held-out accuracy (and vs gold labels).
+run_stage rm reward_model.py --sft="$RUN_DIR/sft/final" --dataset="$PREF_DATA" $RM_ARGS
+
+case "$MODE" in
+  pipeline)
+    # 3. PPO (~4 min): optimize the SFT policy against the RM with a KL penalty to SFT.
+    run_stage ppo ppo.py --sft="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" --dataset="$PROMPT_DATA" $PPO_ARGS
+    POLICIES="sft:$RUN_DIR/sft/final,ppo:$RUN_DIR/ppo/final"
+    [ -f "$RUN_DIR/dpo/DONE" ] && POLICIES="$POLICIES,dpo:$RUN_DIR/dpo/final"
+    # 4. Report (~20 s): SFT vs PPO on the same held-out prompts.
+    python evaluate.py --policies="$POLICIES" --reference="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" \
+      --dataset="$PROMPT_DATA" --stage_times="$TIMES" --ppo_metrics="$RUN_DIR/ppo/metrics.jsonl" --out="$RUN_DIR/report"
+    ;;
+  dpo)
+    run_stage dpo dpo.py --sft="$RUN_DIR/sft/final" --dataset="$PREF_DATA" $DPO_ARGS
+    POLICIES="sft:$RUN_DIR/sft/final,dpo:$RUN_DIR/dpo/final"
+    [ -f "$RUN_DIR/ppo/DONE" ] && POLICIES="sft:$RUN_DIR/sft/final,ppo:$RUN_DIR/ppo/final,dpo:$RUN_DIR/dpo/final"
+    python evaluate.py --policies="$POLICIES" --reference="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" \
+      --dataset="$PROMPT_DATA" --stage_times="$TIMES" --out="$RUN_DIR/report"
+    ;;
+  ablate-kl)
+    # PPO with each beta from the same SFT and RM; the report shows learned vs gold reward and KL.
+    POLICIES="sft:$RUN_DIR/sft/final"
+    for beta in $ABLATE_BETAS; do
+      run_stage "ppo_beta$beta" ppo.py --sft="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" \
+        --dataset="$PROMPT_DATA" --kl_coef="$beta" $PPO_ARGS
+      POLICIES="$POLICIES,beta=$beta:$RUN_DIR/ppo_beta$beta/final"
+    done
+    python evaluate.py --policies="$POLICIES" --reference="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" \
+      --dataset="$PROMPT_DATA" --stage_times="$TIMES" --out="$RUN_DIR/ablate_kl"
+    ;;
+  *)
+    echo "usage: bash launch.sh [pipeline|ablate-kl|dpo]" >&2
+    exit 2
+    ;;
+esac

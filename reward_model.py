@@ -1,0 +1,455 @@
+"""Stage 2 of RLHF: a reward model trained on preference comparisons.
+
+The SFT model with a scalar head (`score`, fresh, N(0, 1/sqrt(d_model + 1)) as OpenAI's 2019
+`rewards.py`) that reads the hidden state of the last token of prompt + response: the EOS, or the last
+kept token of a response cut by truncation. Trained with the Bradley-Terry loss -log sigmoid(r_w - r_l)
+on {prompt, chosen, rejected} pairs (Stiennon et al. 2020, eq. 1; TRL RewardTrainer), or on rankings of
+K responses with the mean over all K-choose-2 pairs of each prompt (InstructGPT, Ouyang et al. 2022,
+section 3.5, eq. 1). After training the reward is normalized: gain and bias stored in the checkpoint's
+config make it mean 0 (and, with --normalize_gain, std 1) on responses sampled from the SFT policy
+(OpenAI 2019 `train_reward.py`) or on the SFT dataset's reference responses (N+ `reward.py`); ppo.py
+applies them (`reward_scores`). The output, run_dir/final/reward/, is what ppo.py --reward_model loads.
+
+    python reward_model.py --sft=runs/sft/final     # the built-in default task, CPU, about 1.5 minutes
+    python reward_model.py --sft=runs/sft/final --data_format=ranked --k=4    # K-wise rankings
+    python reward_model.py --sft=runs/sft_hh/final --dataset=Anthropic/hh-rlhf:harmless-base \\
+        --max_prompt_tokens=384 --max_response_tokens=128 --lr=1e-5 --max_steps=0
+    torchrun --nproc_per_node=8 reward_model.py ...  # FSDP2, bf16 autocast on CUDA
+"""
+
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+from evaluate import sample_responses
+from model import GPT
+from runtime import (Dist, Metrics, all_reduce_sum, autocast, check_writable, clip_grad_norm, flops_per_token,
+                     init_distributed, latest_checkpoint, load_full_optimizer_state, load_full_state_dict, load_model,
+                     load_train_state, lr_at, make_adamw, parse_config, peak_flops, publish_final, save_checkpoint,
+                     seed_all, set_lr, shard_model, shutdown_distributed)
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/rm"
+    """where checkpoints, metrics.jsonl and final/ go (final/reward is what ppo.py loads)"""
+    sft: str = "runs/sft/final"
+    """the SFT checkpoint the reward model starts from (its trunk; the scalar head is new); its tokenizer is used"""
+    dataset: str = "default"
+    """"default" (built-in task), a local .jsonl/.json(.gz) file, or a hub name (Anthropic/hh-rlhf:harmless-base, ...)"""
+    eval_dataset: str = ""
+    """held-out data; empty = the test split of `dataset` (a local file has none: eval_examples of its records are held out)"""
+    data_format: str = "preference"
+    """"preference": {prompt, chosen, rejected} pairs, Bradley-Terry loss; "ranked": {prompt, responses best first}, K-wise loss"""
+    k: int = 4
+    """responses per prompt of the default task's rankings (data_format=ranked); files and hub data bring their own"""
+    max_train_examples: int = 0
+    """use at most this many training comparisons (pairs, or rankings) (0 = all)"""
+    max_prompt_tokens: int = 12
+    """prompts longer than this are cut from the left (counted)"""
+    max_response_tokens: int = 16
+    """responses (with EOS) longer than this are cut from the right (counted); pairs that become identical are dropped"""
+    margin: float = 0.0
+    """Bradley-Terry margin: loss -log sigmoid(r_w - r_l - margin) (Llama 2; TRL's margin column), preference only"""
+    batch_size: int = 64
+    """global batch in comparisons (pairs, or rankings) per optimizer step, whatever the number of processes"""
+    micro_batch_size: int = 64
+    """comparisons per forward pass per process; batch_size / (world_size * micro) steps are accumulated"""
+    max_steps: int = 250
+    """optimizer steps; 0 = one epoch over the data (OpenAI 2019 and N+ train reward models for one epoch)"""
+    lr: float = 3e-4
+    """peak learning rate (AdamW); N+ uses 3e-6 and OpenAI 2019 5e-5 for GPT-2/Pythia-size models"""
+    weight_decay: float = 0.0
+    """AdamW decay on 2-D weights only"""
+    warmup_steps: int = 20
+    """linear warmup steps"""
+    lr_schedule: str = "linear"
+    """cosine, linear or constant after warmup (OpenAI 2019 and N+ anneal linearly to 0)"""
+    grad_clip: float = 1.0
+    """max global gradient norm (0 = no clipping)"""
+    dropout: float = 0.0
+    """dropout in the model (off by default, as all stages)"""
+    gradient_checkpointing: bool = False
+    """recompute each block's activations in backward to save memory"""
+    eval_every: int = 50
+    """steps between evaluations (held-out accuracy and margin; gold accuracy and correlation on the default task)"""
+    eval_examples: int = 500
+    """held-out comparisons"""
+    normalize_on: str = "samples"
+    """reward normalization set: "samples" from the SFT policy (OpenAI 2019), "references" of the SFT dataset (N+), or "none" """
+    normalize_gain: bool = False
+    """also set the gain so the normalized reward has std 1 (OpenAI 2019); off: bias only, mean 0 (N+)"""
+    normalize_examples: int = 256
+    """responses in the normalization set (OpenAI 2019 uses 256 samples)"""
+    normalize_temperature: float = 1.0
+    """sampling temperature of the normalization samples: use ppo.py's --temperature"""
+    save_every: int = 500
+    """steps between checkpoints (and one at the end)"""
+    resume: bool = False
+    """continue from run_dir's latest checkpoint"""
+    stop_after: int = 0
+    """stop (with a checkpoint) after this many steps of this invocation: for tests of resume (0 = off)"""
+    seed: int = 0
+    """seeds the new head, data order and sampling"""
+    device: str = "auto"
+    """auto, cpu or cuda"""
+    bf16: bool = True
+    """bf16 autocast on CUDA (ignored on CPU)"""
+    log_every: int = 10
+    """steps between metric lines"""
+
+
+# -----------------------------------------------------------------------------
+# The math
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float | torch.Tensor = 0.0) -> torch.Tensor:
+    """Mean over pairs of -log sigmoid(r_chosen - r_rejected - margin): (B,), (B,) -> scalar.
+
+    The negative log-likelihood of the labels under Bradley-Terry, P(chosen > rejected) = sigmoid(r_c - r_r)
+    (Stiennon et al. 2020 eq. 1; TRL `reward_trainer.py` compute_loss; OpenRLHF `PairWiseLoss`). The margin
+    asks for a gap of at least `margin` (Llama 2, TRL's "margin" column). logsigmoid, never log(sigmoid()):
+    sigmoid underflows to 0 for differences below about -100 in float32 and the log becomes -inf."""
+    return -F.logsigmoid(chosen.float() - rejected.float() - margin).mean()
+
+
+def kwise_loss(rewards: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """InstructGPT's ranking loss: rewards (B, K) of K responses per prompt, best first -> scalar.
+
+    For each prompt, the mean over its C(K, 2) pairs i < j (i ranked better) of -log sigmoid(r_i - r_j), then
+    the mean over prompts (Ouyang et al. 2022, eq. 1: the 1 / C(K, 2) factor, once). valid (B, K) bool marks
+    responses that exist (rankings of different lengths); a prompt's mean is then over its valid pairs only.
+    K = 2 is bradley_terry_loss. minChatGPT's `KPairwiseLoss` divides by C(K, 2) twice and uses log(sigmoid()).
+    """
+    B, K = rewards.shape
+    rewards = rewards.float()
+    valid = torch.ones_like(rewards, dtype=torch.bool) if valid is None else valid.bool()
+    better = torch.ones(K, K, dtype=torch.bool, device=rewards.device).triu(diagonal=1)  # (K, K): i < j
+    pairs = better & valid[:, :, None] & valid[:, None, :]  # (B, K, K)
+    losses = -F.logsigmoid(rewards[:, :, None] - rewards[:, None, :])  # (B, K, K): pair (i, j)
+    losses = torch.where(pairs, losses, torch.zeros_like(losses))
+    per_prompt = losses.sum((1, 2)) / pairs.sum((1, 2)).clamp(min=1)  # (B,)
+    return per_prompt.mean()
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) 0/1 mask -> (B,) index of each row's last real token: the EOS of prompt + response.
+
+    The rightmost 1, so it works for right padding (length - 1) and left padding (T - 1) alike, as HF's
+    GPT2ForSequenceClassification pools (there from input_ids != pad_token_id; we pad with EOS, so the mask
+    must decide). Reading the score at the EOS is OpenRLHF's, verl's and DS-Chat's convention."""
+    positions = torch.arange(attention_mask.size(1), device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(-1)
+
+
+def sequence_rewards(scalars: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-position scalars (B, T) -> the reward of each sequence (B,), read at its last real token, float32."""
+    return scalars.float().gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+
+
+def ranked_pair_differences(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """x (B, K) best first -> x_i - x_j for every valid pair i < j, flattened: the margins of all comparisons."""
+    i, j = torch.triu_indices(x.size(1), x.size(1), offset=1, device=x.device)
+    return (x[:, i] - x[:, j])[valid[:, i] & valid[:, j]]
+
+
+def normalization_gain_bias(raw: torch.Tensor, with_gain: bool) -> tuple[float, float]:
+    """(gain, bias) such that gain * raw + bias has mean 0 and, with_gain, std 1 on this set.
+
+    OpenAI 2019 (`train_reward.py`) sets both on samples of the reference policy so rewards are ~N(0, 1);
+    N+ (`reward.py`) only subtracts the mean score of the SFT references. Population std, as `tf.nn.moments`."""
+    mean, std = raw.float().mean().item(), raw.float().std(unbiased=False).item()
+    gain = 1.0 / max(std, 1e-8) if with_gain else 1.0
+    return gain, -gain * mean
+
+
+# -----------------------------------------------------------------------------
+# Data: every comparison is a ranking {prompt, responses best first, golds}; a pair is a ranking of two
+
+
+def load_comparisons(source: str, split: str, max_records: int | None, cfg: Config) -> list[dict]:
+    if source == "default" and cfg.data_format == "ranked":
+        # load_records cannot ask the default task for K > 2 responses, so ask it directly.
+        n = max_records or data.DEFAULT_SIZES[split]
+        return data.make_default_records("ranked", split, n, cfg.seed, k=cfg.k)
+    return data.load_records(source, cfg.data_format, split=split, max_records=max_records, seed=cfg.seed)
+
+
+def encode_comparisons(records: list[dict], tok, cfg: Config, stats: data.TruncationStats) -> list[dict]:
+    """Tokenized comparisons: {"prompt": ids, "responses": [ids, ...] best first, "golds": [float, ...] or None}.
+
+    Truncation as data.encode_pair: prompts from the left, responses (+ EOS) from the right, counted in stats.
+    A pair whose two sides become identical is dropped and counted (a tie carries no preference). In a ranking,
+    a response identical to a better-ranked one is removed (each tie counted as one dropped pair); a ranking
+    left with fewer than two responses is dropped."""
+    items = []
+    for rec in records:
+        if cfg.data_format == "preference":
+            golds = [rec["chosen_gold"], rec["rejected_gold"]] if "chosen_gold" in rec else None
+            encoded = data.encode_preference(tok, rec["prompt"], rec["chosen"], rec["rejected"],
+                                             cfg.max_prompt_tokens, cfg.max_response_tokens, stats)
+            if encoded is not None:
+                items.append({"prompt": encoded[0], "responses": list(encoded[1:]), "golds": golds})
+            continue
+        # data.py has no public encode for K responses; these are the helpers encode_preference uses.
+        prompt = data._cut_prompt(tok.encode(rec["prompt"]), cfg.max_prompt_tokens, stats)
+        kept, kept_golds = [], []
+        for i, text in enumerate(rec["responses"]):
+            ids = data._cut_response(tok.encode(text), tok.eos_id, cfg.max_response_tokens, stats)
+            ties = sum(ids == other for other in kept)
+            stats.pairs_dropped_identical += ties
+            if not ties:
+                kept.append(ids)
+                kept_golds.append(rec["golds"][i] if "golds" in rec else None)
+        if len(kept) >= 2:
+            items.append({"prompt": prompt, "responses": kept, "golds": kept_golds if "golds" in rec else None})
+    return items
+
+
+def collate_comparisons(items: list[dict], pad_id: int, K: int) -> dict[str, torch.Tensor]:
+    """B comparisons -> one right-padded batch of K * B rows, response-major: rows k*B .. k*B+B-1 hold the k-th
+    response of every prompt, so one forward scores all of them (for K = 2 exactly data.collate_pairs: chosen,
+    then rejected). valid (B, K) marks real responses; a missing one is filled with the prompt's best response
+    (finite, never counted)."""
+    rows, valid = [], torch.zeros(len(items), K, dtype=torch.bool)
+    for k in range(K):
+        for b, item in enumerate(items):
+            have = k < len(item["responses"])
+            valid[b, k] = have
+            rows.append((item["prompt"], item["responses"][k if have else 0]))
+    batch = data.collate_sft(rows, pad_id)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "valid": valid}
+
+
+def comparison_rewards(model, batch: dict, d: Dist, bf16: bool) -> torch.Tensor:
+    """One forward over the K * B rows of collate_comparisons -> rewards (B, K), float32, raw (no gain/bias)."""
+    ids, mask = batch["input_ids"].to(d.device), batch["attention_mask"].to(d.device)
+    with autocast(d, bf16):
+        scalars = model(ids, attention_mask=mask, head="score")  # (K * B, T)
+    B, K = batch["valid"].shape
+    return sequence_rewards(scalars, mask).view(K, B).T
+
+
+def comparison_loss(rewards: torch.Tensor, valid: torch.Tensor, cfg: Config) -> torch.Tensor:
+    if cfg.data_format == "preference":
+        return bradley_terry_loss(rewards[:, 0], rewards[:, 1], cfg.margin)
+    return kwise_loss(rewards, valid)
+
+
+# -----------------------------------------------------------------------------
+# Evaluation and normalization
+
+
+@torch.no_grad()
+def evaluate(model, items: list[dict], pad_id: int, cfg: Config, d: Dist) -> dict:
+    """Held-out loss, accuracy (fraction of comparisons with r_better > r_worse) and mean margin; with gold
+    scores (the default task), accuracy against the noiseless gold order (gold ties left out) and the Pearson
+    correlation of learned and gold reward over all held-out responses. Every rank evaluates the same items."""
+    model.eval()
+    K = max(len(item["responses"]) for item in items)
+    rewards, valid = [], []
+    for start in range(0, len(items), cfg.micro_batch_size):
+        batch = collate_comparisons(items[start:start + cfg.micro_batch_size], pad_id, K)
+        rewards.append(comparison_rewards(model, batch, d, cfg.bf16).cpu())
+        valid.append(batch["valid"])
+    model.train()
+    rewards, valid = torch.cat(rewards), torch.cat(valid)
+    diffs = ranked_pair_differences(rewards, valid)
+    metrics = {"eval/loss": comparison_loss(rewards, valid, cfg).item(), "eval/accuracy": (diffs > 0).float().mean().item(),
+               "eval/margin": diffs.mean().item(), "eval/reward_mean": rewards[valid].mean().item(),
+               "eval/reward_std": rewards[valid].std().item()}
+    if all(item["golds"] is not None for item in items):
+        golds = torch.tensor([item["golds"] + [0.0] * (K - len(item["golds"])) for item in items])
+        gold_diffs = ranked_pair_differences(golds, valid)
+        decided = gold_diffs != 0
+        metrics["eval/accuracy_gold"] = ((diffs[decided] > 0) == (gold_diffs[decided] > 0)).float().mean().item()
+        metrics["eval/pearson_gold"] = torch.corrcoef(torch.stack([rewards[valid], golds[valid]]))[0, 1].item()
+    return metrics
+
+
+def normalization_set(cfg: Config, tok, d: Dist) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids) whose rewards the normalization centers: responses sampled from the SFT
+    policy on training prompts, which is what PPO scores at its start (OpenAI 2019), or the SFT dataset's
+    reference responses (N+). Prompts and responses are cut as in training; samples are seeded."""
+    n = cfg.normalize_examples
+    if cfg.normalize_on == "references":
+        stats = data.TruncationStats()
+        records = data.load_records(cfg.dataset, "sft", split="train", max_records=n, seed=cfg.seed)
+        return [data.encode_pair(tok, r["prompt"], r["response"], cfg.max_prompt_tokens, cfg.max_response_tokens,
+                                 stats) for r in records]
+    prompts = [r["prompt"] for r in data.load_records(cfg.dataset, "prompt", split="train", max_records=n, seed=cfg.seed)]
+    policy = load_model(cfg.sft, "policy", d, trainable=False)  # frozen, whole on every rank
+    samples = sample_responses(policy, tok, prompts, d, cfg.max_response_tokens, cfg.normalize_temperature,
+                               seed=cfg.seed + 2, max_prompt_tokens=cfg.max_prompt_tokens)
+    return [(s["prompt_ids"], s["response_ids"]) for s in samples]
+
+
+@torch.no_grad()
+def score_sequences(model, seqs: list[tuple[list[int], list[int]]], pad_id: int, cfg: Config, d: Dist) -> torch.Tensor:
+    """Raw rewards (N,) of (prompt ids, response ids) pairs, read at each sequence's last token, on CPU."""
+    model.eval()
+    out = []
+    for start in range(0, len(seqs), cfg.micro_batch_size):
+        ids, mask = data.pad_right([p + r for p, r in seqs[start:start + cfg.micro_batch_size]], pad_id)
+        ids, mask = ids.to(d.device), mask.to(d.device)
+        with autocast(d, cfg.bf16):
+            scalars = model(ids, attention_mask=mask, head="score")
+        out.append(sequence_rewards(scalars, mask).cpu())
+    model.train()
+    return torch.cat(out)
+
+
+# -----------------------------------------------------------------------------
+# The stage
+
+
+def main(argv=None):
+    cfg = parse_config(Config, argv)
+    if cfg.data_format not in ("preference", "ranked"):
+        raise SystemExit(f"--data_format={cfg.data_format!r}: choose preference or ranked")
+    if cfg.normalize_on not in ("samples", "references", "none"):
+        raise SystemExit(f"--normalize_on={cfg.normalize_on!r}: choose samples, references or none")
+    if cfg.margin and cfg.data_format == "ranked":
+        raise SystemExit("--margin applies to pairs (data_format=preference) only")
+    d = init_distributed(cfg.device)
+    seed_all(cfg.seed)  # the new head is drawn from the global generator (model.init_weights)
+    check_writable(cfg.run_dir)
+
+    # 1. Model: the SFT trunk plus a fresh scalar head; raw rewards (gain 1, bias 0) until normalization.
+    model = load_model(cfg.sft, "policy", d, trainable=True, scalar_head=True, dropout=cfg.dropout)
+    model.config.reward_gain, model.config.reward_bias = 1.0, 0.0
+    # The loss sees only reward differences, so the head's bias gets a zero gradient up to rounding, which Adam
+    # would blow up into lr-sized random steps. Frozen at 0; the normalization sets the offset.
+    model.score.bias.requires_grad_(False)
+    tok = data.get_tokenizer(model.config.tokenizer)
+
+    # 2. Data: comparisons, tokenized once; truncation counted, ties made by truncation dropped.
+    hold_out = os.path.isfile(cfg.dataset) and not cfg.eval_dataset
+    records = load_comparisons(cfg.dataset, "train", None if hold_out else cfg.max_train_examples or None, cfg)
+    if hold_out:  # a file has no test split: hold out eval_examples of its comparisons, chosen by the seed
+        random.Random(cfg.seed).shuffle(records)
+        eval_records, records = records[:cfg.eval_examples], records[cfg.eval_examples:]
+        records = records[:cfg.max_train_examples or None]
+    else:
+        eval_source, eval_split = (cfg.eval_dataset, "train") if cfg.eval_dataset else (cfg.dataset, "test")
+        eval_records = load_comparisons(eval_source, eval_split, cfg.eval_examples, cfg)
+    stats = data.TruncationStats()
+    items = encode_comparisons(records, tok, cfg, stats)
+    eval_items = encode_comparisons(eval_records, tok, cfg, data.TruncationStats())
+    if len(items) < cfg.batch_size or not eval_items:
+        raise SystemExit(f"{len(items)} usable training / {len(eval_items)} held-out comparisons in {cfg.dataset}; "
+                         f"need at least one batch of {cfg.batch_size} and one held-out comparison")
+    K = max(len(item["responses"]) for item in items)
+    # Drawn now (seeded, so a resumed run draws the same), scored after training: a missing SFT checkpoint
+    # or dataset fails here, not after the whole run.
+    norm_set = normalization_set(cfg, tok, d) if cfg.normalize_on != "none" else []
+    if d.is_main:
+        print(f"rm: {len(items)} train / {len(eval_items)} held-out comparisons ({cfg.data_format}, up to {K} "
+              f"responses each), {len(norm_set)} normalization responses ({cfg.normalize_on}); {stats.summary()}")
+
+    # 3. Batch arithmetic: the global batch of comparisons is fixed; processes and accumulation split it.
+    per_rank = cfg.batch_size // d.world_size
+    accum = per_rank // cfg.micro_batch_size if per_rank >= cfg.micro_batch_size else 1
+    micro = per_rank // accum
+    if micro * accum * d.world_size != cfg.batch_size:
+        raise SystemExit(f"batch_size {cfg.batch_size} must be world_size {d.world_size} x accumulation x micro_batch_size {cfg.micro_batch_size}")
+    steps_per_epoch = len(items) // cfg.batch_size
+    max_steps = cfg.max_steps or steps_per_epoch
+
+    # 4. Model sharding, optimizer, and the state to resume from.
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing = True
+    model = shard_model(model, d)
+    optimizer = make_adamw(model, cfg.lr, cfg.weight_decay)
+    step = 0
+    ckpt = latest_checkpoint(cfg.run_dir) if cfg.resume else None
+    if ckpt:
+        state = load_train_state(ckpt)
+        load_full_state_dict(model, GPT.from_pretrained(os.path.join(ckpt, "reward")).state_dict())
+        load_full_optimizer_state(model, optimizer, state["optimizers"]["reward"])
+        step = state["step"]
+        if d.is_main:
+            print(f"rm: resumed from {ckpt} at step {step}")
+    metrics = Metrics(cfg.run_dir, d, resume_step=step if ckpt else None)
+    n_params = sum(p.numel() for p in model.parameters())
+    peak = peak_flops(d)
+    fpt = flops_per_token(n_params, model.config.n_layer, model.config.n_head,
+                          model.config.n_embd // model.config.n_head, cfg.max_prompt_tokens + cfg.max_response_tokens)
+
+    # 5. The loop. Data order depends only on (seed, epoch), so a resumed run sees the same batches.
+    start_step, t0, tokens_seen, last_eval = step, time.time(), 0, {}
+    bar = tqdm(total=max_steps, initial=step, desc="rm", disable=not d.is_main)
+    while step < max_steps:
+        epoch, index = divmod(step, steps_per_epoch)
+        batch_items = list(data.batches(items, per_rank, seed=cfg.seed, epoch=epoch, rank=d.rank,
+                                        world_size=d.world_size))[index]
+        lr = lr_at(step, max_steps, cfg.lr, cfg.warmup_steps, cfg.lr_schedule)
+        set_lr(optimizer, lr)
+        loss_sum, correct, n_pairs, margin_sum = (torch.zeros((), device=d.device) for _ in range(4))
+        for i in range(0, per_rank, micro):
+            # One forward scores every response of the micro-batch (chosen and rejected rows together).
+            batch = collate_comparisons(batch_items[i:i + micro], tok.eos_id, K)
+            rewards = comparison_rewards(model, batch, d, cfg.bf16)  # (micro, K)
+            valid = batch["valid"].to(d.device)
+            loss = comparison_loss(rewards, valid, cfg)
+            # loss is the mean over this micro-batch; weighted by micro / batch_size, the sum over micro-batches
+            # and ranks is the mean over the global batch. FSDP averages gradients over ranks: scale by world_size.
+            (loss * micro * d.world_size / cfg.batch_size).backward()
+            diffs = ranked_pair_differences(rewards.detach(), valid)
+            loss_sum += loss.detach() * micro
+            correct += (diffs > 0).sum()
+            n_pairs += diffs.numel()
+            margin_sum += diffs.sum()
+            tokens_seen += int(batch["attention_mask"].sum())
+        grad_norm = clip_grad_norm(model, cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+
+        if step % cfg.log_every == 0 or step == max_steps:
+            elapsed = time.time() - t0
+            tok_s = tokens_seen * d.world_size / elapsed
+            n_pairs = all_reduce_sum(n_pairs, d)
+            row = {"train/loss": (all_reduce_sum(loss_sum, d) / cfg.batch_size).item(),
+                   "train/accuracy": (all_reduce_sum(correct, d) / n_pairs).item(),
+                   "train/margin": (all_reduce_sum(margin_sum, d) / n_pairs).item(), "lr": lr,
+                   "grad_norm": grad_norm.item(), "tokens_per_s": tok_s, "epoch": step / steps_per_epoch}
+            if peak:
+                row["mfu"] = fpt * tok_s / (peak * d.world_size)
+            metrics.log(step, row, echo=False)
+            bar.set_postfix(loss=f"{row['train/loss']:.3f}", acc=f"{row['train/accuracy']:.2f}")
+        if step % cfg.eval_every == 0 or step == max_steps:
+            last_eval = evaluate(model, eval_items, tok.eos_id, cfg, d)
+            metrics.log(step, last_eval)
+        if step == max_steps and cfg.normalize_on != "none":
+            # 6. Normalize before the final checkpoint, so final/reward/config.json carries gain and bias.
+            raw = score_sequences(model, norm_set, tok.eos_id, cfg, d)
+            gain, bias = normalization_gain_bias(raw, cfg.normalize_gain)
+            model.config.reward_gain, model.config.reward_bias = gain, bias
+            metrics.log(step, {"normalize/raw_mean": raw.mean().item(), "normalize/raw_std": raw.std(unbiased=False).item(),
+                               "normalize/gain": gain, "normalize/bias": bias})
+        stopping = cfg.stop_after and step - start_step >= cfg.stop_after
+        if step % cfg.save_every == 0 or step == max_steps or stopping:
+            path = save_checkpoint(cfg.run_dir, step, {"reward": model}, {"reward": (model, optimizer)}, {}, cfg, d)
+            if step == max_steps:
+                publish_final(cfg.run_dir, path if d.is_main else "", d)
+        if stopping:
+            break
+    bar.close()
+    if d.is_main and step == max_steps:
+        gold = f", gold accuracy {last_eval['eval/accuracy_gold']:.3f}" if "eval/accuracy_gold" in last_eval else ""
+        print(f"rm: done, {step} steps in {time.time() - t0:.0f}s; held-out accuracy {last_eval.get('eval/accuracy', float('nan')):.3f}"
+              f"{gold}; reward = {model.config.reward_gain:.4g} * raw + {model.config.reward_bias:.4g}; "
+              f"reward model in {cfg.run_dir}/final/reward")
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()
