@@ -475,8 +475,8 @@ def encode_pair(tok, prompt: str, response: str, max_prompt_tokens: int, max_res
             _cut_response(tok.encode(response), tok.eos_id, max_response_tokens, stats))
 
 
-def encode_preference(tok, prompt: str, chosen: str, rejected: str, max_prompt_tokens: int,
-                      max_response_tokens: int, stats: TruncationStats) -> tuple[list[int], list[int], list[int]] | None:
+def encode_preference(tok, prompt: str, chosen: str, rejected: str, max_prompt_tokens: int, max_response_tokens: int,
+                      stats: TruncationStats) -> tuple[list[int], list[int], list[int]] | None:
     """(prompt, chosen, rejected) ids as encode_pair cuts them, or None (counted) when truncation made the two
     responses identical: such a pair carries no preference signal."""
     p = _cut_prompt(tok.encode(prompt), max_prompt_tokens, stats)

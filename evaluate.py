@@ -68,9 +68,9 @@ def score_samples(samples, policy, ref, reward_model, tok, temperature, d, batch
         qr, mask = qr.to(d.device), mask.to(d.device)
         last = torch.full((len(chunk),), qr.size(1) - 1, device=d.device)
         with autocast(d):
-            learned += reward_scores(reward_model.to(d.device), qr, mask, last).tolist()
+            learned += reward_scores(reward_model, qr, mask, last).tolist()
             logits_p = policy(qr, attention_mask=mask)[:, :-1]
-            logits_r = ref.to(d.device)(qr, attention_mask=mask)[:, :-1]
+            logits_r = ref(qr, attention_mask=mask)[:, :-1]
         lp = token_logprobs(logits_p, qr[:, 1:], temperature) - token_logprobs(logits_r, qr[:, 1:], temperature)
         for row, s in enumerate(chunk):
             n = len(s["response_ids"])

@@ -21,7 +21,7 @@ implementation details (Huang et al. 2024) and TRL, except where a comment says 
     torchrun --nproc_per_node=8 ppo.py --preset=trl ...
 """
 
-import math
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -35,8 +35,8 @@ from evaluate import reward_scores, sample_responses, score_samples
 from model import GPT, generate, token_logprobs
 from runtime import (Dist, Metrics, all_reduce_mean, all_reduce_sum, autocast, check_writable, init_distributed,
                      latest_checkpoint, load_full_optimizer_state, load_full_state_dict, load_model, load_train_state,
-                     lr_at, make_adamw, model_dir, parse_config, publish_final, save_checkpoint, seed_all, set_lr,
-                     shard_model, shutdown_distributed, unsharded)
+                     lr_at, parse_config, publish_final, save_checkpoint, seed_all, shard_model,
+                     shutdown_distributed, unsharded)
 
 
 @dataclass
@@ -445,6 +445,157 @@ def critic_values(critic, query_response, attention_mask, context_length):
 
 
 # -----------------------------------------------------------------------------
+# Steps 2-4 and step 5 of the loop, as functions the parity tests can call on fixed rollouts
+
+
+@torch.no_grad()
+def make_experience(policy, critic, ref, reward_model, query_response, query_mask, sample_logp, kl_coef, tok,
+                    cfg: Config, d: Dist) -> dict:
+    """Steps 2-4 on one rollout: score, KL and per-token rewards, values, GAE advantages and returns.
+
+    query_response (B, P + N): left-padded prompts then responses, padded after the stop token;
+    sample_logp (B, N): the sampling log-probs from `generate`. Returns a dict of (B, N) float32
+    tensors and masks, everything the PPO update needs."""
+    P = query_mask.size(1)
+    response = query_response[:, P:]
+    N = response.size(1)
+    T_lp = cfg.temperature if cfg.divide_logits_by_temperature else 1.0
+    # Masks. eos_index: the last valid token (the stop token, or N - 1 if the response never stopped).
+    is_stop = response == tok.eos_id
+    if cfg.stop_token_id >= 0:
+        is_stop |= response == cfg.stop_token_id
+    ended = is_stop.any(1)
+    eos_index = torch.where(ended, first_true_indices(is_stop), torch.full_like(ended, N - 1, dtype=torch.long))
+    positions = torch.arange(N, device=response.device)[None, :]
+    action_mask = positions <= eos_index[:, None]  # the tokens the policy chose, EOS included
+    score_idx = score_indices(eos_index, N, cfg.score_position)
+    value_mask = positions <= score_idx[:, None]  # "after_eos": the critic also predicts the slot after EOS
+    attention_mask = torch.cat([query_mask.long(), action_mask.long()], 1)
+
+    # 2. Score with the frozen reward model; responses without EOS get the penalty.
+    with offloaded(reward_model, cfg, d), autocast(d, cfg.bf16):
+        scores = reward_scores(reward_model, query_response, attention_mask, P + eos_index)
+    scores = apply_missing_eos_penalty(scores, ended, cfg.missing_eos_penalty, cfg.missing_eos_mode)
+    if cfg.reward_clip > 0:
+        scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+
+    # 3. Log-probs of policy and reference (logits / T, float32), values, KL, per-token rewards.
+    with offloaded(ref, cfg, d), autocast(d, cfg.bf16):
+        ref_logp, _, _ = response_logprobs(ref, query_response, attention_mask, P, T_lp)
+    with autocast(d, cfg.bf16):
+        recomputed_logp, values, _ = response_logprobs(policy, query_response, attention_mask, P, T_lp,
+                                                       head="both" if critic is None else "lm")
+        if critic is not None:
+            values = critic_values(critic, query_response, attention_mask, P)
+    # Old log-probs: the sampling ones (N+, TRL) or a fresh forward (OpenRLHF, verl). They should agree
+    # (logged as val/logprob_recompute_maxdiff); bf16 or a KV-cache bug would make them differ.
+    logp = sample_logp.float() * action_mask if cfg.old_logprobs == "sampling" else recomputed_logp * action_mask
+    ref_logp = ref_logp * action_mask
+    kl = kl_penalty(logp, ref_logp, cfg.kl_estimator, cfg.kl_clamp) * action_mask
+    rewards, non_score_reward = compute_rewards(kl, scores, score_idx, kl_coef if cfg.kl_location == "reward" else 0.0)
+    values = values * value_mask
+    if cfg.whiten_rewards:
+        rewards = masked_whiten(rewards, value_mask, shift_mean=False, unbiased=cfg.unbiased_variance) * value_mask
+
+    # 4. Advantages (GAE) and returns; whitening per the chosen convention.
+    advantages, returns = compute_gae(rewards, values, value_mask, cfg.gamma, cfg.lam)
+    advantages = whiten_advantages(advantages, action_mask, cfg.advantage_whitening, cfg.unbiased_variance, d)
+    return dict(query_response=query_response, attention_mask=attention_mask, context_length=P,
+                action_mask=action_mask, value_mask=value_mask, ended=ended, scores=scores, logp=logp,
+                recomputed_logp=recomputed_logp * action_mask, ref_logp=ref_logp, values=values, rewards=rewards,
+                non_score_reward=non_score_reward, advantages=advantages, returns=returns)
+
+
+def ppo_update(policy, critic, trainable, optimizer, base_lrs, exp: dict, update: int, total_steps: int,
+               cfg: Config, d: Dist, ptx_batch=None) -> dict:
+    """Step 5: num_ppo_epochs passes over the rollout in num_minibatches optimizer steps, each
+    accumulated over micro-batches. Returns the mean of each statistic and all token ratios."""
+    local_batch = exp["query_response"].size(0)
+    local_minibatch = local_batch // cfg.num_minibatches
+    micro = min(cfg.micro_batch_size, local_minibatch)
+    P, T_lp = exp["context_length"], cfg.temperature if cfg.divide_logits_by_temperature else 1.0
+    stats = {k: [] for k in ("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "ratio", "entropy")}
+    ratios = []
+    for ppo_epoch in range(cfg.num_ppo_epochs):
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + update * 131 + ppo_epoch)
+        order = torch.randperm(local_batch, generator=g).tolist()
+        for mb in range(cfg.num_minibatches):
+            mb_idx = order[mb * local_minibatch:(mb + 1) * local_minibatch]
+            step = (update * cfg.num_ppo_epochs + ppo_epoch) * cfg.num_minibatches + mb
+            lr_scale = lr_at(step, total_steps, 1.0, cfg.warmup_steps, cfg.lr_schedule)
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * lr_scale
+            mb_adv = exp["advantages"][mb_idx]
+            if cfg.advantage_whitening == "minibatch":  # OpenAI 2019 whitens inside each minibatch
+                mb_mask = exp["action_mask"][mb_idx]
+                mb_adv = masked_whiten(mb_adv, mb_mask, unbiased=cfg.unbiased_variance) * mb_mask
+            n_micro = len(mb_idx) // micro
+            for i in range(n_micro):
+                idx = mb_idx[i * micro:(i + 1) * micro]
+                a_mask, v_mask = exp["action_mask"][idx], exp["value_mask"][idx]
+                qr, attn = exp["query_response"][idx], exp["attention_mask"][idx]
+                with autocast(d, cfg.bf16):
+                    if critic is None:
+                        new_logp, new_values, logits = response_logprobs(policy, qr, attn, P, T_lp, "both")
+                    else:
+                        new_logp, _, logits = response_logprobs(policy, qr, attn, P, T_lp)
+                        new_values = critic_values(critic, qr, attn, P)
+                pg_loss, pg_stats = policy_loss(new_logp, exp["logp"][idx], mb_adv[i * micro:(i + 1) * micro], a_mask,
+                                                cfg.cliprange, cfg.dual_clip, cfg.loss_aggregation)
+                vf_loss, vf_clipfrac = value_loss(new_values * v_mask, exp["values"][idx], exp["returns"][idx], v_mask,
+                                                  cfg.cliprange_value, cfg.loss_aggregation)
+                loss = pg_loss + cfg.vf_coef * vf_loss
+                entropy = masked_mean(entropy_from_logits(logits), a_mask)  # logits are already / T
+                if cfg.entropy_coef > 0:
+                    loss = loss - cfg.entropy_coef * entropy
+                if cfg.kl_location == "loss":  # GRPO-style: the KL is a loss term, not a reward
+                    kl = kl_penalty(new_logp, exp["ref_logp"][idx], cfg.kl_estimator, cfg.kl_clamp)
+                    loss = loss + cfg.kl_coef * masked_mean(kl, a_mask)
+                if ptx_batch is not None:  # PPO-ptx (InstructGPT eq. 2): the SFT loss on demonstrations
+                    loss = loss + cfg.ptx_coef * ptx_batch(micro, (update, ppo_epoch, mb, i))
+                (loss / n_micro).backward()
+                for key, value in (("approxkl", pg_stats["approxkl"]), ("clipfrac", pg_stats["clipfrac"]),
+                                   ("pg_loss", pg_loss), ("vf_loss", vf_loss), ("vf_clipfrac", vf_clipfrac),
+                                   ("ratio", pg_stats["ratio"]), ("entropy", entropy)):
+                    stats[key].append(value.detach().float())
+                ratios.append(torch.exp(new_logp - exp["logp"][idx]).detach()[a_mask])
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(trainable.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    out = {k: torch.stack(v).mean() for k, v in stats.items()}
+    out["ratios"] = torch.cat(ratios)
+    out["first_ratio"] = stats["ratio"][0]
+    return out
+
+
+def ptx_batch(policy, pairs, n, key, tok, cfg: Config, d: Dist):
+    """PPO-ptx: the mean SFT loss on n demonstrations, drawn by a generator seeded from key = (update,
+    epoch, minibatch, micro-batch), so a resumed run draws the same ones."""
+    from sft import sft_loss
+    update, epoch, mb, i = key
+    g = torch.Generator().manual_seed(cfg.seed + ((update * 64 + epoch) * 1024 + mb) * 1024 + i)
+    pick = torch.randint(len(pairs), (n,), generator=g).tolist()
+    batch = {k: v.to(d.device) for k, v in data.collate_sft([pairs[j] for j in pick], tok.eos_id).items()}
+    with autocast(d, cfg.bf16):
+        logits = policy(batch["input_ids"], attention_mask=batch["attention_mask"])
+    total, count = sft_loss(logits, batch["input_ids"], batch["loss_mask"])
+    return total / count
+
+
+@contextlib.contextmanager
+def offloaded(model, cfg: Config, d: Dist):
+    """With offload_frozen, a frozen model lives on CPU and visits the device only while it is used."""
+    if cfg.offload_frozen:
+        model.to(d.device)
+    try:
+        yield model
+    finally:
+        if cfg.offload_frozen:
+            model.to("cpu")
+
+
+# -----------------------------------------------------------------------------
 
 
 CHOICES = {"critic": ("reward", "sft", "shared"), "kl_estimator": ("k1", "k3"), "kl_location": ("reward", "loss", "none"),
@@ -505,9 +656,8 @@ def main(argv=None):
         raise SystemExit("rollout_batch_size must divide into world_size x num_minibatches")
     local_batch = cfg.rollout_batch_size // d.world_size
     local_minibatch = local_batch // cfg.num_minibatches
-    micro = min(cfg.micro_batch_size, local_minibatch)
-    if local_minibatch % micro:
-        raise SystemExit(f"per-process minibatch {local_minibatch} must be a multiple of micro_batch_size {micro}")
+    if local_minibatch % min(cfg.micro_batch_size, local_minibatch):
+        raise SystemExit(f"per-process minibatch {local_minibatch} must be a multiple of micro_batch_size")
 
     # Models. The trainable ones go into one optimizer, so vf_coef and gradient clipping act on
     # policy and critic together (TRL's PolicyAndValueWrapper; N+).
@@ -516,12 +666,10 @@ def main(argv=None):
     trainable = nn.ModuleDict({"policy": policy} | ({"critic": critic} if critic is not None else {}))
     for m in list(trainable.values()) + [ref, reward_model]:
         shard_model(m, d)
-    optimizer = make_adamw(trainable, cfg.lr, weight_decay=0.0, betas=(0.9, 0.999), eps=cfg.adam_eps)
-    if critic is not None and cfg.critic_lr:
-        critic_ids = {id(p) for p in critic.parameters()}
-        groups = [{"params": [p for p in trainable.parameters() if id(p) not in critic_ids], "lr": cfg.lr},
-                  {"params": list(critic.parameters()), "lr": cfg.critic_lr}]
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=cfg.adam_eps, weight_decay=0.0)
+    groups = [{"params": list(policy.parameters()), "lr": cfg.lr}]
+    if critic is not None:
+        groups.append({"params": list(critic.parameters()), "lr": cfg.critic_lr or cfg.lr})
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=cfg.adam_eps, weight_decay=0.0)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     if cfg.offload_frozen:
         ref.to("cpu"), reward_model.to("cpu")
@@ -539,7 +687,6 @@ def main(argv=None):
     if updates_per_epoch == 0:
         raise SystemExit(f"{len(prompt_ids)} prompts, fewer than one rollout batch of {cfg.rollout_batch_size}")
     total_steps = cfg.num_updates * cfg.num_ppo_epochs * cfg.num_minibatches
-    temperature_for_logprobs = cfg.temperature if cfg.divide_logits_by_temperature else 1.0
 
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
     update = 0
@@ -563,7 +710,6 @@ def main(argv=None):
                                           world_size=d.world_size))[index]
         query, query_mask = data.pad_left(batch_prompts, tok.eos_id)
         query, query_mask = query.to(d.device), query_mask.to(d.device)
-        P = query.size(1)
 
         # 1. Rollout. Seeded by (seed, update, rank): a resumed run samples the same responses.
         policy.eval()  # dropout is off anyway; eval() also documents that sampling takes no gradients
@@ -573,133 +719,40 @@ def main(argv=None):
                 policy, query, query_mask, cfg.response_length, temperature=cfg.temperature, eos_id=tok.eos_id,
                 stop_id=cfg.stop_token_id if cfg.stop_token_id >= 0 else None, pad_id=tok.eos_id, generator=gen)
         policy.train()
-        response = query_response[:, P:]
-        N = response.size(1)
         t_rollout = time.time()
 
-        with torch.no_grad():
-            # Masks. eos_index: the last valid token (the stop token, or N - 1 if the response never stopped).
-            is_stop = response == tok.eos_id
-            if cfg.stop_token_id >= 0:
-                is_stop |= response == cfg.stop_token_id
-            ended = is_stop.any(1)
-            eos_index = torch.where(ended, first_true_indices(is_stop), torch.full_like(ended, N - 1, dtype=torch.long))
-            positions = torch.arange(N, device=d.device)[None, :]
-            action_mask = positions <= eos_index[:, None]  # the tokens the policy chose, EOS included
-            score_idx = score_indices(eos_index, N, cfg.score_position)
-            value_mask = positions <= score_idx[:, None]  # "after_eos": the critic also predicts the slot after EOS
-            attention_mask = torch.cat([query_mask, action_mask.long()], 1)
-
-            # 2. Score with the frozen reward model; responses without EOS get the penalty.
-            if cfg.offload_frozen:
-                reward_model.to(d.device)
-            with autocast(d, cfg.bf16):
-                scores = reward_scores(reward_model, query_response, attention_mask, P + eos_index)
-            if cfg.offload_frozen:
-                reward_model.to("cpu")
-            scores = apply_missing_eos_penalty(scores, ended, cfg.missing_eos_penalty, cfg.missing_eos_mode)
-            if cfg.reward_clip > 0:
-                scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
-
-            # 3. Log-probs of policy and reference (logits / T, float32), values, KL, per-token rewards.
-            if cfg.offload_frozen:
-                ref.to(d.device)
-            with autocast(d, cfg.bf16):
-                ref_logp, _, _ = response_logprobs(ref, query_response, attention_mask, P, temperature_for_logprobs)
-                head = "both" if critic is None else "lm"
-                logp, values, _ = response_logprobs(policy, query_response, attention_mask, P, temperature_for_logprobs, head)
-                if critic is not None:
-                    values = critic_values(critic, query_response, attention_mask, P)
-            if cfg.offload_frozen:
-                ref.to("cpu")
-            if cfg.old_logprobs == "sampling":
-                recomputed_logp, logp = logp, sample_logp.float()
-            else:
-                recomputed_logp = logp
-            kl = kl_penalty(logp, ref_logp, cfg.kl_estimator, cfg.kl_clamp) * action_mask
-            beta = kl_ctl.value if cfg.kl_location == "reward" else 0.0
-            rewards, non_score_reward = compute_rewards(kl, scores, score_idx, beta)
-            values = values * value_mask
-            if cfg.whiten_rewards:
-                rewards = masked_whiten(rewards, value_mask, shift_mean=False, unbiased=cfg.unbiased_variance) * value_mask
-
-            # 4. Advantages (GAE) and returns; whitening per the chosen convention.
-            advantages, returns = compute_gae(rewards, values, value_mask, cfg.gamma, cfg.lam)
-            advantages = whiten_advantages(advantages, action_mask, cfg.advantage_whitening, cfg.unbiased_variance, d)
+        # 2-4. Score, KL and rewards, advantages.
+        exp = make_experience(policy, critic, ref, reward_model, query_response, query_mask, sample_logp,
+                              kl_ctl.value, tok, cfg, d)
         t_score = time.time()
 
         # 5. PPO update: epochs x minibatches x micro-batches (gradient accumulation).
-        stats = {k: [] for k in ("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "ratio", "entropy", "ptx_loss")}
-        ratios = []
-        for ppo_epoch in range(cfg.num_ppo_epochs):
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + update * 131 + ppo_epoch)
-            order = torch.randperm(local_batch, generator=g).tolist()
-            for mb in range(cfg.num_minibatches):
-                mb_idx = order[mb * local_minibatch:(mb + 1) * local_minibatch]
-                step = (update * cfg.num_ppo_epochs + ppo_epoch) * cfg.num_minibatches + mb
-                lr_scale = lr_at(step, total_steps, 1.0, cfg.warmup_steps, cfg.lr_schedule)
-                for group, base in zip(optimizer.param_groups, base_lrs):
-                    group["lr"] = base * lr_scale
-                mb_adv = advantages[mb_idx]
-                if cfg.advantage_whitening == "minibatch":  # OpenAI 2019 whitens inside each minibatch
-                    mb_adv = masked_whiten(mb_adv, action_mask[mb_idx], unbiased=cfg.unbiased_variance) * action_mask[mb_idx]
-                n_micro = len(mb_idx) // micro
-                for i in range(n_micro):
-                    idx = mb_idx[i * micro:(i + 1) * micro]
-                    a_mask, v_mask = action_mask[idx], value_mask[idx]
-                    with autocast(d, cfg.bf16):
-                        if critic is None:
-                            new_logp, new_values, logits = response_logprobs(
-                                policy, query_response[idx], attention_mask[idx], P, temperature_for_logprobs, "both")
-                        else:
-                            new_logp, _, logits = response_logprobs(
-                                policy, query_response[idx], attention_mask[idx], P, temperature_for_logprobs)
-                            new_values = critic_values(critic, query_response[idx], attention_mask[idx], P)
-                    pg_loss, pg_stats = policy_loss(new_logp, logp[idx], mb_adv[i * micro:(i + 1) * micro],
-                                                    a_mask, cfg.cliprange, cfg.dual_clip, cfg.loss_aggregation)
-                    vf_loss, vf_clipfrac = value_loss(new_values * v_mask, values[idx], returns[idx], v_mask,
-                                                      cfg.cliprange_value, cfg.loss_aggregation)
-                    loss = pg_loss + cfg.vf_coef * vf_loss
-                    entropy = masked_mean(entropy_from_logits(logits.detach() / temperature_for_logprobs), a_mask)
-                    if cfg.entropy_coef > 0:
-                        loss = loss - cfg.entropy_coef * masked_mean(entropy_from_logits(logits / temperature_for_logprobs), a_mask)
-                    if cfg.kl_location == "loss":  # GRPO-style: the KL is a loss term, not a reward
-                        loss = loss + kl_ctl.value * masked_mean(kl_penalty(new_logp, ref_logp[idx], cfg.kl_estimator, cfg.kl_clamp), a_mask)
-                    if ptx_pairs:
-                        loss = loss + cfg.ptx_coef * ptx_loss(policy, ptx_pairs, micro, update, ppo_epoch, mb, i, d, tok, cfg, stats)
-                    (loss / n_micro).backward()
-                    for key, value in (("approxkl", pg_stats["approxkl"]), ("clipfrac", pg_stats["clipfrac"]),
-                                       ("pg_loss", pg_loss), ("vf_loss", vf_loss), ("vf_clipfrac", vf_clipfrac),
-                                       ("ratio", pg_stats["ratio"]), ("entropy", entropy)):
-                        stats[key].append(value.detach().float())
-                    ratios.append(torch.exp(new_logp - logp[idx]).detach()[a_mask])
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(trainable.parameters(), cfg.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+        stats = ppo_update(policy, critic, trainable, optimizer, base_lrs, exp, update, total_steps, cfg, d,
+                           ptx_batch=(lambda n, key: ptx_batch(policy, ptx_pairs, n, key, tok, cfg, d)) if ptx_pairs else None)
         t_update = time.time()
 
         # 6. Log (TRL's metric names, so runs overlay), adapt beta, evaluate, checkpoint.
         with torch.no_grad():
+            logp, ref_logp, action_mask, scores = exp["logp"], exp["ref_logp"], exp["action_mask"], exp["scores"]
             seq_kl = (kl_penalty(logp, ref_logp, "k1") * action_mask).sum(1)  # logged KL is always k1, summed (TRL)
             mean_kl = all_reduce_mean(seq_kl.mean(), d)
             token_kl = all_reduce_mean(masked_mean(kl_penalty(logp, ref_logp, "k1"), action_mask), d)
-            all_ratios = torch.cat(ratios)
+            all_ratios = stats["ratios"]
             row = {
                 "objective/kl": mean_kl, "objective/entropy": all_reduce_mean((-logp * action_mask).sum(1).mean(), d),
-                "objective/non_score_reward": all_reduce_mean(non_score_reward.sum(1).mean(), d),
-                "objective/rlhf_reward": all_reduce_mean(non_score_reward.sum(1).mean() + scores.mean(), d),
+                "objective/non_score_reward": all_reduce_mean(exp["non_score_reward"].sum(1).mean(), d),
+                "objective/rlhf_reward": all_reduce_mean(exp["non_score_reward"].sum(1).mean() + scores.mean(), d),
                 "objective/scores": all_reduce_mean(scores.mean(), d),
-                "policy/approxkl_avg": all_reduce_mean(torch.stack(stats["approxkl"]).mean(), d),
-                "policy/clipfrac_avg": all_reduce_mean(torch.stack(stats["clipfrac"]).mean(), d),
-                "loss/policy_avg": all_reduce_mean(torch.stack(stats["pg_loss"]).mean(), d),
-                "loss/value_avg": all_reduce_mean(torch.stack(stats["vf_loss"]).mean(), d),
-                "val/clipfrac_avg": all_reduce_mean(torch.stack(stats["vf_clipfrac"]).mean(), d),
-                "policy/entropy_avg": all_reduce_mean(torch.stack(stats["entropy"]).mean(), d),
+                "policy/approxkl_avg": all_reduce_mean(stats["approxkl"], d),
+                "policy/clipfrac_avg": all_reduce_mean(stats["clipfrac"], d),
+                "loss/policy_avg": all_reduce_mean(stats["pg_loss"], d),
+                "loss/value_avg": all_reduce_mean(stats["vf_loss"], d),
+                "val/clipfrac_avg": all_reduce_mean(stats["vf_clipfrac"], d),
+                "policy/entropy_avg": all_reduce_mean(stats["entropy"], d),
                 "val/ratio": all_reduce_mean(all_ratios.mean(), d), "val/ratio_var": all_reduce_mean(all_ratios.var(), d),
-                "val/num_eos_tokens": all_reduce_sum(ended.sum().float(), d),
+                "val/num_eos_tokens": all_reduce_sum(exp["ended"].sum().float(), d),
                 "val/response_length": all_reduce_mean(action_mask.sum(1).float().mean(), d),
-                "val/logprob_recompute_maxdiff": ((recomputed_logp - logp) * action_mask).abs().max(),
+                "val/logprob_recompute_maxdiff": ((exp["recomputed_logp"] - logp) * action_mask).abs().max(),
                 "beta": kl_ctl.value, "lr": optimizer.param_groups[0]["lr"],
                 "episode": (update + 1) * cfg.rollout_batch_size,
                 "time/rollout": t_rollout - t_start, "time/score": t_score - t_rollout, "time/update": t_update - t_score,
@@ -729,26 +782,14 @@ def main(argv=None):
     shutdown_distributed()
 
 
-def ptx_loss(policy, pairs, micro, update, epoch, mb, i, d, tok, cfg, stats):
-    """PPO-ptx (InstructGPT eq. 2): the SFT loss on a micro-batch of demonstrations, mixed into the PPO loss."""
-    from sft import sft_loss
-    g = torch.Generator().manual_seed(cfg.seed + 17 * (((update * 64 + epoch) * 64 + mb) * 64 + i))
-    pick = torch.randint(len(pairs), (micro,), generator=g).tolist()
-    batch = {k: v.to(d.device) for k, v in data.collate_sft([pairs[j] for j in pick], tok.eos_id).items()}
-    with autocast(d, cfg.bf16):
-        logits = policy(batch["input_ids"], attention_mask=batch["attention_mask"])
-    total, count = sft_loss(logits, batch["input_ids"], batch["loss_mask"])
-    stats["ptx_loss"].append((total / count).detach())
-    return total / count
-
-
 @torch.no_grad()
 def evaluate(policy, ref, reward_model, tok, prompts, cfg: Config, d: Dist, update: int) -> dict:
     """Held-out prompts: learned reward, KL to the reference (sequence-summed k1), length, EOS rate, and
     on the default task the gold reward, so reward hacking shows as it happens (learned up, gold down)."""
     samples = sample_responses(policy, tok, prompts, d, cfg.response_length, cfg.temperature, seed=cfg.seed + 1,
                                max_prompt_tokens=cfg.max_prompt_tokens)
-    learned, kls = score_samples(samples, policy, ref, reward_model, tok, cfg.temperature, d)
+    with offloaded(ref, cfg, d), offloaded(reward_model, cfg, d):
+        learned, kls = score_samples(samples, policy, ref, reward_model, tok, cfg.temperature, d)
     out = {"eval/learned_reward": sum(learned) / len(learned), "eval/kl": sum(kls) / len(kls),
            "eval/response_length": sum(s["length"] for s in samples) / len(samples),
            "eval/eos_fraction": sum(s["ended"] for s in samples) / len(samples)}
