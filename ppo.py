@@ -120,7 +120,7 @@ class Config:
     """optimizer steps per epoch"""
     micro_batch_size: int = 64
     """sequences per forward/backward per process (gradient accumulation makes up the minibatch)"""
-    num_updates: int = 300
+    num_updates: int = 150
     """PPO updates (each = one rollout)"""
     lr: float = 3e-4
     """policy learning rate (N+ and TRL use 3e-6 for 1B models; small models on the default task need more)"""
@@ -146,7 +146,7 @@ class Config:
     preset: str = ""
     """set every framework-specific knob at once: openai2019, trl, openrlhf, verl, deepspeed_chat, torchtune (explicit flags win)"""
     # --- logging, evaluation, checkpoints
-    eval_every: int = 50
+    eval_every: int = 25
     """updates between evaluations on held-out prompts"""
     eval_prompts: int = 256
     """held-out prompts for evaluation"""
@@ -154,7 +154,7 @@ class Config:
     """samples printed at each evaluation"""
     log_every: int = 5
     """updates between metric lines"""
-    save_every: int = 100
+    save_every: int = 50
     """updates between checkpoints (and one at the end)"""
     resume: bool = False
     """continue from run_dir's latest checkpoint"""

@@ -52,7 +52,7 @@ class Config:
     """global batch in examples per optimizer step, whatever the number of processes"""
     micro_batch_size: int = 64
     """examples per forward pass per process; batch_size / (world_size * micro) steps are accumulated"""
-    max_steps: int = 800
+    max_steps: int = 1200
     """optimizer steps; 0 = one epoch over the data"""
     lr: float = 2e-3
     """peak learning rate (AdamW)"""
@@ -160,10 +160,13 @@ def main(argv=None):
 
     # 1. Data: demonstrations, tokenized once, truncation counted and reported.
     model, tok = build_policy(cfg, d)
-    records = data.load_records(cfg.dataset, "sft", split="train", max_records=cfg.max_train_examples or None, seed=cfg.seed)
-    pairs, stats = encode_all(records, tok, cfg)
     eval_source, eval_split = (cfg.eval_dataset, "train") if cfg.eval_dataset else (cfg.dataset, "test")
-    eval_records = data.load_records(eval_source, "sft", split=eval_split, max_records=cfg.eval_examples, seed=cfg.seed)
+    try:
+        records = data.load_records(cfg.dataset, "sft", split="train", max_records=cfg.max_train_examples or None, seed=cfg.seed)
+        eval_records = data.load_records(eval_source, "sft", split=eval_split, max_records=cfg.eval_examples, seed=cfg.seed)
+    except data.DataError as e:
+        raise SystemExit(f"sft: {e}")
+    pairs, stats = encode_all(records, tok, cfg)
     eval_pairs, _ = encode_all(eval_records, tok, cfg)
     if len(pairs) < cfg.batch_size:
         raise SystemExit(f"{len(pairs)} usable training examples in {cfg.dataset}, fewer than one batch of {cfg.batch_size}")
@@ -172,10 +175,9 @@ def main(argv=None):
 
     # 2. Batch arithmetic: the global batch is fixed; processes and accumulation split it.
     per_rank = cfg.batch_size // d.world_size
-    accum = per_rank // cfg.micro_batch_size if per_rank >= cfg.micro_batch_size else 1
-    micro = per_rank // accum
-    if micro * accum * d.world_size != cfg.batch_size:
-        raise SystemExit(f"batch_size {cfg.batch_size} must be world_size {d.world_size} x accumulation x micro_batch_size {cfg.micro_batch_size}")
+    micro = min(cfg.micro_batch_size, per_rank)
+    if per_rank * d.world_size != cfg.batch_size or per_rank % micro:
+        raise SystemExit(f"batch_size {cfg.batch_size} must be world_size {d.world_size} x accumulation steps x micro_batch_size {micro}")
     steps_per_epoch = len(pairs) // cfg.batch_size
     max_steps = cfg.max_steps or steps_per_epoch
 

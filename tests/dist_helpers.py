@@ -10,8 +10,9 @@ Scenarios:
   sgd_step  loss of a fixed batch split across ranks (each rank its contiguous rows, normalized by the
             token count of the whole batch as sft.py does), one SGD step of lr 0.1, then the full weights
             (runtime.full_state_dict, all-gathered). Rank 0 only writes.
-  generate  greedy tokens of model.generate on left-padded prompts inside runtime.unsharded(model).
-            Every rank writes, so the test can also check that the ranks agree.
+  generate  greedy tokens of model.generate on left-padded prompts inside runtime.unsharded(model), from
+            a tiny GPT trained for a few steps first (trained_model). Every rank writes, so the test
+            can also check that the ranks agree.
 """
 
 import os

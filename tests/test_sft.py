@@ -155,13 +155,15 @@ def test_overfits_sixteen_examples(tmp_path):
 
 
 def assert_same_tree(a, b, where="state"):
-    """Equal structure, equal plain values, torch.equal tensors."""
-    assert type(a) is type(b), where
+    """Equal structure, equal plain values, torch.equal tensors. A list equals a tuple (a resumed AdamW's
+    betas come back as a list)."""
+    seq = (list, tuple)
+    assert type(a) is type(b) or (isinstance(a, seq) and isinstance(b, seq)), where
     if isinstance(a, dict):
         assert a.keys() == b.keys(), where
         for k in a:
             assert_same_tree(a[k], b[k], f"{where}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
+    elif isinstance(a, seq):
         assert len(a) == len(b), where
         for i, (x, y) in enumerate(zip(a, b)):
             assert_same_tree(x, y, f"{where}[{i}]")
@@ -215,6 +217,7 @@ def empty_responses_file(tmp_path):
                                                   {"prompt": "ab=", "response": "  "}])
 
 
+@pytest.mark.filterwarnings("ignore:.*skipped 2 of 2 records")
 def test_zero_usable_examples_names_the_file_and_the_reason(tmp_path):
     path = empty_responses_file(tmp_path)
     with pytest.raises((SystemExit, data.DataError)) as err:
@@ -224,8 +227,7 @@ def test_zero_usable_examples_names_the_file_and_the_reason(tmp_path):
     assert not (tmp_path / "run" / "latest").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="sft.main lets data.DataError (a ValueError) escape as a traceback; "
-                   "fix: wrap the load_records calls in sft.main in `except data.DataError as e: raise SystemExit(str(e))`")
+@pytest.mark.filterwarnings("ignore:.*skipped 2 of 2 records")
 def test_zero_usable_examples_is_a_system_exit(tmp_path):
     path = empty_responses_file(tmp_path)
     with pytest.raises(SystemExit, match="empty response"):

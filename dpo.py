@@ -1,0 +1,383 @@
+"""Direct Preference Optimization (Rafailov et al. 2023): the policy learns from preference pairs directly.
+
+No reward model and no sampling during training. DPO's observation is that the optimum of the KL-regularized
+RL objective that PPO optimizes, max E[r] - beta KL(pi || ref), is pi*(y|x) ~ ref(y|x) exp(r(x, y) / beta), so
+r = beta log pi(y|x) / ref(y|x) + beta log Z(x). Put that reward into the Bradley-Terry likelihood the reward
+model is fit with and Z(x) cancels: the loss on {prompt, chosen, rejected} is a logistic loss on the log-ratio
+margin of the two responses (paper, eq. 7). The policy and a frozen copy of it (the reference) both start from
+the SFT checkpoint; each step costs one forward+backward of the policy and one forward of the reference over
+chosen and rejected together. Ranked data is used as all its K-choose-2 pairs (data.load_records).
+
+Evaluation puts DPO on PPO's axes: on held-out prompts, samples from the policy, their KL to the reference
+(`eval/kl`, k1 summed over the response, as ppo.py logs it) and on the default task their gold reward
+(`eval/gold_reward`), with the same prompts and sampling seed as ppo.py's evaluation. Training metrics use TRL's
+DPO names (rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies, logps/chosen, logps/rejected).
+
+    python dpo.py --sft=runs/sft/final              # the built-in default task, CPU, about 2 minutes
+    python dpo.py --sft=runs/sft/final --loss_type=ipo --beta=0.5
+    python dpo.py --sft=runs/sft_hh/final --dataset=Anthropic/hh-rlhf:harmless-base \\
+        --max_prompt_tokens=384 --max_response_tokens=128 --lr=1e-6 --beta=0.05 --max_steps=0 --eval_prompts=64
+    torchrun --nproc_per_node=8 dpo.py ...          # FSDP2, bf16 autocast on CUDA
+"""
+
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+from evaluate import sample_responses
+from model import GPT, token_logprobs
+from runtime import (Dist, Metrics, all_reduce_sum, autocast, check_writable, clip_grad_norm, flops_per_token,
+                     init_distributed, latest_checkpoint, load_full_optimizer_state, load_full_state_dict, load_model,
+                     load_train_state, lr_at, make_adamw, parse_config, peak_flops, publish_final, save_checkpoint,
+                     seed_all, set_lr, shard_model, shutdown_distributed)
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/dpo"
+    """where checkpoints, metrics.jsonl and final/ go (final/policy is what evaluate.py compares)"""
+    sft: str = "runs/sft/final"
+    """the SFT checkpoint: the initial policy and the frozen reference; its tokenizer is used"""
+    dataset: str = "default"
+    """"default" (built-in task), a local .jsonl/.json(.gz) file, or a hub name (Anthropic/hh-rlhf:harmless-base, ...)"""
+    eval_dataset: str = ""
+    """held-out data; empty = the test split of `dataset` (a local file has none: eval_examples of its pairs are held out)"""
+    max_train_examples: int = 0
+    """use at most this many training pairs (0 = all)"""
+    max_prompt_tokens: int = 12
+    """prompts longer than this are cut from the left (counted)"""
+    max_response_tokens: int = 16
+    """responses (with EOS) longer than this are cut from the right (counted); pairs that become identical are dropped"""
+    beta: float = 0.1
+    """the KL strength of the implicit objective: small beta lets the policy move further from the reference (N+ TL;DR: 0.05)"""
+    loss_type: str = "sigmoid"
+    """"sigmoid": DPO (Rafailov et al. 2023); "ipo": IPO (Azar et al. 2023) on sequence-summed log-probs, see dpo_loss"""
+    label_smoothing: float = 0.0
+    """assumed probability that a label is flipped (conservative DPO; OpenRLHF --label_smoothing); sigmoid only"""
+    batch_size: int = 64
+    """global batch in pairs per optimizer step, whatever the number of processes"""
+    micro_batch_size: int = 64
+    """pairs per forward pass per process (2x as many rows); batch_size / (world_size * micro) steps are accumulated"""
+    max_steps: int = 300
+    """optimizer steps; 0 = one epoch over the data (TRL's default; the N+ DPO runs are one epoch)"""
+    lr: float = 1e-4
+    """peak learning rate (AdamW); 5e-7 to 1e-6 is usual for 1B+ models (DPO paper, N+, TRL)"""
+    weight_decay: float = 0.0
+    """AdamW decay on 2-D weights only (TRL's default is 0)"""
+    warmup_steps: int = 20
+    """linear warmup steps"""
+    lr_schedule: str = "linear"
+    """cosine, linear or constant after warmup"""
+    grad_clip: float = 1.0
+    """max global gradient norm (0 = no clipping)"""
+    dropout: float = 0.0
+    """dropout in the policy (off by default, as all stages: with it, the policy differs from the reference at step 0)"""
+    gradient_checkpointing: bool = False
+    """recompute each block's activations in backward to save memory"""
+    eval_every: int = 100
+    """steps between evaluations (held-out pairs; samples: gold reward, KL to the reference)"""
+    eval_examples: int = 500
+    """held-out pairs"""
+    eval_prompts: int = 256
+    """held-out prompts to sample from (ppo.py's eval_prompts)"""
+    eval_temperature: float = 1.0
+    """sampling temperature of evaluation samples; the KL uses logits / T, as ppo.py (use ppo.py's --temperature)"""
+    num_samples_shown: int = 3
+    """sampled responses printed at each evaluation"""
+    save_every: int = 500
+    """steps between checkpoints (and one at the end)"""
+    resume: bool = False
+    """continue from run_dir's latest checkpoint"""
+    stop_after: int = 0
+    """stop (with a checkpoint) after this many steps of this invocation: for tests of resume (0 = off)"""
+    seed: int = 0
+    """seeds data order and sampling"""
+    device: str = "auto"
+    """auto, cpu or cuda"""
+    bf16: bool = True
+    """bf16 autocast on CUDA (ignored on CPU); log-probs and the loss are float32 either way"""
+    log_every: int = 10
+    """steps between metric lines"""
+
+
+# -----------------------------------------------------------------------------
+# The math
+
+
+def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """log pi(response | prompt): the sum of token log-probs over the tokens loss_mask marks, float32.
+
+    logits (B, T, V) at position t predict input_ids[t + 1]; loss_mask (B, T) marks response tokens (data.collate_sft,
+    data.collate_pairs), so prompt and padding positions add exactly 0 and get no gradient (torch.where, not a
+    product: a non-finite logit at a pad position cannot leak in). Summed, not averaged: DPO's log pi(y|x) is a
+    sequence log-likelihood (paper, eq. 7; TRL `dpo_trainer.py` _compute_loss and OpenRLHF sum likewise).
+    Float32 log-softmax via model.token_logprobs; temperature 1 for training, the sampling T for eval/kl."""
+    logp = token_logprobs(logits[:, :-1], input_ids[:, 1:], temperature)  # (B, T - 1)
+    mask = loss_mask[:, 1:].bool()
+    return torch.where(mask, logp, torch.zeros_like(logp)).sum(-1)
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
+             ref_rejected_logps: torch.Tensor, beta: float, label_smoothing: float = 0.0, loss_type: str = "sigmoid"):
+    """Four (B,) sequence log-probs -> (losses (B,), chosen_rewards (B,), rejected_rewards (B,)), float32.
+
+    With h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)), the log-ratio margin of chosen y_w over
+    rejected y_l:
+    - "sigmoid": -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h). eps = 0 is DPO (Rafailov et al. 2023,
+      eq. 7; TRL `dpo_trainer.py` loss_type="sigmoid"). eps > 0 is conservative DPO: the label is trusted with
+      probability 1 - eps (Mitchell 2023, "A note on DPO with noisy preferences"), as OpenRLHF's `DPOLoss` and
+      TRL's sigmoid loss before 1.0; TRL 1.12's sigmoid ignores label_smoothing (its "robust" and "exo_pair" use it).
+      The loss is log 2 where the policy equals the reference, whatever beta.
+    - "ipo": (h - 1 / (2 beta))^2 (Azar et al. 2023, eq. 17): regresses the margin to a finite target instead of
+      pushing it to infinity, which DPO does on deterministic preferences. On sequence-SUMMED log-probs, as
+      OpenRLHF's `DPOLoss(ipo=True)`; TRL 1.12 first divides each log-ratio by its response length (a per-token
+      average the IPO authors confirmed to TRL). We keep one definition of log pi(y|x) for every loss in this file;
+      the price is that h grows with response length, so a good beta for "ipo" is larger here than in TRL.
+      tests/test_dpo.py checks that TRL's ipo equals ours on length-averaged inputs.
+    The rewards are DPO's implicit rewards beta (log pi - log ref) (eq. 5, up to beta log Z(x)), detached: logged
+    as TRL's rewards/chosen and rewards/rejected, never differentiated."""
+    chosen_logratios = policy_chosen_logps.float() - ref_chosen_logps.float()
+    rejected_logratios = policy_rejected_logps.float() - ref_rejected_logps.float()
+    h = chosen_logratios - rejected_logratios
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}: sigmoid or ipo")
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+# -----------------------------------------------------------------------------
+# Data and forward passes
+
+
+def load_pairs(source: str, split: str, max_records: int | None, cfg: Config) -> list[dict]:
+    """{prompt, chosen, rejected} records; a ranking of K responses gives its K-choose-2 pairs."""
+    return data.load_records(source, "preference", split=split, max_records=max_records, seed=cfg.seed)
+
+
+def encode_pairs(records: list[dict], tok, cfg: Config, stats: data.TruncationStats) -> list[tuple]:
+    """(prompt ids, chosen ids, rejected ids) cut as data.encode_pair cuts them; pairs made identical by truncation
+    are dropped (and counted in stats): they carry no preference."""
+    encoded = (data.encode_preference(tok, r["prompt"], r["chosen"], r["rejected"], cfg.max_prompt_tokens,
+                                      cfg.max_response_tokens, stats) for r in records)
+    return [e for e in encoded if e is not None]
+
+
+def pair_logps(model, batch: dict, d: Dist, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward over the 2B rows of data.collate_pairs -> (chosen (B,), rejected (B,)) summed response log-probs."""
+    ids, mask = batch["input_ids"].to(d.device), batch["attention_mask"].to(d.device)
+    with autocast(d, bf16):
+        logits = model(ids, attention_mask=mask)
+    return sequence_logps(logits, ids, batch["loss_mask"].to(d.device)).chunk(2)
+
+
+def heldout_prompts(eval_records: list[dict], cfg: Config) -> list[str]:
+    """Prompts to sample from at evaluation. On the default task, those of ppo.py's evaluation (test split, same
+    count and seed), so the two stages' eval/ curves are measured on the same prompts; elsewhere the prompts of
+    the held-out pairs."""
+    if cfg.dataset == "default" and not cfg.eval_dataset:
+        return [r["prompt"] for r in data.load_records("default", "prompt", split="test", max_records=cfg.eval_prompts,
+                                                       seed=cfg.seed)]
+    return list(dict.fromkeys(r["prompt"] for r in eval_records))[:cfg.eval_prompts]
+
+
+# -----------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def samples_kl(policy, ref, samples: list[dict], tok, cfg: Config, d: Dist) -> list[float]:
+    """Per sample, sum over its response tokens of log pi - log ref at the sampling temperature: the k1 estimate of
+    the sequence KL(pi || ref), what ppo.py logs as eval/kl (evaluate.score_samples), without a reward model."""
+    kls = []
+    for start in range(0, len(samples), cfg.micro_batch_size):
+        batch = data.collate_sft([(s["prompt_ids"], s["response_ids"]) for s in samples[start:start + cfg.micro_batch_size]],
+                                 tok.eos_id)
+        ids, mask, response = (batch[k].to(d.device) for k in ("input_ids", "attention_mask", "loss_mask"))
+        with autocast(d, cfg.bf16):
+            policy_logits, ref_logits = policy(ids, attention_mask=mask), ref(ids, attention_mask=mask)
+        kls += (sequence_logps(policy_logits, ids, response, cfg.eval_temperature)
+                - sequence_logps(ref_logits, ids, response, cfg.eval_temperature)).tolist()
+    return kls
+
+
+@torch.no_grad()
+def evaluate(policy, ref, tok, eval_items: list[tuple], prompts: list[str], cfg: Config, d: Dist, step: int) -> dict:
+    """Held-out pairs: the loss and TRL's reward metrics. Held-out prompts: samples from the policy, their KL to the
+    reference, length, EOS rate, and on the default task the gold reward. Every rank evaluates the same items."""
+    policy.eval()
+    losses, chosen, rejected = [], [], []
+    for start in range(0, len(eval_items), cfg.micro_batch_size):
+        batch = data.collate_pairs(eval_items[start:start + cfg.micro_batch_size], tok.eos_id)
+        loss, c, r = dpo_loss(*pair_logps(policy, batch, d, cfg.bf16), *pair_logps(ref, batch, d, cfg.bf16),
+                              cfg.beta, cfg.label_smoothing, cfg.loss_type)
+        losses.append(loss), chosen.append(c), rejected.append(r)
+    losses, chosen, rejected = torch.cat(losses), torch.cat(chosen), torch.cat(rejected)
+    metrics = {"eval/loss": losses.mean().item(), "eval/rewards/chosen": chosen.mean().item(),
+               "eval/rewards/rejected": rejected.mean().item(), "eval/rewards/margins": (chosen - rejected).mean().item(),
+               "eval/rewards/accuracies": (chosen > rejected).float().mean().item()}
+    samples = sample_responses(policy, tok, prompts, d, cfg.max_response_tokens, cfg.eval_temperature,
+                               seed=cfg.seed + 1, max_prompt_tokens=cfg.max_prompt_tokens)  # ppo.py's sampling seed
+    kls = samples_kl(policy, ref, samples, tok, cfg, d)
+    metrics["eval/kl"] = sum(kls) / len(kls)
+    metrics["eval/response_length"] = sum(s["length"] for s in samples) / len(samples)
+    metrics["eval/eos_fraction"] = sum(s["ended"] for s in samples) / len(samples)
+    if cfg.dataset == "default":  # the programmatic annotator can grade the samples
+        metrics["eval/gold_reward"] = sum(data.gold_reward(s["prompt"], s["response"]) for s in samples) / len(samples)
+    if d.is_main:
+        for s in samples[:cfg.num_samples_shown]:
+            gold = f" gold={data.gold_reward(s['prompt'], s['response']):.3f}" if cfg.dataset == "default" else ""
+            tqdm.write(f"  [step {step}] {s['prompt']!r} -> {s['response']!r}{'' if s['ended'] else ' (no EOS)'}{gold}")
+    policy.train()
+    return metrics
+
+
+# -----------------------------------------------------------------------------
+# The stage
+
+
+def main(argv=None):
+    cfg = parse_config(Config, argv)
+    if cfg.loss_type not in ("sigmoid", "ipo"):
+        raise SystemExit(f"--loss_type={cfg.loss_type!r}: choose sigmoid or ipo")
+    if not 0.0 <= cfg.label_smoothing < 0.5 or (cfg.label_smoothing and cfg.loss_type != "sigmoid"):
+        raise SystemExit(f"--label_smoothing={cfg.label_smoothing}: must lie in [0, 0.5), and applies to loss_type=sigmoid only")
+    if cfg.beta <= 0:
+        raise SystemExit(f"--beta={cfg.beta}: must be > 0")
+    d = init_distributed(cfg.device)
+    seed_all(cfg.seed)
+    check_writable(cfg.run_dir)
+
+    # 1. Models: the policy and the frozen reference, both the SFT checkpoint. The reference is in eval mode,
+    #    takes no gradients and, on CUDA, holds bf16 weights (runtime.load_model).
+    policy = load_model(cfg.sft, "policy", d, trainable=True, dropout=cfg.dropout)
+    ref = load_model(cfg.sft, "policy", d, trainable=False)
+    tok = data.get_tokenizer(policy.config.tokenizer)
+
+    # 2. Data: preference pairs, tokenized once; truncation counted, ties made by truncation dropped.
+    hold_out = os.path.isfile(cfg.dataset) and not cfg.eval_dataset
+    records = load_pairs(cfg.dataset, "train", None if hold_out else cfg.max_train_examples or None, cfg)
+    if hold_out:  # a file has no test split: hold out eval_examples of its pairs, chosen by the seed
+        random.Random(cfg.seed).shuffle(records)
+        eval_records, records = records[:cfg.eval_examples], records[cfg.eval_examples:]
+        records = records[:cfg.max_train_examples or None]
+    else:
+        eval_source, eval_split = (cfg.eval_dataset, "train") if cfg.eval_dataset else (cfg.dataset, "test")
+        eval_records = load_pairs(eval_source, eval_split, cfg.eval_examples, cfg)
+    stats = data.TruncationStats()
+    items = encode_pairs(records, tok, cfg, stats)
+    eval_items = encode_pairs(eval_records, tok, cfg, data.TruncationStats())
+    prompts = heldout_prompts(eval_records, cfg)
+    if len(items) < cfg.batch_size or not eval_items:
+        raise SystemExit(f"{len(items)} usable training / {len(eval_items)} held-out pairs in {cfg.dataset}; "
+                         f"need at least one batch of {cfg.batch_size} and one held-out pair")
+    if d.is_main:
+        print(f"dpo: {len(items)} train / {len(eval_items)} held-out pairs, {len(prompts)} held-out prompts; "
+              f"{stats.summary()}")
+
+    # 3. Batch arithmetic: the global batch of pairs is fixed; processes and accumulation split it.
+    per_rank = cfg.batch_size // d.world_size
+    accum = per_rank // cfg.micro_batch_size if per_rank >= cfg.micro_batch_size else 1
+    micro = per_rank // accum
+    if micro * accum * d.world_size != cfg.batch_size:
+        raise SystemExit(f"batch_size {cfg.batch_size} must be world_size {d.world_size} x accumulation x micro_batch_size {cfg.micro_batch_size}")
+    steps_per_epoch = len(items) // cfg.batch_size
+    max_steps = cfg.max_steps or steps_per_epoch
+
+    # 4. Sharding, optimizer, and the state to resume from. The reference is sharded too, so its memory is split.
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing = True
+    policy, ref = shard_model(policy, d), shard_model(ref, d)
+    optimizer = make_adamw(policy, cfg.lr, cfg.weight_decay)
+    step = 0
+    ckpt = latest_checkpoint(cfg.run_dir) if cfg.resume else None
+    if ckpt:
+        state = load_train_state(ckpt)
+        load_full_state_dict(policy, GPT.from_pretrained(os.path.join(ckpt, "policy")).state_dict())
+        load_full_optimizer_state(policy, optimizer, state["optimizers"]["policy"])
+        step = state["step"]
+        if d.is_main:
+            print(f"dpo: resumed from {ckpt} at step {step}")
+    metrics = Metrics(cfg.run_dir, d, resume_step=step if ckpt else None)
+    n_params = sum(p.numel() for p in policy.parameters())
+    peak = peak_flops(d)
+    # The policy's forward + backward, plus the reference's forward (a third of that), per token.
+    fpt = 4 / 3 * flops_per_token(n_params, policy.config.n_layer, policy.config.n_head,
+                                  policy.config.n_embd // policy.config.n_head, cfg.max_prompt_tokens + cfg.max_response_tokens)
+
+    # 5. The loop. Data order depends only on (seed, epoch), so a resumed run sees the same batches.
+    start_step, t0, tokens_seen, last_eval = step, time.time(), 0, {}
+    bar = tqdm(total=max_steps, initial=step, desc="dpo", disable=not d.is_main)
+    while step < max_steps:
+        epoch, index = divmod(step, steps_per_epoch)
+        batch_items = list(data.batches(items, per_rank, seed=cfg.seed, epoch=epoch, rank=d.rank,
+                                        world_size=d.world_size))[index]
+        lr = lr_at(step, max_steps, cfg.lr, cfg.warmup_steps, cfg.lr_schedule)
+        set_lr(optimizer, lr)
+        sums = {k: torch.zeros((), device=d.device) for k in ("loss", "chosen", "rejected", "correct", "logps_c", "logps_r")}
+        for i in range(0, per_rank, micro):
+            # One forward per model scores chosen and rejected together (rows 0..B-1 chosen, B..2B-1 rejected).
+            batch = data.collate_pairs(batch_items[i:i + micro], tok.eos_id)
+            with torch.no_grad():
+                ref_chosen, ref_rejected = pair_logps(ref, batch, d, cfg.bf16)
+            policy_chosen, policy_rejected = pair_logps(policy, batch, d, cfg.bf16)
+            losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                                                                cfg.beta, cfg.label_smoothing, cfg.loss_type)
+            # The mean over the global batch of pairs: the sum over micro-batches and ranks of sum / batch_size.
+            # FSDP averages gradients over ranks, so scale by world_size.
+            (losses.sum() * d.world_size / cfg.batch_size).backward()
+            sums["loss"] += losses.detach().sum()
+            sums["chosen"] += chosen_rewards.sum()
+            sums["rejected"] += rejected_rewards.sum()
+            sums["correct"] += (chosen_rewards > rejected_rewards).sum()
+            sums["logps_c"] += policy_chosen.detach().sum()
+            sums["logps_r"] += policy_rejected.detach().sum()
+            tokens_seen += int(batch["attention_mask"].sum())
+        grad_norm = clip_grad_norm(policy, cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+
+        if step % cfg.log_every == 0 or step == max_steps:
+            elapsed = time.time() - t0
+            tok_s = tokens_seen * d.world_size / elapsed
+            mean = {k: (all_reduce_sum(v, d) / cfg.batch_size).item() for k, v in sums.items()}
+            row = {"train/loss": mean["loss"], "rewards/chosen": mean["chosen"], "rewards/rejected": mean["rejected"],
+                   "rewards/margins": mean["chosen"] - mean["rejected"], "rewards/accuracies": mean["correct"],
+                   "logps/chosen": mean["logps_c"], "logps/rejected": mean["logps_r"], "lr": lr,
+                   "grad_norm": grad_norm.item(), "tokens_per_s": tok_s, "epoch": step / steps_per_epoch}
+            if peak:
+                row["mfu"] = fpt * tok_s / (peak * d.world_size)
+            metrics.log(step, row, echo=False)
+            bar.set_postfix(loss=f"{row['train/loss']:.3f}", acc=f"{row['rewards/accuracies']:.2f}")
+        if step % cfg.eval_every == 0 or step == max_steps:
+            last_eval = evaluate(policy, ref, tok, eval_items, prompts, cfg, d, step)
+            metrics.log(step, last_eval)
+        stopping = cfg.stop_after and step - start_step >= cfg.stop_after
+        if step % cfg.save_every == 0 or step == max_steps or stopping:
+            path = save_checkpoint(cfg.run_dir, step, {"policy": policy}, {"policy": (policy, optimizer)}, {}, cfg, d)
+            if step == max_steps:
+                publish_final(cfg.run_dir, path if d.is_main else "", d)
+        if stopping:
+            break
+    bar.close()
+    if d.is_main and step == max_steps:
+        gold = f", gold reward {last_eval['eval/gold_reward']:.3f}" if "eval/gold_reward" in last_eval else ""
+        print(f"dpo: done, {step} steps in {time.time() - t0:.0f}s; held-out accuracy "
+              f"{last_eval['eval/rewards/accuracies']:.3f}, KL to the reference {last_eval['eval/kl']:.2f}{gold}; "
+              f"policy in {cfg.run_dir}/final/policy")
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()
