@@ -64,10 +64,10 @@ class Config:
     """global batch in pairs per optimizer step, whatever the number of processes"""
     micro_batch_size: int = 64
     """pairs per forward pass per process (2x as many rows); batch_size / (world_size * micro) steps are accumulated"""
-    max_steps: int = 300
+    max_steps: int = 250
     """optimizer steps; 0 = one epoch over the data (TRL's default; the N+ DPO runs are one epoch)"""
-    lr: float = 1e-4
-    """peak learning rate (AdamW); 5e-7 to 1e-6 is usual for 1B+ models (DPO paper, N+, TRL)"""
+    lr: float = 3e-4
+    """peak learning rate (AdamW); for 1B+ models 5e-7 to 1e-6 is usual (DPO paper, N+, TRL)"""
     weight_decay: float = 0.0
     """AdamW decay on 2-D weights only (TRL's default is 0)"""
     warmup_steps: int = 20
@@ -80,7 +80,7 @@ class Config:
     """dropout in the policy (off by default, as all stages: with it, the policy differs from the reference at step 0)"""
     gradient_checkpointing: bool = False
     """recompute each block's activations in backward to save memory"""
-    eval_every: int = 100
+    eval_every: int = 50
     """steps between evaluations (held-out pairs; samples: gold reward, KL to the reference)"""
     eval_examples: int = 500
     """held-out pairs"""

@@ -148,10 +148,15 @@ def run_trl(dirs: dict, workdir: str, layout: str, adam_epsilon: float | None = 
     # TRL's local batch is per_device_train_batch_size x gradient_accumulation_steps = B; with
     # num_mini_batches=2 its micro-batch loop (stride B over a minibatch of B/2) runs once per minibatch,
     # so every minibatch is one optimizer step on B/2 sequences, as ours with micro_batch_size = B/2.
-    train = datasets.Dataset.from_dict({"input_ids": PROMPTS})
+
+    with torch.random.fork_rng(devices=[]):  # PPOTrainer calls torch.manual_seed: keep the session's RNG
+        return _train_trl(args, tok, policy, ref, reward, value, datasets.Dataset.from_dict({"input_ids": PROMPTS}),
+                          PPOTrainer, trl_ppo)
+
+
+def _train_trl(args, tok, policy, ref, reward, value, train, PPOTrainer, trl_ppo):
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
                          train_dataset=train, value_model=value)
-
     by_prompt = {tuple(p): r for p, r in zip(PROMPTS, RESPONSES)}
     cap = {"steps": [], "perms": [], "metrics": [], "gen_calls": 0}
 
@@ -202,18 +207,19 @@ def run_trl(dirs: dict, workdir: str, layout: str, adam_epsilon: float | None = 
     accelerator.backward = backward_spy
     saved = trl_ppo.batch_generation, trl_ppo.masked_whiten, np.random.permutation
     trl_ppo.batch_generation, trl_ppo.masked_whiten, np.random.permutation = fixed_generation, whiten_spy, permutation_spy
+    np_state = np.random.get_state()
+    np.random.seed(SEED)  # TRL's minibatch shuffles (recorded and replayed anyway; seeded for stable asserts)
     try:
         trainer.train()
     finally:
+        np.random.set_state(np_state)
         trl_ppo.batch_generation, trl_ppo.masked_whiten, np.random.permutation = saved
         accelerator.backward = real_backward
 
     model = accelerator.unwrap_model(trainer.model)
     cap["policy_state"] = {k: v.detach().clone() for k, v in model.policy.state_dict().items()}
     cap["value_state"] = {k: v.detach().clone() for k, v in model.value_model.state_dict().items()}
-    cap["optimizer"] = type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer)
-    cap["optimizer_defaults"] = dict(trainer.optimizer.param_groups[0])
-    cap["lr_after"] = [g["lr"] for g in trainer.optimizer.param_groups]
+    cap["adam"] = {k: v for k, v in trainer.optimizer.param_groups[0].items() if k in ("betas", "eps", "weight_decay")}
     return cap
 
 
