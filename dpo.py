@@ -215,13 +215,12 @@ def evaluate(policy, ref, tok, eval_items: list[tuple], prompts: list[str], cfg:
     """Held-out pairs: the loss and TRL's reward metrics. Held-out prompts: samples from the policy, their KL to the
     reference, length, EOS rate, and on the default task the gold reward. Every rank evaluates the same items."""
     policy.eval()
-    losses, chosen, rejected = [], [], []
+    parts = []
     for start in range(0, len(eval_items), cfg.micro_batch_size):
         batch = data.collate_pairs(eval_items[start:start + cfg.micro_batch_size], tok.eos_id)
-        loss, c, r = dpo_loss(*pair_logps(policy, batch, d, cfg.bf16), *pair_logps(ref, batch, d, cfg.bf16),
-                              cfg.beta, cfg.label_smoothing, cfg.loss_type)
-        losses.append(loss), chosen.append(c), rejected.append(r)
-    losses, chosen, rejected = torch.cat(losses), torch.cat(chosen), torch.cat(rejected)
+        parts.append(dpo_loss(*pair_logps(policy, batch, d, cfg.bf16), *pair_logps(ref, batch, d, cfg.bf16),
+                              cfg.beta, cfg.label_smoothing, cfg.loss_type))
+    losses, chosen, rejected = (torch.cat(column) for column in zip(*parts))
     metrics = {"eval/loss": losses.mean().item(), "eval/rewards/chosen": chosen.mean().item(),
                "eval/rewards/rejected": rejected.mean().item(), "eval/rewards/margins": (chosen - rejected).mean().item(),
                "eval/rewards/accuracies": (chosen > rejected).float().mean().item()}

@@ -313,6 +313,8 @@ class GPT(nn.Module):
             raise ValueError(f"{source} does not fit this model ({self.config}):\n  " + "\n  ".join(problems))
         if self.score is not None and "score.weight" not in loaded:
             self.init_weights()  # fresh head; the trunk is overwritten just below
+        if self.score is not None and "score.weight" in loaded and "score.bias" not in loaded:
+            loaded["score.bias"] = torch.zeros(1)  # HF's GPT2ForSequenceClassification head has no bias
         self.load_state_dict({k: v for k, v in loaded.items() if v is not None}, strict=False)
 
     def save_pretrained(self, directory: str):

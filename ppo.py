@@ -129,7 +129,7 @@ class Config:
     lr_schedule: str = "linear"
     """linear decay to 0 (OpenAI 2019, N+), cosine or constant"""
     warmup_steps: int = 0
-    """optimizer steps of linear warmup"""
+    """updates of linear warmup"""
     adam_eps: float = 1e-5
     """AdamW epsilon (N+: 1e-5)"""
     grad_clip: float = 1.0
@@ -185,7 +185,8 @@ PRESETS = {
         whiten_rewards=False, advantage_whitening="rollout", unbiased_variance=True, gamma=1.0, lam=0.95,
         cliprange=0.2, cliprange_value=0.2, dual_clip=0.0, vf_coef=0.1, loss_aggregation="token_mean",
         critic="reward", old_logprobs="sampling", temperature=0.7, divide_logits_by_temperature=True,
-        num_ppo_epochs=4, num_minibatches=1, lr=3e-6, lr_schedule="linear"),
+        num_ppo_epochs=4, num_minibatches=1, lr=3e-6, lr_schedule="linear",
+        grad_clip=0.0, adam_eps=1e-8),  # train() never clips (max_grad_norm unused); HF's AdamW epsilon
     "openrlhf": dict(  # openrlhf/models/loss.py, models/utils.py, cli/train_ppo_ray.py
         kl_estimator="k1", kl_location="reward", kl_clamp=10.0, adaptive_kl=False, kl_coef=0.01,
         kl_signal="token_mean", score_position="eos", missing_eos_mode="none", reward_clip=10.0,
@@ -506,7 +507,7 @@ def make_experience(policy, critic, ref, reward_model, query_response, query_mas
                 non_score_reward=non_score_reward, advantages=advantages, returns=returns)
 
 
-def ppo_update(policy, critic, trainable, optimizer, base_lrs, exp: dict, update: int, total_steps: int,
+def ppo_update(policy, critic, trainable, optimizer, base_lrs, exp: dict, update: int, num_updates: int,
                cfg: Config, d: Dist, ptx_batch=None) -> dict:
     """Step 5: num_ppo_epochs passes over the rollout in num_minibatches optimizer steps, each
     accumulated over micro-batches. Returns the mean of each statistic and all token ratios."""
@@ -516,15 +517,16 @@ def ppo_update(policy, critic, trainable, optimizer, base_lrs, exp: dict, update
     P, T_lp = exp["context_length"], cfg.temperature if cfg.divide_logits_by_temperature else 1.0
     stats = {k: [] for k in ("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "ratio", "entropy")}
     ratios = []
+    # The learning rate is annealed once per update, constant through its epochs and minibatches
+    # (OpenAI 2019, N+, TRL's scheduler step per update).
+    lr_scale = lr_at(update, num_updates, 1.0, cfg.warmup_steps, cfg.lr_schedule)
+    for group, base in zip(optimizer.param_groups, base_lrs):
+        group["lr"] = base * lr_scale
     for ppo_epoch in range(cfg.num_ppo_epochs):
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + update * 131 + ppo_epoch)
         order = torch.randperm(local_batch, generator=g).tolist()
         for mb in range(cfg.num_minibatches):
             mb_idx = order[mb * local_minibatch:(mb + 1) * local_minibatch]
-            step = (update * cfg.num_ppo_epochs + ppo_epoch) * cfg.num_minibatches + mb
-            lr_scale = lr_at(step, total_steps, 1.0, cfg.warmup_steps, cfg.lr_schedule)
-            for group, base in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = base * lr_scale
             mb_adv = exp["advantages"][mb_idx]
             if cfg.advantage_whitening == "minibatch":  # OpenAI 2019 whitens inside each minibatch
                 mb_mask = exp["action_mask"][mb_idx]
@@ -686,7 +688,6 @@ def main(argv=None):
     updates_per_epoch = len(prompt_ids) // cfg.rollout_batch_size
     if updates_per_epoch == 0:
         raise SystemExit(f"{len(prompt_ids)} prompts, fewer than one rollout batch of {cfg.rollout_batch_size}")
-    total_steps = cfg.num_updates * cfg.num_ppo_epochs * cfg.num_minibatches
 
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
     update = 0
@@ -727,7 +728,7 @@ def main(argv=None):
         t_score = time.time()
 
         # 5. PPO update: epochs x minibatches x micro-batches (gradient accumulation).
-        stats = ppo_update(policy, critic, trainable, optimizer, base_lrs, exp, update, total_steps, cfg, d,
+        stats = ppo_update(policy, critic, trainable, optimizer, base_lrs, exp, update, cfg.num_updates, cfg, d,
                            ptx_batch=(lambda n, key: ptx_batch(policy, ptx_pairs, n, key, tok, cfg, d)) if ptx_pairs else None)
         t_update = time.time()
 
