@@ -104,6 +104,11 @@ class BPETokenizer:
         self.enc = gpt2_encoding()
 
     def encode(self, text: str) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # tiktoken would silently encode each lone surrogate as U+FFFD
+            raise DataError(f"lone surrogate {text[e.start]!r} at position {e.start} of {text[:60]!r}: "
+                            f"not valid Unicode text") from None
         return self.enc.encode_ordinary(text)
 
     def decode(self, ids) -> str:
@@ -296,6 +301,12 @@ def _adapt(rec: dict, where: str) -> tuple[str, list[str] | None]:
 def _to_kind(rec: dict, kind: str, where: str) -> list[dict]:
     """Canonical records of `kind` from one raw record (several for a ranking asked as preference pairs)."""
     prompt, responses = _adapt(rec, where)
+    for text in [prompt, *(responses or [])]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON's "\ud800" escapes decode to lone surrogates, which are not text
+            raise DataError(f"{where}: lone surrogate {text[e.start]!r} at character {e.start} of {text[:60]!r} "
+                            f"(an unpaired \\u escape)") from None
     if not prompt.strip():
         raise _Skip("empty prompt")
     if kind == "prompt":
@@ -349,6 +360,8 @@ def _json_lines(path: Path, text: str):
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path} line {number}: invalid JSON: {e.msg} (column {e.colno})") from None
+        except (ValueError, RecursionError) as e:  # an integer of over 4300 digits; nesting past the recursion limit
+            raise DataError(f"{path} line {number}: JSON that Python cannot read: {e}") from None
         if not isinstance(rec, dict):
             raise DataError(f"{path} line {number}: expected a JSON object, got {type(rec).__name__}")
         yield f"{path} line {number}", rec
@@ -368,6 +381,8 @@ def _read_file(path: Path):
         if e.msg == "Extra data":  # more than one JSON value: JSON lines
             return list(_json_lines(path, text))
         raise DataError(f"{path} line {e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+    except (ValueError, RecursionError) as e:  # see _json_lines
+        raise DataError(f"{path}: JSON that Python cannot read: {e}") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of records (or one JSON object per line)")
     for i, rec in enumerate(data, 1):

@@ -33,10 +33,10 @@ from tqdm import tqdm
 import data
 from evaluate import reward_scores, sample_responses, score_samples
 from model import GPT, generate, token_logprobs
-from runtime import (Dist, Metrics, all_reduce_mean, all_reduce_sum, autocast, check_writable, init_distributed,
-                     latest_checkpoint, load_full_optimizer_state, load_full_state_dict, load_model, load_train_state,
-                     lr_at, parse_config, publish_final, save_checkpoint, seed_all, shard_model,
-                     shutdown_distributed, unsharded)
+from runtime import (Dist, Metrics, all_reduce_mean, all_reduce_sum, autocast, check_nonfinite_streak, check_writable,
+                     clip_grad_norm, init_distributed, latest_checkpoint, load_full_optimizer_state,
+                     load_full_state_dict, load_model, load_train_state, lr_at, parse_config, publish_final,
+                     save_checkpoint, seed_all, shard_model, shutdown_distributed, step_if_finite, unsharded)
 
 
 @dataclass
@@ -134,6 +134,8 @@ class Config:
     """AdamW epsilon (N+: 1e-5)"""
     grad_clip: float = 1.0
     """max gradient norm over policy and critic together (0 = off)"""
+    max_nonfinite_steps: int = 3
+    """an optimizer step whose loss or gradient is inf/NaN is skipped; this many updates in a row with every step skipped stop the run (0 = never)"""
     ptx_coef: float = 0.0
     """PPO-ptx (InstructGPT): add ptx_coef x SFT loss on demonstrations, against the alignment tax"""
     ptx_dataset: str = "default"
@@ -476,6 +478,11 @@ def make_experience(policy, critic, ref, reward_model, query_response, query_mas
     # 2. Score with the frozen reward model; responses without EOS get the penalty.
     with offloaded(reward_model, cfg, d), autocast(d, cfg.bf16):
         scores = reward_scores(reward_model, query_response, attention_mask, P + eos_index)
+    # A non-finite score (a diverged reward model, a bf16 overflow) would reach every advantage of the rollout
+    # through whitening, then every weight of the policy: those responses take no part in the update (counted).
+    nonfinite = ~torch.isfinite(scores)
+    scores = scores.masked_fill(nonfinite, 0.0)
+    action_mask, value_mask = action_mask & ~nonfinite[:, None], value_mask & ~nonfinite[:, None]
     scores = apply_missing_eos_penalty(scores, ended, cfg.missing_eos_penalty, cfg.missing_eos_mode)
     if cfg.reward_clip > 0:
         scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
@@ -504,7 +511,8 @@ def make_experience(policy, critic, ref, reward_model, query_response, query_mas
     return dict(query_response=query_response, attention_mask=attention_mask, context_length=P,
                 action_mask=action_mask, value_mask=value_mask, ended=ended, scores=scores, logp=logp,
                 recomputed_logp=recomputed_logp * action_mask, ref_logp=ref_logp, values=values, rewards=rewards,
-                non_score_reward=non_score_reward, advantages=advantages, returns=returns)
+                non_score_reward=non_score_reward, advantages=advantages, returns=returns,
+                nonfinite_scores=nonfinite.sum())
 
 
 def ppo_update(policy, critic, trainable, optimizer, base_lrs, exp: dict, update: int, num_updates: int,
@@ -516,7 +524,7 @@ def ppo_update(policy, critic, trainable, optimizer, base_lrs, exp: dict, update
     micro = min(cfg.micro_batch_size, local_minibatch)
     P, T_lp = exp["context_length"], cfg.temperature if cfg.divide_logits_by_temperature else 1.0
     stats = {k: [] for k in ("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "ratio", "entropy")}
-    ratios = []
+    ratios, skipped_steps = [], 0
     # The learning rate is annealed once per update, constant through its epochs and minibatches
     # (OpenAI 2019, N+, TRL's scheduler step per update).
     lr_scale = lr_at(update, num_updates, 1.0, cfg.warmup_steps, cfg.lr_schedule)
@@ -561,11 +569,10 @@ def ppo_update(policy, critic, trainable, optimizer, base_lrs, exp: dict, update
                                    ("ratio", pg_stats["ratio"]), ("entropy", entropy)):
                     stats[key].append(value.detach().float())
                 ratios.append(torch.exp(new_logp - exp["logp"][idx]).detach()[a_mask])
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(trainable.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = clip_grad_norm(trainable, cfg.grad_clip)  # grad_clip 0: the norm only
+            skipped_steps += not step_if_finite(optimizer, loss, grad_norm, d)
     out = {k: torch.stack(v).mean() for k, v in stats.items()}
+    out["skipped_steps"], out["optimizer_steps"] = skipped_steps, cfg.num_ppo_epochs * cfg.num_minibatches
     out["ratios"] = torch.cat(ratios)
     out["first_ratio"] = stats["ratio"][0]
     return out
@@ -701,7 +708,7 @@ def main(argv=None):
         if d.is_main:
             print(f"ppo: resumed from {ckpt} at update {update}")
     metrics_log = Metrics(cfg.run_dir, d, resume_step=update if ckpt else None)
-    start_update = update
+    start_update, bad_streak = update, 0
     bar = tqdm(total=cfg.num_updates, initial=update, desc="ppo", disable=not d.is_main)
 
     while update < cfg.num_updates:
@@ -758,15 +765,19 @@ def main(argv=None):
                 "episode": (update + 1) * cfg.rollout_batch_size,
                 "time/rollout": t_rollout - t_start, "time/score": t_score - t_rollout, "time/update": t_update - t_score,
                 "time/tokens_per_s": float(action_mask.sum()) * d.world_size / (t_update - t_start),
+                "val/nonfinite_scores": all_reduce_sum(exp["nonfinite_scores"].float(), d),
+                "policy/skipped_steps": stats["skipped_steps"],
             }
         if cfg.adaptive_kl:
             signal = mean_kl if cfg.kl_signal == "sequence_sum" else token_kl
             kl_ctl.update(float(signal), cfg.rollout_batch_size)
         update += 1
         bar.update(1)
+        bad_streak = bad_streak + 1 if stats["skipped_steps"] == stats["optimizer_steps"] else 0
         if update % cfg.log_every == 0 or update == cfg.num_updates:
             metrics_log.log(update, row, echo=False)
             bar.set_postfix(score=f"{float(row['objective/scores']):.3f}", kl=f"{float(row['objective/kl']):.2f}")
+        check_nonfinite_streak(bad_streak, cfg.max_nonfinite_steps, update, cfg.run_dir)  # before saving this state
         if update % cfg.eval_every == 0 or update == cfg.num_updates:
             metrics_log.log(update, evaluate(policy, ref, reward_model, tok, eval_prompts, cfg, d, update))
         stopping = cfg.stop_after and update - start_update >= cfg.stop_after

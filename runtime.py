@@ -283,6 +283,27 @@ def clip_grad_norm(model, max_norm: float) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
+def step_if_finite(optimizer, loss: torch.Tensor, grad_norm: torch.Tensor, d: Dist) -> bool:
+    """optimizer.step() unless the loss or the global gradient norm is inf/NaN on any rank; the gradients are
+    dropped either way. Returns whether it stepped. One NaN that reaches AdamW poisons the weights and both
+    moments for good, while skipping one batch costs little (Megatron-LM and fairseq skip such steps too).
+    Every rank takes the same decision, so sharded ranks never diverge."""
+    bad = (~torch.isfinite(loss.detach().float())).any() | (~torch.isfinite(grad_norm.detach().float())).any()
+    finite = all_reduce_sum(bad.float(), d).item() == 0
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return finite
+
+
+def check_nonfinite_streak(streak: int, max_streak: int, step: int, run_dir: str):
+    """Stop the run, naming the checkpoint to go back to, after max_streak skipped steps in a row (0 = never)."""
+    if max_streak > 0 and streak >= max_streak:
+        raise SystemExit(f"stopping at step {step}: the loss or the gradients were non-finite for {streak} "
+                         f"consecutive steps, each skipped. The last good checkpoint is "
+                         f"{latest_checkpoint(run_dir) or '(none yet)'}: lower --lr or check the data, then --resume")
+
+
 # Peak dense bf16 tensor FLOP/s per device; unknown devices give no MFU rather than a wrong one.
 PEAK_BF16_FLOPS = {"H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H200": 989e12,
                    "A100": 312e12, "L4": 121e12, "A10G": 125e12}
@@ -323,8 +344,17 @@ def full_state_dict(model) -> dict:
 
 
 def load_full_state_dict(model, state: dict):
-    """Load whole (unsharded) weights into a model, sharded or not."""
+    """Load whole (unsharded) weights into a model, sharded or not. Every key must be there with its shape:
+    set_model_state_dict(strict=False) alone would silently keep layers the checkpoint lacks and drop those
+    the model lacks (a resume under another --model_size or --init_from)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}  # a DTensor's shape is the global one
+    theirs = {k: tuple(v.shape) for k, v in state.items()}
+    problems = ([f"missing key {k} {s}" for k, s in ours.items() if k not in theirs]
+                + [f"unexpected key {k} {s}" for k, s in theirs.items() if k not in ours]
+                + [f"{k}: checkpoint {theirs[k]} vs model {s}" for k, s in ours.items() if k in theirs and theirs[k] != s])
+    if problems:
+        raise ValueError("checkpoint does not fit this model:\n  " + "\n  ".join(problems))
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
@@ -419,7 +449,11 @@ def publish_final(run_dir: str, ckpt: str, d: Dist):
     if d.is_main:
         final, tmp, old = (os.path.join(run_dir, n) for n in ("final", "final.tmp", "final.old"))
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(ckpt, tmp, ignore=shutil.ignore_patterns("train_state.pt"))
+        try:
+            shutil.copytree(ckpt, tmp, ignore=shutil.ignore_patterns("train_state.pt"))
+        except OSError as e:  # shutil.Error (one per file that failed) is an OSError too
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise SystemExit(f"could not write {final}: {e}; checkpoint {ckpt} is complete: copy its models from there")
         if os.path.exists(final):
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
@@ -444,7 +478,7 @@ class Metrics:
             os.remove(self.path)
         if self.main and resume_step is not None and os.path.exists(self.path):
             with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                kept = [line for line in f if (step := _row_step(line)) is not None and step <= resume_step]
             _write_text_atomic(self.path, "".join(kept))
 
     def log(self, step: int, metrics: dict, echo: bool = True):
@@ -457,6 +491,15 @@ class Metrics:
             from tqdm import tqdm
             shown = " ".join(f"{k}={_fmt(v)}" for k, v in clean.items())
             tqdm.write(f"step {step}: {shown}")
+
+
+def _row_step(line: str) -> int | None:
+    """The step of one metrics.jsonl line; None for a blank line or a torn one (a kill during its append: rows
+    are written before the checkpoint of their step, so a torn row is always past the one we resume from)."""
+    try:
+        return json.loads(line).get("step", 0) if line.endswith("\n") else None
+    except json.JSONDecodeError:
+        return None
 
 
 def _fmt(v):

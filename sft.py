@@ -20,10 +20,10 @@ from tqdm import tqdm
 import data
 from evaluate import sample_responses
 from model import GPT, config_for
-from runtime import (Dist, Metrics, all_reduce_sum, autocast, check_writable, clip_grad_norm, flops_per_token,
-                     init_distributed, latest_checkpoint, load_full_optimizer_state, load_model, load_train_state,
-                     lr_at, make_adamw, parse_config, peak_flops, publish_final, save_checkpoint, seed_all, set_lr,
-                     shard_model, shutdown_distributed)
+from runtime import (Dist, Metrics, all_reduce_sum, autocast, check_nonfinite_streak, check_writable, clip_grad_norm,
+                     flops_per_token, init_distributed, latest_checkpoint, load_full_optimizer_state, load_model,
+                     load_train_state, lr_at, make_adamw, parse_config, peak_flops, publish_final, save_checkpoint,
+                     seed_all, set_lr, shard_model, shutdown_distributed, step_if_finite)
 
 
 @dataclass
@@ -64,6 +64,8 @@ class Config:
     """cosine, linear or constant after warmup"""
     grad_clip: float = 1.0
     """max global gradient norm (0 = no clipping)"""
+    max_nonfinite_steps: int = 3
+    """a step whose loss or gradient is inf/NaN is skipped (no update) and counted; this many in a row stop the run (0 = never stop)"""
     dropout: float = 0.0
     """dropout in the model (off by default, as all stages)"""
     gradient_checkpointing: bool = False
@@ -186,7 +188,7 @@ def main(argv=None):
         model.gradient_checkpointing = True
     model = shard_model(model, d)
     optimizer = make_adamw(model, cfg.lr, cfg.weight_decay)
-    step = 0
+    step, skipped_steps, bad_streak = 0, 0, 0
     ckpt = latest_checkpoint(cfg.run_dir) if cfg.resume else None
     if ckpt:
         from runtime import load_full_state_dict
@@ -194,7 +196,7 @@ def main(argv=None):
         resumed = GPT.from_pretrained(os.path.join(ckpt, "policy"))
         load_full_state_dict(model, resumed.state_dict())
         load_full_optimizer_state(model, optimizer, state["optimizers"]["policy"])
-        step = state["step"]
+        step, skipped_steps = state["step"], state["state"].get("skipped_steps", 0)
         if d.is_main:
             print(f"sft: resumed from {ckpt} at step {step}")
     metrics = Metrics(cfg.run_dir, d, resume_step=step if ckpt else None)
@@ -227,25 +229,30 @@ def main(argv=None):
             loss_sum += token_loss.detach()
             tokens_seen += int(batch["attention_mask"].sum())
         grad_norm = clip_grad_norm(model, cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        stepped = step_if_finite(optimizer, loss_sum, grad_norm, d)
+        skipped_steps, bad_streak = skipped_steps + (not stepped), 0 if stepped else bad_streak + 1
         step += 1
         bar.update(1)
+        if not stepped and d.is_main:
+            tqdm.write(f"step {step}: non-finite loss or gradient norm; update skipped ({bad_streak} in a row)")
 
         if step % cfg.log_every == 0 or step == max_steps:
             elapsed = time.time() - t0
             tok_s = tokens_seen * d.world_size / elapsed
             row = {"train/loss": (all_reduce_sum(loss_sum, d) / n_tokens).item(), "lr": lr,
-                   "grad_norm": grad_norm.item(), "tokens_per_s": tok_s, "epoch": step / steps_per_epoch}
+                   "grad_norm": grad_norm.item(), "tokens_per_s": tok_s, "epoch": step / steps_per_epoch,
+                   "train/skipped_steps": skipped_steps}
             if peak:
                 row["mfu"] = fpt * tok_s / (peak * d.world_size)
             metrics.log(step, row, echo=False)
             bar.set_postfix(loss=f"{row['train/loss']:.3f}")
+        check_nonfinite_streak(bad_streak, cfg.max_nonfinite_steps, step, cfg.run_dir)  # before saving this state
         if step % cfg.eval_every == 0 or step == max_steps:
             metrics.log(step, evaluate(model, tok, eval_pairs, eval_records, cfg, d, step))
         stopping = cfg.stop_after and step - start_step >= cfg.stop_after
         if step % cfg.save_every == 0 or step == max_steps or stopping:
-            path = save_checkpoint(cfg.run_dir, step, {"policy": model}, {"policy": (model, optimizer)}, {}, cfg, d)
+            path = save_checkpoint(cfg.run_dir, step, {"policy": model}, {"policy": (model, optimizer)},
+                                   {"skipped_steps": skipped_steps}, cfg, d)
             if step == max_steps:
                 publish_final(cfg.run_dir, path if d.is_main else "", d)
         if stopping:

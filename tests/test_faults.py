@@ -312,8 +312,11 @@ def test_torchrun_restarts_a_killed_worker_which_resumes(tmp_path, reference_run
     # finds ckpt_000002 on its own. Rank 1 kills itself after 3 steps (between checkpoints 2 and 4).
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
            wrapper(tmp_path), *argv(run_dir, resume=True)]
-    proc = subprocess.run(cmd, cwd=REPO, env=fault_env(FAULT_KILL_STEP=3, FAULT_KILL_RANK=1, FAULT_MARKER=marker),
-                          capture_output=True, text=True, timeout=400)
+    # By default torchrun's agent shares its TCPStore with the workers, and the restarted gloo group then reads
+    # the dead round's addresses from it: "Gloo connectFullMesh failed ... Connection refused", or a hang
+    # (pytorch/pytorch#135712; still so in torch 2.13). Opting out is the documented workaround.
+    env = fault_env(FAULT_KILL_STEP=3, FAULT_KILL_RANK=1, FAULT_MARKER=marker, TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
     assert marker.exists(), "the worker never killed itself: nothing was tested"
@@ -327,8 +330,6 @@ def test_torchrun_restarts_a_killed_worker_which_resumes(tmp_path, reference_run
     assert assert_loadable(str(run_dir / "ckpt_000008"))["step"] == 8
 
 
-@pytest.mark.xfail(strict=True, reason="needs runtime.Metrics to drop a torn last line of metrics.jsonl on resume "
-                   "(json.loads raises JSONDecodeError on it today)")
 def test_resume_after_a_kill_in_the_middle_of_a_metrics_line(tmp_path):
     small = dict(max_steps=4, max_train_examples=32, eval_every=1000)
     straight, run_dir = tmp_path / "straight", tmp_path / "run"
@@ -362,8 +363,6 @@ def nan_on_calls(fn, bad, value=float("nan")):
 NONFINITE_ARGS = dict(micro_batch_size=8, max_steps=6, eval_every=1000)  # one sft_loss call per step: call i = step i + 1
 
 
-@pytest.mark.xfail(strict=True, reason="needs the non-finite guard: runtime.step_if_finite + check_nonfinite_streak, "
-                   "called by sft.main, which logs train/skipped_steps (and sft.Config.max_nonfinite_steps)")
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
 def test_sft_skips_a_nonfinite_step(tmp_path, monkeypatch, value):
     monkeypatch.setattr(sft, "sft_loss", nan_on_calls(sft.sft_loss, lambda i: i == 2, value))  # step 3
@@ -379,8 +378,6 @@ def test_sft_skips_a_nonfinite_step(tmp_path, monkeypatch, value):
     assert skipped == {1: 0, 2: 0, 3: 1, 4: 1, 5: 1, 6: 1}
 
 
-@pytest.mark.xfail(strict=True, reason="needs the non-finite guard: runtime.step_if_finite + check_nonfinite_streak, "
-                   "called by sft.main (and sft.Config.max_nonfinite_steps)")
 def test_sft_stops_after_k_nonfinite_steps_in_a_row_keeping_the_last_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(sft, "sft_loss", nan_on_calls(sft.sft_loss, lambda i: i >= 2))  # steps 3, 4, 5, ...
     run_dir = tmp_path / "run"
@@ -423,8 +420,6 @@ def test_reward_model_skips_a_nonfinite_step(tmp_path, monkeypatch):
     assert skipped == {1: 0, 2: 1, 3: 1, 4: 1}
 
 
-@pytest.mark.xfail(strict=True, reason="needs ppo.make_experience to drop responses whose score is non-finite "
-                   "(masks cleared, score zeroed, counted) and ppo_update to skip a non-finite step")
 def test_ppo_nan_reward_does_not_poison_the_policy(monkeypatch):
     tok = data.get_tokenizer("char")
     cfg = ppo.Config(critic="shared", device="cpu", rollout_batch_size=8, micro_batch_size=8, num_ppo_epochs=2,
@@ -515,8 +510,6 @@ def test_full_disk_during_a_save_names_the_path_and_keeps_the_previous_checkpoin
     assert not (run_dir / "final").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="needs runtime.publish_final to turn an OSError into a SystemExit naming "
-                   "run_dir/final and to remove final.tmp")
 def test_full_disk_while_publishing_final(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     real_copytree, copied = shutil.copytree, []
@@ -526,7 +519,10 @@ def test_full_disk_while_publishing_final(tmp_path, monkeypatch):
             enospc()
         copied.append(shutil.copy2(src, dst, **kwargs))
 
-    monkeypatch.setattr(shutil, "copytree", lambda src, dst, **kw: real_copytree(src, dst, copy_function=copy_then_fail, **kw))
+    def copytree(src, dst, *args, **kwargs):  # the recursive calls for subdirectories pass copy_function on
+        return real_copytree(src, dst, *args, **kwargs) if args else real_copytree(src, dst, copy_function=copy_then_fail, **kwargs)
+
+    monkeypatch.setattr(shutil, "copytree", copytree)
     with pytest.raises(SystemExit) as err:
         run_sft(str(run_dir), max_steps=2, eval_every=1000)
     assert str(run_dir / "final") in str(err.value) and "No space left on device" in str(err.value)
@@ -567,8 +563,6 @@ def test_resuming_with_another_model_size_names_keys_and_shapes(tmp_path, tiny_r
     assert "transformer.wte.weight" in message and "(28, 32)" in message and "(28, 128)" in message, message
 
 
-@pytest.mark.xfail(strict=True, reason="needs runtime.load_full_state_dict to check keys and shapes: "
-                   "set_model_state_dict(strict=False) silently ignores missing and unexpected layers")
 def test_resuming_a_checkpoint_with_another_layer_count_names_the_keys(tiny_run):
     ckpt = GPT.from_pretrained(str(tiny_run / "ckpt_000002" / "policy"))  # 2 layers of 32
     deeper = GPT(config_for("tiny", vocab_size=ckpt.config.vocab_size, n_layer=3, tokenizer="char"))
