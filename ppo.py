@@ -683,9 +683,12 @@ def main(argv=None):
     if cfg.offload_frozen:
         ref.to("cpu"), reward_model.to("cpu")
 
-    prompts = [r["prompt"] for r in data.load_records(cfg.dataset, "prompt", split="train", seed=cfg.seed)]
-    eval_prompts = [r["prompt"] for r in data.load_records(cfg.dataset, "prompt", split="test",
-                                                            max_records=cfg.eval_prompts, seed=cfg.seed)]
+    try:
+        prompts = [r["prompt"] for r in data.load_records(cfg.dataset, "prompt", split="train", seed=cfg.seed)]
+        eval_prompts = [r["prompt"] for r in data.load_records(cfg.dataset, "prompt", split="test",
+                                                                max_records=cfg.eval_prompts, seed=cfg.seed)]
+    except data.DataError as e:
+        raise SystemExit(f"ppo: {e}")
     prompt_ids = [tok.encode(p)[-cfg.max_prompt_tokens:] for p in prompts]
     ptx_pairs = []
     if cfg.ptx_coef > 0:
