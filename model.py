@@ -253,7 +253,7 @@ class GPT(nn.Module):
 
         if head == "lm":
             return self.lm_head(x)
-        scalars = self.score(x).squeeze(-1)  # (B, T)
+        scalars = self.score(x).squeeze(-1).clone()  # (B, T); a copy, not a view (FSDP2 warns on views)
         return scalars if head == "score" else (self.lm_head(x), scalars)
 
     # -------------------------------------------------------------------------
@@ -311,8 +311,10 @@ class GPT(nn.Module):
         problems += [f"missing key {k} {tuple(ours[k].shape)}" for k in missing]
         if problems:
             raise ValueError(f"{source} does not fit this model ({self.config}):\n  " + "\n  ".join(problems))
-        if self.score is not None and "score.weight" not in loaded:
-            self.init_weights()  # fresh head; the trunk is overwritten just below
+        if self.score is not None and "score.weight" not in loaded:  # a fresh head, as init_weights draws it
+            with torch.no_grad():
+                self.score.weight.normal_(0.0, 1 / math.sqrt(self.config.n_embd + 1))
+                self.score.bias.zero_()
         if self.score is not None and "score.weight" in loaded and "score.bias" not in loaded:
             loaded["score.bias"] = torch.zeros(1)  # HF's GPT2ForSequenceClassification head has no bias
         self.load_state_dict({k: v for k, v in loaded.items() if v is not None}, strict=False)

@@ -10,7 +10,7 @@ config make it mean 0 (and, with --normalize_gain, std 1) on responses sampled f
 (OpenAI 2019 `train_reward.py`) or on the SFT dataset's reference responses (N+ `reward.py`); ppo.py
 applies them (`reward_scores`). The output, run_dir/final/reward/, is what ppo.py --reward_model loads.
 
-    python reward_model.py --sft=runs/sft/final     # the built-in default task, CPU, about 1.5 minutes
+    python reward_model.py --sft=runs/sft/final     # the built-in default task: ~1 min on 2 CPU cores, gold accuracy ~0.8
     python reward_model.py --sft=runs/sft/final --data_format=ranked --k=4    # K-wise rankings
     python reward_model.py --sft=runs/sft_hh/final --dataset=Anthropic/hh-rlhf:harmless-base \\
         --max_prompt_tokens=384 --max_response_tokens=128 --lr=1e-5 --max_steps=0
@@ -29,10 +29,10 @@ from tqdm import tqdm
 import data
 from evaluate import sample_responses
 from model import GPT
-from runtime import (Dist, Metrics, all_reduce_sum, autocast, check_writable, clip_grad_norm, flops_per_token,
-                     init_distributed, latest_checkpoint, load_full_optimizer_state, load_full_state_dict, load_model,
-                     load_train_state, lr_at, make_adamw, parse_config, peak_flops, publish_final, save_checkpoint,
-                     seed_all, set_lr, shard_model, shutdown_distributed)
+from runtime import (Dist, Metrics, all_reduce_sum, autocast, check_nonfinite_streak, check_writable, clip_grad_norm,
+                     flops_per_token, init_distributed, latest_checkpoint, load_full_optimizer_state,
+                     load_full_state_dict, load_model, load_train_state, lr_at, make_adamw, parse_config, peak_flops,
+                     publish_final, save_checkpoint, seed_all, set_lr, shard_model, shutdown_distributed, step_if_finite)
 
 
 @dataclass
@@ -57,13 +57,13 @@ class Config:
     """responses (with EOS) longer than this are cut from the right (counted); pairs that become identical are dropped"""
     margin: float = 0.0
     """Bradley-Terry margin: loss -log sigmoid(r_w - r_l - margin) (Llama 2; TRL's margin column), preference only"""
-    batch_size: int = 64
+    batch_size: int = 32
     """global batch in comparisons (pairs, or rankings) per optimizer step, whatever the number of processes"""
-    micro_batch_size: int = 64
+    micro_batch_size: int = 32
     """comparisons per forward pass per process; batch_size / (world_size * micro) steps are accumulated"""
-    max_steps: int = 250
+    max_steps: int = 300
     """optimizer steps; 0 = one epoch over the data (OpenAI 2019 and N+ train reward models for one epoch)"""
-    lr: float = 3e-4
+    lr: float = 5e-4
     """peak learning rate (AdamW); N+ uses 3e-6 and OpenAI 2019 5e-5 for GPT-2/Pythia-size models"""
     weight_decay: float = 0.0
     """AdamW decay on 2-D weights only"""
@@ -73,11 +73,13 @@ class Config:
     """cosine, linear or constant after warmup (OpenAI 2019 and N+ anneal linearly to 0)"""
     grad_clip: float = 1.0
     """max global gradient norm (0 = no clipping)"""
+    max_nonfinite_steps: int = 3
+    """a step whose loss or gradient is inf/NaN is skipped (no update) and counted; this many in a row stop the run (0 = never stop)"""
     dropout: float = 0.0
     """dropout in the model (off by default, as all stages)"""
     gradient_checkpointing: bool = False
     """recompute each block's activations in backward to save memory"""
-    eval_every: int = 50
+    eval_every: int = 100
     """steps between evaluations (held-out accuracy and margin; gold accuracy and correlation on the default task)"""
     eval_examples: int = 500
     """held-out comparisons"""
@@ -276,7 +278,8 @@ def evaluate(model, items: list[dict], pad_id: int, cfg: Config, d: Dist) -> dic
 def normalization_set(cfg: Config, tok, d: Dist) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, response ids) whose rewards the normalization centers: responses sampled from the SFT
     policy on training prompts, which is what PPO scores at its start (OpenAI 2019), or the SFT dataset's
-    reference responses (N+). Prompts and responses are cut as in training; samples are seeded."""
+    reference responses (N+). Prompts and responses are cut as in training (samples are max_response_tokens
+    long at most, ppo.py's response_length by default); samples are seeded."""
     n = cfg.normalize_examples
     if cfg.normalize_on == "references":
         stats = data.TruncationStats()
@@ -331,19 +334,22 @@ def main(argv=None):
 
     # 2. Data: comparisons, tokenized once; truncation counted, ties made by truncation dropped.
     hold_out = os.path.isfile(cfg.dataset) and not cfg.eval_dataset
-    records = load_comparisons(cfg.dataset, "train", None if hold_out else cfg.max_train_examples or None, cfg)
-    if hold_out:  # a file has no test split: hold out eval_examples of its comparisons, chosen by the seed
-        random.Random(cfg.seed).shuffle(records)
-        eval_records, records = records[:cfg.eval_examples], records[cfg.eval_examples:]
-        records = records[:cfg.max_train_examples or None]
-    else:
-        eval_source, eval_split = (cfg.eval_dataset, "train") if cfg.eval_dataset else (cfg.dataset, "test")
-        eval_records = load_comparisons(eval_source, eval_split, cfg.eval_examples, cfg)
-    stats = data.TruncationStats()
-    items = encode_comparisons(records, tok, cfg, stats)
-    eval_items = encode_comparisons(eval_records, tok, cfg, data.TruncationStats())
+    try:
+        records = load_comparisons(cfg.dataset, "train", None if hold_out else cfg.max_train_examples or None, cfg)
+        if hold_out:  # a file has no test split: hold out eval_examples of its comparisons, chosen by the seed
+            random.Random(cfg.seed).shuffle(records)
+            eval_records, records = records[:cfg.eval_examples], records[cfg.eval_examples:]
+            records = records[:cfg.max_train_examples or None]
+        else:
+            eval_source, eval_split = (cfg.eval_dataset, "train") if cfg.eval_dataset else (cfg.dataset, "test")
+            eval_records = load_comparisons(eval_source, eval_split, cfg.eval_examples, cfg)
+        stats = data.TruncationStats()
+        items = encode_comparisons(records, tok, cfg, stats)
+        eval_items = encode_comparisons(eval_records, tok, cfg, data.TruncationStats())
+    except data.DataError as e:
+        raise SystemExit(f"rm: {e}")
     if len(items) < cfg.batch_size or not eval_items:
-        raise SystemExit(f"{len(items)} usable training / {len(eval_items)} held-out comparisons in {cfg.dataset}; "
+        raise SystemExit(f"rm: {len(items)} usable training / {len(eval_items)} held-out comparisons in {cfg.dataset}; "
                          f"need at least one batch of {cfg.batch_size} and one held-out comparison")
     K = max(len(item["responses"]) for item in items)
     # Drawn now (seeded, so a resumed run draws the same), scored after training: a missing SFT checkpoint
@@ -355,10 +361,9 @@ def main(argv=None):
 
     # 3. Batch arithmetic: the global batch of comparisons is fixed; processes and accumulation split it.
     per_rank = cfg.batch_size // d.world_size
-    accum = per_rank // cfg.micro_batch_size if per_rank >= cfg.micro_batch_size else 1
-    micro = per_rank // accum
-    if micro * accum * d.world_size != cfg.batch_size:
-        raise SystemExit(f"batch_size {cfg.batch_size} must be world_size {d.world_size} x accumulation x micro_batch_size {cfg.micro_batch_size}")
+    micro = min(cfg.micro_batch_size, per_rank)
+    if per_rank * d.world_size != cfg.batch_size or per_rank % micro:
+        raise SystemExit(f"batch_size {cfg.batch_size} must be world_size {d.world_size} x accumulation steps x micro_batch_size {micro}")
     steps_per_epoch = len(items) // cfg.batch_size
     max_steps = cfg.max_steps or steps_per_epoch
 
@@ -367,13 +372,13 @@ def main(argv=None):
         model.gradient_checkpointing = True
     model = shard_model(model, d)
     optimizer = make_adamw(model, cfg.lr, cfg.weight_decay)
-    step = 0
+    step, skipped_steps, bad_streak = 0, 0, 0
     ckpt = latest_checkpoint(cfg.run_dir) if cfg.resume else None
     if ckpt:
         state = load_train_state(ckpt)
         load_full_state_dict(model, GPT.from_pretrained(os.path.join(ckpt, "reward")).state_dict())
         load_full_optimizer_state(model, optimizer, state["optimizers"]["reward"])
-        step = state["step"]
+        step, skipped_steps = state["step"], state["state"].get("skipped_steps", 0)
         if d.is_main:
             print(f"rm: resumed from {ckpt} at step {step}")
     metrics = Metrics(cfg.run_dir, d, resume_step=step if ckpt else None)
@@ -408,10 +413,12 @@ def main(argv=None):
             margin_sum += diffs.sum()
             tokens_seen += int(batch["attention_mask"].sum())
         grad_norm = clip_grad_norm(model, cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        stepped = step_if_finite(optimizer, loss_sum, grad_norm, d)
+        skipped_steps, bad_streak = skipped_steps + (not stepped), 0 if stepped else bad_streak + 1
         step += 1
         bar.update(1)
+        if not stepped and d.is_main:
+            tqdm.write(f"step {step}: non-finite loss or gradient norm; update skipped ({bad_streak} in a row)")
 
         if step % cfg.log_every == 0 or step == max_steps:
             elapsed = time.time() - t0
@@ -420,11 +427,13 @@ def main(argv=None):
             row = {"train/loss": (all_reduce_sum(loss_sum, d) / cfg.batch_size).item(),
                    "train/accuracy": (all_reduce_sum(correct, d) / n_pairs).item(),
                    "train/margin": (all_reduce_sum(margin_sum, d) / n_pairs).item(), "lr": lr,
-                   "grad_norm": grad_norm.item(), "tokens_per_s": tok_s, "epoch": step / steps_per_epoch}
+                   "grad_norm": grad_norm.item(), "tokens_per_s": tok_s, "epoch": step / steps_per_epoch,
+                   "train/skipped_steps": skipped_steps}
             if peak:
                 row["mfu"] = fpt * tok_s / (peak * d.world_size)
             metrics.log(step, row, echo=False)
             bar.set_postfix(loss=f"{row['train/loss']:.3f}", acc=f"{row['train/accuracy']:.2f}")
+        check_nonfinite_streak(bad_streak, cfg.max_nonfinite_steps, step, cfg.run_dir)  # before saving this state
         if step % cfg.eval_every == 0 or step == max_steps:
             last_eval = evaluate(model, eval_items, tok.eos_id, cfg, d)
             metrics.log(step, last_eval)
@@ -437,15 +446,16 @@ def main(argv=None):
                                "normalize/gain": gain, "normalize/bias": bias})
         stopping = cfg.stop_after and step - start_step >= cfg.stop_after
         if step % cfg.save_every == 0 or step == max_steps or stopping:
-            path = save_checkpoint(cfg.run_dir, step, {"reward": model}, {"reward": (model, optimizer)}, {}, cfg, d)
+            path = save_checkpoint(cfg.run_dir, step, {"reward": model}, {"reward": (model, optimizer)},
+                                   {"skipped_steps": skipped_steps}, cfg, d)
             if step == max_steps:
                 publish_final(cfg.run_dir, path if d.is_main else "", d)
         if stopping:
             break
     bar.close()
-    if d.is_main and step == max_steps:
+    if d.is_main and step == max_steps and last_eval:
         gold = f", gold accuracy {last_eval['eval/accuracy_gold']:.3f}" if "eval/accuracy_gold" in last_eval else ""
-        print(f"rm: done, {step} steps in {time.time() - t0:.0f}s; held-out accuracy {last_eval.get('eval/accuracy', float('nan')):.3f}"
+        print(f"rm: done, {step} steps in {time.time() - t0:.0f}s; held-out accuracy {last_eval['eval/accuracy']:.3f}"
               f"{gold}; reward = {model.config.reward_gain:.4g} * raw + {model.config.reward_bias:.4g}; "
               f"reward model in {cfg.run_dir}/final/reward")
     shutdown_distributed()

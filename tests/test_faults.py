@@ -403,8 +403,6 @@ def tiny_sft_dir(path: Path) -> str:
     return str(path)
 
 
-@pytest.mark.xfail(strict=True, reason="needs the non-finite guard (runtime.step_if_finite) in reward_model.main, "
-                   "which logs train/skipped_steps")
 def test_reward_model_skips_a_nonfinite_step(tmp_path, monkeypatch):
     monkeypatch.setattr(rm, "comparison_loss", nan_on_calls(rm.comparison_loss, lambda i: i == 1))  # step 2
     run_dir = tmp_path / "rm"
