@@ -37,7 +37,7 @@ SFT_ARGS=${SFT_ARGS:-}
 RM_ARGS=${RM_ARGS:-}
 PPO_ARGS=${PPO_ARGS:-}
 DPO_ARGS=${DPO_ARGS:-}
-ABLATE_BETAS=${ABLATE_BETAS:-"0 0.01 0.05 0.2"}
+ABLATE_BETAS=${ABLATE_BETAS:-"0 0.01 0.03 0.1 0.3"}
 mkdir -p "$RUN_DIR"
 TIMES="$RUN_DIR/stage_times.json"
 [ -f "$TIMES" ] || echo '{}' > "$TIMES"

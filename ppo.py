@@ -63,8 +63,8 @@ class Config:
     stop_token_id: int = -1
     """an extra stop token besides EOS (-1 = none)"""
     # --- the RL problem
-    kl_coef: float = 0.05
-    """beta, the KL penalty coefficient (initial value when adaptive)"""
+    kl_coef: float = 0.1
+    """beta, the KL penalty coefficient (initial value when adaptive); TRL and N+ use 0.05 (--preset=trl)"""
     kl_estimator: str = "k1"
     """"k1": logp - ref (unbiased, default of OAI/TRL/OpenRLHF); "k3": exp(ref - logp) - 1 - (ref - logp)"""
     kl_location: str = "reward"
