@@ -1,12 +1,10 @@
 """ppo.py as a whole: the first PPO ratio is 1 (left padding, bf16), the score and the no-EOS penalty land
 where they should, presets run and are overridable, resume is exact, and 2 processes equal 1."""
 
-import copy
 import json
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
