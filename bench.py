@@ -1,0 +1,767 @@
+"""Side-by-side benchmarks against HF transformers and TRL; the results and how they were taken are in
+BENCHMARKS.md.
+
+    python bench.py train_step      # forward + backward + AdamW: our GPT vs transformers.GPT2LMHeadModel
+    python bench.py generate        # rollouts at batch 16: our KV cache vs HF generate vs no cache, 32/128/512 tokens
+    python bench.py ppo_iteration   # one PPO update (rollout, score, update): ours vs TRL's PPOTrainer
+    python bench.py memory          # peak memory of each stage (as a subprocess); bytes per PPO model
+    python bench.py mfu             # CUDA only: SFT MFU of GPT-2 124M at 1024 tokens, bf16, eager and compiled
+
+How every comparison is taken. Both sides live in one process, are built from the same weights (a random
+HF model, written with save_pretrained and read into ours with GPT.from_pretrained) and get the same
+inputs. After warm-up they run alternately (A B, then B A, ...), so a change in machine load hits both
+alike; each number is the median of --repeats runs and each ratio is a ratio of medians. Results are
+printed as a table and appended, one JSON line each, to --results, with the machine, the versions, the
+config and the load average at the start and end (a busy shared machine shows there). --profile adds
+where the time goes on each side (torch.profiler for ops, cProfile for the Python between them). Each
+default run takes under 2 minutes on an idle 2-core CPU; on a busy one, pass --threads=1 (see
+BENCHMARKS.md). `python bench.py generate --help` lists the flags.
+"""
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass
+class Config:
+    # --- the benchmark model (train_step, generate, ppo_iteration)
+    n_layer: int = 4
+    """layers"""
+    n_head: int = 4
+    """attention heads"""
+    n_embd: int = 256
+    """width"""
+    vocab_size: int = 8192
+    """smaller than GPT-2's 50257 so that the trunk, where the two implementations differ, is not hidden
+    behind the LM head (one GEMM, the same on both sides); use --size=gpt2 --vocab_size=50257 for GPT-2"""
+    size: str = ""
+    """a model.GPT_SIZES name (e.g. "gpt2") that sets n_layer, n_head and n_embd"""
+    block_size: int = 1024
+    """positions (n_positions); at least prompt + longest generation"""
+    # --- train_step
+    train_batch: int = 4
+    """sequences per training step"""
+    train_seq_len: int = 128
+    """tokens per sequence"""
+    # --- generate
+    gen_batch: int = 16
+    """prompts per generate call"""
+    gen_prompt_len: int = 16
+    """prompt tokens (no padding)"""
+    gen_lengths: str = "32,128,512"
+    """new tokens per row, comma-separated: our KV cache and HF generate"""
+    nocache_lengths: str = "32,128"
+    """the lengths at which our model without a cache also runs (quadratic: 512 takes minutes on a CPU)"""
+    greedy: bool = False
+    """greedy decoding on both sides instead of sampling at temperature 1 (top-k and top-p off)"""
+    # --- ppo_iteration
+    ppo_batch: int = 16
+    """prompts per PPO update (one minibatch, no gradient accumulation, on both sides)"""
+    ppo_prompt_len: int = 16
+    """prompt tokens (no padding)"""
+    ppo_response_length: int = 32
+    """new tokens per response"""
+    ppo_epochs: int = 4
+    """PPO epochs per update"""
+    ppo_updates: int = 2
+    """updates per timed run (TRL: one trainer.train() of this many updates); time per update = run / this"""
+    # --- memory
+    memory_model_size: str = "cpu-small"
+    """model.GPT_SIZES name for the stage runs (sft.py --model_size)"""
+    # --- mfu (CUDA)
+    mfu_batch: int = 8
+    """sequences per step"""
+    mfu_seq_len: int = 1024
+    """tokens per sequence"""
+    mfu_steps: int = 10
+    """steps per timed run"""
+    # --- method
+    repeats: int = 3
+    """timed runs per side; the median is reported"""
+    warmup: int = 1
+    """untimed runs per side first"""
+    threads: int = 0
+    """torch CPU threads (0 = torch's default); both sides use the same"""
+    profile: bool = False
+    """then profile one more run of each side (torch.profiler: top ops; cProfile: top Python functions)"""
+    profile_rows: int = 15
+    """rows of each profile table"""
+    seed: int = 0
+    """weights, prompts and sampling"""
+    device: str = "auto"
+    """auto, cpu or cuda"""
+    results: str = "bench_results.jsonl"
+    """JSON lines are appended here"""
+
+
+# -----------------------------------------------------------------------------
+# Method: alternate the sides, take medians, record the machine
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def alternate(fns: dict, repeats: int, warmup: int, device) -> dict:
+    """Run each callable `warmup` times, then `repeats` timed rounds in alternating order (A B, B A, ...).
+    Returns name -> list of seconds."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    names, times = list(fns), {name: [] for name in fns}
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            sync(device)
+            start = time.perf_counter()
+            fns[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def environment(device) -> dict:
+    """Machine, versions and date, written into every result line."""
+    import transformers
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
+    mem_kb = next((int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal")), 0)
+    try:
+        import trl
+        trl_version = trl.__version__
+    except ImportError:
+        trl_version = None
+    try:  # the commit, and the tracked files changed since it (the numbers belong to that working tree)
+        commit = _git("rev-parse", "--short", "HEAD").strip()
+        modified = [line[3:] for line in _git("status", "--porcelain", "--untracked-files=no").splitlines()]
+    except OSError:
+        commit, modified = "", []
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "nproc": os.cpu_count(), "cpu": cpu, "ram_gib": round(mem_kb / 2**20, 1),
+            "torch_threads": torch.get_num_threads(), "device": str(device),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "trl": trl_version, "commit": commit,
+            "modified_files": modified}
+
+
+def _git(*args) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout
+
+
+def record(cfg: Config, command: str, rows: list, columns: list, env: dict, load_start):
+    """Print rows as a markdown table (columns: keys of each row) and append each row as a JSON line."""
+    load = [round(x, 2) for x in load_start]
+    print(f"\n{command}: load average at start {load}, {env['torch_threads']} torch threads, {env['device']}")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
+    end = [round(x, 2) for x in os.getloadavg()]
+    with open(os.path.join(ROOT, cfg.results) if not os.path.isabs(cfg.results) else cfg.results, "a") as f:
+        for row in rows:
+            f.write(json.dumps({"bench": command, **row, "loadavg_start": load, "loadavg_end": end,
+                                "argv": sys.argv[1:], "config": dataclasses.asdict(cfg), "env": env}) + "\n")
+
+
+def _cell(value):
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return "" if value is None else str(value)
+
+
+def profile_each(fns: dict, device, rows: int) -> list:
+    """Two more runs of each callable: one under cProfile (the Python functions with the most own time:
+    what happens between ops), then one under torch.profiler (the ops with the most self time). cProfile
+    goes first: the torch profiler's events are Python objects, and they would slow a gc.collect() inside
+    the next run. Prints both and returns the top entries as result rows."""
+    import cProfile
+    import pstats
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    out = []
+    for name, fn in fns.items():
+        py = cProfile.Profile()
+        py.runcall(fn)
+        stats = pstats.Stats(py)
+        top = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:rows]  # (cc, nc, tottime, cumtime, callers)
+        print(f"\n--- cProfile: {name} (total {stats.total_tt:.3f} s), functions by own time")
+        for (file, line, func), (_, calls, tottime, cumtime, _) in top:
+            print(f"{tottime:9.3f} s own {cumtime:9.3f} s cum {calls:7d} calls  {func}  {os.path.basename(file)}:{line}")
+        sync(device)
+        start = time.perf_counter()
+        with profile(activities=activities) as prof:
+            fn()
+            sync(device)
+        wall = time.perf_counter() - start
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        op_self = sum(e.self_cpu_time_total for e in events) / 1e6
+        print(f"--- torch.profiler: {name} (wall {wall:.3f} s under the profiler, sum of op self CPU time {op_self:.3f} s)")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+        out.append({"impl": name, "profiled_wall_s": wall, "op_self_cpu_s": op_self,
+                    "top_ops": [{"op": e.key, "self_cpu_s": e.self_cpu_time_total / 1e6, "calls": e.count}
+                                for e in events[:rows]],
+                    "top_python": [{"function": f"{func} {os.path.basename(file)}:{line}", "own_s": tottime,
+                                    "cum_s": cumtime, "calls": calls}
+                                   for (file, line, func), (_, calls, tottime, cumtime, _) in top]})
+        del prof, events
+    return out
+
+
+# -----------------------------------------------------------------------------
+# The same weights on both sides
+
+
+def hf_gpt2_config(cfg: Config, **extra):
+    """An HF GPT2Config for the benchmark model: dropout off (as in every stage), EOS = last id."""
+    from transformers import GPT2Config
+    from model import GPT_SIZES
+    dims = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+    if cfg.size:
+        dims = {k: v for k, v in GPT_SIZES[cfg.size].items() if k in dims}
+    return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, **dims, resid_pdrop=0.0,
+                      embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0, bos_token_id=cfg.vocab_size - 1,
+                      eos_token_id=cfg.vocab_size - 1, **extra)
+
+
+def hf_and_ours(cfg: Config, device, workdir: str):
+    """A random GPT2LMHeadModel (HF's default attention, sdpa) and our GPT loaded from its save_pretrained."""
+    from transformers import GPT2LMHeadModel
+    from model import GPT
+    torch.manual_seed(cfg.seed)
+    hf = GPT2LMHeadModel(hf_gpt2_config(cfg))
+    hf.save_pretrained(workdir)
+    ours = GPT.from_pretrained(workdir)
+    return hf.to(device), ours.to(device)
+
+
+def model_desc(model) -> str:
+    c = model.config
+    return f"L{c.n_layer} H{c.n_head} C{c.n_embd} V{c.vocab_size} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M)"
+
+
+# -----------------------------------------------------------------------------
+# 1. Training step
+
+
+def bench_train_step(cfg: Config, device, env):
+    """Forward + backward + AdamW step on random tokens, the same loss function on both sides (shifted
+    cross-entropy on float32 logits), HF called with use_cache=False (its fastest training path)."""
+    load = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf, ours = hf_and_ours(cfg, device, tmp)
+    hf.train(), ours.train()
+    g = torch.Generator().manual_seed(cfg.seed)
+    ids = torch.randint(0, cfg.vocab_size, (cfg.train_batch, cfg.train_seq_len), generator=g).to(device)
+    V = cfg.vocab_size
+
+    def loss_of(logits):
+        return F.cross_entropy(logits[:, :-1].float().reshape(-1, V), ids[:, 1:].reshape(-1))
+
+    # Same weights, same inputs: the losses agree before any step.
+    with torch.no_grad():
+        parity = abs(float(loss_of(ours(ids))) - float(loss_of(hf(input_ids=ids, use_cache=False).logits)))
+
+    def make_step(model, forward):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step():
+            loss = loss_of(forward(model))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    fns = {"ours": make_step(ours, lambda m: m(ids)),
+           "hf": make_step(hf, lambda m: m(input_ids=ids, use_cache=False).logits)}
+    times = alternate(fns, cfg.repeats, cfg.warmup, device)
+    tokens = cfg.train_batch * cfg.train_seq_len
+    med = {k: statistics.median(v) for k, v in times.items()}
+    case = f"{model_desc(ours)} B{cfg.train_batch} T{cfg.train_seq_len}"
+    rows = [{"case": case, "impl": name, "median_s": med[name], "times_s": times[name],
+             "tokens_per_s": tokens / med[name], "speedup_vs_hf": med["hf"] / med[name],
+             "initial_loss_absdiff": parity} for name in fns]
+    if cfg.profile:
+        for p in profile_each(fns, device, cfg.profile_rows):
+            rows.append({"case": case, "impl": p.pop("impl") + " (profile)", **p})
+    record(cfg, "train_step", rows, ["case", "impl", "median_s", "tokens_per_s", "speedup_vs_hf"], env, load)
+
+
+# -----------------------------------------------------------------------------
+# 2. Rollout generation
+
+
+def bench_generate(cfg: Config, device, env):
+    """New tokens/s at batch gen_batch for each length: our generate with the KV cache, HF generate (its
+    default cache), and ours without a cache (full recompute each step). Every row generates exactly
+    `length` tokens: no EOS on our side, min_new_tokens = max_new_tokens and no EOS on HF's."""
+    from transformers import GenerationConfig
+    from model import generate
+    load = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf, ours = hf_and_ours(cfg, device, tmp)
+    hf.eval(), ours.eval()
+    lengths = [int(n) for n in cfg.gen_lengths.split(",") if n]
+    nocache = {int(n) for n in cfg.nocache_lengths.split(",") if n}
+    B, P = cfg.gen_batch, cfg.gen_prompt_len
+    longest = max(lengths + list(nocache))
+    if P + longest > cfg.block_size:
+        raise SystemExit(f"prompt {P} + {longest} new tokens > block_size {cfg.block_size}")
+    g = torch.Generator().manual_seed(cfg.seed)
+    prompt = torch.randint(0, cfg.vocab_size - 1, (B, P), generator=g).to(device)
+    mask = torch.ones_like(prompt)
+    temperature = 0.0 if cfg.greedy else 1.0
+
+    def ours_fn(n, use_cache):
+        def run():
+            gen = torch.Generator(device=device).manual_seed(cfg.seed)
+            seq, _ = generate(ours, prompt, mask, n, temperature=temperature, eos_id=None, pad_id=0,
+                              generator=gen, use_cache=use_cache)
+            assert seq.shape == (B, P + n), seq.shape
+        return run
+
+    def hf_fn(n):
+        sampling = {} if cfg.greedy else dict(temperature=1.0, top_k=0, top_p=1.0)
+        gen_cfg = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=not cfg.greedy, eos_token_id=None,
+                                   pad_token_id=0, use_cache=True, **sampling)
+
+        def run():
+            out = hf.generate(input_ids=prompt, attention_mask=mask, generation_config=gen_cfg)
+            assert out.shape == (B, P + n), out.shape
+        return run
+
+    # Warm-up once per side at the shortest length; then each length alternates its sides.
+    warm = {"ours_kv": ours_fn(lengths[0], True), "hf_generate": hf_fn(lengths[0])}
+    if nocache:
+        warm["ours_nocache"] = ours_fn(min(nocache), False)
+    alternate(warm, 0, cfg.warmup, device)
+    rows, profiled = [], {}
+    base = {}
+    for n in sorted(set(lengths) | nocache):
+        fns = {}
+        if n in lengths:
+            fns |= {"ours_kv": ours_fn(n, True), "hf_generate": hf_fn(n)}
+        if n in nocache:
+            fns["ours_nocache"] = ours_fn(n, False)
+        times = alternate(fns, cfg.repeats, 0, device)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        for name in fns:
+            per_token = med[name] / n
+            base.setdefault(name, (n, per_token))
+            rows.append({"case": f"{model_desc(ours)} B{B} P{P}", "new_tokens": n, "impl": name,
+                         "median_s": med[name], "times_s": times[name], "new_tokens_per_s": B * n / med[name],
+                         "speedup_vs_hf": med["hf_generate"] / med[name] if "hf_generate" in med else None,
+                         "ms_per_step": 1e3 * per_token,
+                         "step_cost_vs_shortest": per_token / base[name][1]})
+        if cfg.profile and n == (128 if 128 in lengths else lengths[0]):
+            profiled = {k: v for k, v in fns.items() if k != "ours_nocache"}
+    if cfg.profile:
+        for p in profile_each(profiled, device, cfg.profile_rows):
+            rows.append({"case": "profile", "impl": p.pop("impl"), **p})
+    record(cfg, "generate", rows, ["case", "new_tokens", "impl", "median_s", "new_tokens_per_s", "speedup_vs_hf",
+                                   "ms_per_step", "step_cost_vs_shortest"], env, load)
+
+
+# -----------------------------------------------------------------------------
+# 3. One PPO iteration, ours vs TRL
+
+
+def word_level_tokenizer(vocab_size: int):
+    """An offline tokenizer for TRL: words w0..w(V-3), <eos> = V-2, <pad> = V-1 (TRL needs pad != EOS)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+    vocab = {f"w{i}": i for i in range(vocab_size - 2)} | {"<eos>": vocab_size - 2, "<pad>": vocab_size - 1}
+    backend = Tokenizer(WordLevel(vocab, unk_token="w0"))
+    backend.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>", unk_token="w0",
+                                   padding_side="left")
+
+
+def save_ppo_models(cfg: Config, root: str) -> dict:
+    """Random HF policy, reference, reward and value models (GPT2ForSequenceClassification, one label)."""
+    from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
+    hf_cfg = hf_gpt2_config(cfg, num_labels=1, pad_token_id=cfg.vocab_size - 1)
+    hf_cfg.eos_token_id = hf_cfg.bos_token_id = cfg.vocab_size - 2
+    dirs = {}
+    for i, (name, cls) in enumerate([("policy", GPT2LMHeadModel), ("ref", GPT2LMHeadModel),
+                                     ("reward", GPT2ForSequenceClassification), ("value", GPT2ForSequenceClassification)]):
+        torch.manual_seed(cfg.seed + i)
+        dirs[name] = os.path.join(root, name)
+        cls(hf_cfg).save_pretrained(dirs[name])
+    return dirs
+
+
+LR = 3e-6  # both sides; the value only matters in that it is the same
+
+
+def build_trl(cfg: Config, dirs: dict, prompts: list, workdir: str, total_updates: int, device):
+    """TRL's PPOTrainer with the same sizes: one minibatch per epoch, no gradient accumulation."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    import datasets
+    from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
+    from transformers.trainer_callback import PrinterCallback
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+    policy, ref = (GPT2LMHeadModel.from_pretrained(dirs[n]) for n in ("policy", "ref"))
+    reward, value = (GPT2ForSequenceClassification.from_pretrained(dirs[n]) for n in ("reward", "value"))
+    args = PPOConfig(
+        output_dir=workdir, report_to=[], use_cpu=device.type == "cpu", bf16=device.type == "cuda", seed=cfg.seed,
+        learning_rate=LR, per_device_train_batch_size=cfg.ppo_batch, gradient_accumulation_steps=1,
+        num_mini_batches=1, num_ppo_epochs=cfg.ppo_epochs, total_episodes=cfg.ppo_batch * total_updates,
+        local_rollout_forward_batch_size=cfg.ppo_batch, response_length=cfg.ppo_response_length,
+        temperature=0.7, stop_token="eos", missing_eos_penalty=1.0, kl_coef=0.05, num_sample_generations=0,
+        save_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
+    trainer = PPOTrainer(args=args, processing_class=word_level_tokenizer(cfg.vocab_size), model=policy,
+                         ref_model=ref, reward_model=reward, value_model=value,
+                         train_dataset=datasets.Dataset.from_dict({"input_ids": prompts}))
+    trainer.remove_callback(PrinterCallback)  # its metrics line per update; not part of the work
+    return trainer
+
+
+@contextlib.contextmanager
+def trl_phase_spy():
+    """Timestamps the phases of each TRL update by wrapping functions its module calls (restored on exit):
+    batch_generation (the rollout), masked_whiten, which train() calls once per update on the advantages
+    at the end of scoring, and gc.collect, which it calls twice per update. Yields {"marks": [(event,
+    time, mean response length)], "gc": [seconds of each gc.collect]}."""
+    import gc
+    from types import SimpleNamespace
+    from trl.experimental.ppo import ppo_trainer as trl_ppo
+    spy = {"marks": [], "gc": []}
+    real_generation, real_whiten = trl_ppo.batch_generation, trl_ppo.masked_whiten
+
+    def timed_generation(*args, **kwargs):
+        spy["marks"].append(("rollout", time.perf_counter(), None))
+        out = real_generation(*args, **kwargs)
+        spy["marks"].append(("score", time.perf_counter(), None))
+        return out
+
+    def timed_whiten(values, mask, *args, **kwargs):
+        out = real_whiten(values, mask, *args, **kwargs)
+        spy["marks"].append(("update", time.perf_counter(), float(mask.sum(1).float().mean())))  # mask: response tokens
+        return out
+
+    def timed_collect(*args):
+        start = time.perf_counter()
+        out = gc.collect(*args)
+        spy["gc"].append(time.perf_counter() - start)
+        return out
+
+    trl_ppo.batch_generation, trl_ppo.masked_whiten = timed_generation, timed_whiten
+    trl_ppo.gc = SimpleNamespace(collect=timed_collect)  # only TRL's module sees the wrapper
+    try:
+        yield spy
+    finally:
+        trl_ppo.batch_generation, trl_ppo.masked_whiten, trl_ppo.gc = real_generation, real_whiten, gc
+
+
+def phase_split(marks: list) -> list:
+    """(rollout, score, update seconds, mean response length) per update from the spy's marks; an update
+    ends where the next rollout starts or at the final "end" mark."""
+    out, starts = [], [i for i, (event, _, _) in enumerate(marks) if event == "rollout"]
+    for i in starts:
+        t = {event: when for event, when, _ in marks[i:i + 3]}
+        end = marks[i + 3][1]
+        out.append((t["score"] - t["rollout"], t["update"] - t["score"], end - t["update"], marks[i + 2][2]))
+    return out
+
+
+def build_ours(cfg: Config, dirs: dict, device):
+    """Our four models from the same HF directories, the optimizer and config as ppo.main builds them."""
+    import ppo
+    from runtime import Dist, load_model
+    d = Dist(device=device)
+    pcfg = ppo.Config(**{**ppo.PRESETS["trl"], "preset": "trl", "rollout_batch_size": cfg.ppo_batch,
+                         "micro_batch_size": cfg.ppo_batch, "num_minibatches": 1, "num_ppo_epochs": cfg.ppo_epochs,
+                         "response_length": cfg.ppo_response_length, "lr": LR, "seed": cfg.seed,
+                         "device": device.type})
+    ppo.validate(pcfg)
+    policy = load_model(dirs["policy"], "policy", d, trainable=True)
+    ref = load_model(dirs["ref"], "policy", d, trainable=False)
+    reward = load_model(dirs["reward"], "reward", d, trainable=False, scalar_head=True)
+    critic = load_model(dirs["value"], "reward", d, trainable=True, scalar_head=True)
+    trainable = torch.nn.ModuleDict({"policy": policy, "critic": critic})
+    optimizer = torch.optim.AdamW([{"params": list(policy.parameters()), "lr": pcfg.lr},
+                                   {"params": list(critic.parameters()), "lr": pcfg.lr}],
+                                  betas=(0.9, 0.999), eps=pcfg.adam_eps, weight_decay=0.0)
+    return dict(policy=policy, ref=ref, reward=reward, critic=critic, trainable=trainable, optimizer=optimizer,
+                base_lrs=[g["lr"] for g in optimizer.param_groups], cfg=pcfg, d=d)
+
+
+def our_ppo_iteration(m: dict, query, query_mask, update: int, total_steps: int, eos_id: int, splits: list):
+    """Steps 1-5 of ppo.main's loop: generate, make_experience, ppo_update."""
+    from types import SimpleNamespace
+    import ppo
+    from model import generate
+    from runtime import autocast
+    cfg, d, policy = m["cfg"], m["d"], m["policy"]
+    t0 = time.perf_counter()
+    policy.eval()
+    gen = torch.Generator(device=d.device).manual_seed(cfg.seed * 1_000_003 + update * 7919)
+    with torch.no_grad(), autocast(d, cfg.bf16):
+        query_response, sample_logp = generate(policy, query, query_mask, cfg.response_length,
+                                               temperature=cfg.temperature, eos_id=eos_id, pad_id=eos_id, generator=gen)
+    policy.train()
+    sync(d.device)
+    t1 = time.perf_counter()
+    exp = ppo.make_experience(policy, m["critic"], m["ref"], m["reward"], query_response, query_mask, sample_logp,
+                              cfg.kl_coef, SimpleNamespace(eos_id=eos_id), cfg, d)
+    sync(d.device)
+    t2 = time.perf_counter()
+    ppo.ppo_update(policy, m["critic"], m["trainable"], m["optimizer"], m["base_lrs"], exp, update, total_steps, cfg, d)
+    sync(d.device)
+    splits.append((t1 - t0, t2 - t1, time.perf_counter() - t2, float(exp["action_mask"].sum(1).float().mean())))
+
+
+def bench_ppo_iteration(cfg: Config, device, env):
+    """Seconds per PPO update and its split (rollout / score / update; for TRL also the time in the two
+    gc.collect() calls of each update, which fall in score and update), ours vs TRL, same sizes:
+    ppo_batch prompts of ppo_prompt_len tokens, ppo_response_length new tokens at temperature 0.7,
+    ppo_epochs epochs of one minibatch, separate critic, four models from the same HF weights."""
+    load = os.getloadavg()
+    N = cfg.ppo_updates
+    total_updates = cfg.warmup + cfg.repeats * N + 1
+    g = torch.Generator().manual_seed(cfg.seed)
+    prompts = torch.randint(0, cfg.vocab_size - 2, (cfg.ppo_batch, cfg.ppo_prompt_len), generator=g)
+    eos_id = cfg.vocab_size - 2
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = save_ppo_models(cfg, tmp)
+        trainer = build_trl(cfg, dirs, prompts.tolist(), os.path.join(tmp, "trl"), total_updates, device)
+        ours = build_ours(cfg, dirs, device)
+    query, query_mask = prompts.to(device), torch.ones_like(prompts).to(device)
+    total_steps = total_updates * cfg.ppo_epochs
+    splits = {"ours": [], "trl": [], "trl_gc": []}
+    counter = {"update": 0}
+
+    def run_trl(n):
+        with trl_phase_spy() as spy:
+            trainer.args.num_total_batches = n  # train() runs this many updates; the schedule was sized at init
+            trainer.train()
+            spy["marks"].append(("end", time.perf_counter(), None))
+        splits["trl"].extend(phase_split(spy["marks"]))
+        splits["trl_gc"].append(sum(spy["gc"]) / n)
+
+    def run_ours(n):
+        for _ in range(n):
+            our_ppo_iteration(ours, query, query_mask, counter["update"], total_steps, eos_id, splits["ours"])
+            counter["update"] += 1
+
+    for _ in range(cfg.warmup):
+        run_trl(1), run_ours(1)
+    for v in splits.values():
+        v.clear()
+    times = alternate({"trl": lambda: run_trl(N), "ours": lambda: run_ours(N)}, cfg.repeats, 0, device)
+    med = {k: statistics.median(v) / N for k, v in times.items()}
+    case = (f"{model_desc(ours['policy'])} B{cfg.ppo_batch} P{cfg.ppo_prompt_len} N{cfg.ppo_response_length} "
+            f"epochs{cfg.ppo_epochs}")
+    rows = []
+    for name in ("ours", "trl"):
+        rollout, score, update, length = (statistics.median(s[i] for s in splits[name]) for i in range(4))
+        rows.append({"case": case, "impl": name, "s_per_update": med[name], "times_s": [t / N for t in times[name]],
+                     "speedup_vs_trl": med["trl"] / med[name], "rollout_s": rollout, "score_s": score,
+                     "update_s": update, "response_len": length, "updates_per_run": N,
+                     "gc_collect_s": statistics.median(splits["trl_gc"]) if name == "trl" else None})
+    if cfg.profile:
+        for p in profile_each({"ours": lambda: run_ours(1), "trl": lambda: run_trl(1)}, device, cfg.profile_rows):
+            rows.append({"case": "profile", "impl": p.pop("impl"), **p})
+    record(cfg, "ppo_iteration", rows, ["case", "impl", "s_per_update", "speedup_vs_trl", "rollout_s", "score_s",
+                                        "update_s", "gc_collect_s", "response_len"], env, load)
+
+
+# -----------------------------------------------------------------------------
+# 4. Memory
+
+
+def stage_commands(cfg: Config, root: str) -> list:
+    """(name, script, args) for each stage on the default task at its default batch sizes and model size,
+    cut to a few steps: peak memory is reached in the first steps."""
+    sft, rm = os.path.join(root, "sft"), os.path.join(root, "rm")
+    small = ["--eval_examples=32"]
+    return [
+        ("imports only", None, []),
+        ("sft", "sft.py", [f"--run_dir={sft}", f"--model_size={cfg.memory_model_size}", "--max_steps=5",
+                           "--eval_every=5", "--save_every=5", "--max_train_examples=512", *small]),
+        ("reward_model", "reward_model.py", [f"--run_dir={rm}", f"--sft={sft}/final", "--max_steps=3",
+                                             "--eval_every=3", "--save_every=3", "--max_train_examples=256",
+                                             "--normalize_examples=32", *small]),
+        ("ppo", "ppo.py", [f"--run_dir={root}/ppo", f"--sft={sft}/final", f"--reward_model={rm}/final",
+                           "--num_updates=2", "--eval_every=2", "--save_every=2", "--eval_prompts=32"]),
+        ("dpo", "dpo.py", [f"--run_dir={root}/dpo", f"--sft={sft}/final", "--max_steps=2", "--eval_every=2",
+                           "--save_every=2", "--max_train_examples=128", "--eval_prompts=32", *small]),
+    ]
+
+
+def run_stage_child(argv):
+    """`bench.py _stage SCRIPT OUT.json ARGS...`: run a stage's main as __main__, then write its peak CUDA memory."""
+    import runpy
+    script, out, *args = argv
+    if script != "-":
+        sys.argv = [script, *args]
+        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    else:  # the baseline: import what the stages import, do nothing
+        import importlib
+        for module in ("sft", "reward_model", "ppo", "dpo"):
+            importlib.import_module(module)
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    with open(out, "w") as f:
+        json.dump({"cuda_max_allocated": peak}, f)
+
+
+def ppo_model_bytes(config, cuda: bool) -> list:
+    """Parameters, gradients and AdamW state of each PPO model, from the models themselves: the trainable
+    ones take one optimizer step on zero gradients so their state is allocated and can be counted. On
+    CUDA the frozen models are bf16 (runtime.load_model); everything else is float32."""
+    from model import GPT
+    rows = []
+    for role, trainable, scalar in (("policy", True, False), ("critic", True, True),
+                                    ("reference", False, False), ("reward", False, True)):
+        m = GPT(dataclasses.replace(config, scalar_head=scalar))
+        if not trainable and cuda:
+            m.to(torch.bfloat16)
+        params = sum(p.numel() * p.element_size() for p in m.parameters())
+        grads = optim = 0
+        if trainable:
+            opt = torch.optim.AdamW(m.parameters(), lr=0.0)
+            for p in m.parameters():
+                p.grad = torch.zeros_like(p)
+            opt.step()
+            grads = params
+            optim = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+                        if torch.is_tensor(t))
+        rows.append({"role": role, "params_MiB": params / 2**20, "grads_MiB": grads / 2**20,
+                     "adamw_MiB": optim / 2**20, "total_MiB": (params + grads + optim) / 2**20})
+    return rows
+
+
+def bench_memory(cfg: Config, device, env):
+    """Peak RSS of each stage run as a child process (os.wait4 gives that child's ru_maxrss), peak CUDA
+    memory on GPU, and the bytes each PPO model holds for the stage's size and for GPT-2 124M."""
+    import data
+    from model import config_for
+    load = os.getloadavg()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, script, args in stage_commands(cfg, tmp):
+            out, log = os.path.join(tmp, f"{name}.json"), os.path.join(tmp, f"{name}.log")
+            start = time.perf_counter()
+            with open(log, "w") as logf:
+                proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "_stage", script or "-", out, *args],
+                                        cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT)
+                _, status, usage = os.wait4(proc.pid, 0)
+                proc.returncode = os.waitstatus_to_exitcode(status)
+            if proc.returncode != 0:
+                print(open(log).read()[-3000:])
+                raise SystemExit(f"memory: stage {name} failed (exit {proc.returncode}); its log is above")
+            cuda_peak = json.load(open(out))["cuda_max_allocated"]
+            rows.append({"case": f"stage, {cfg.memory_model_size}", "impl": name, "peak_rss_MiB": usage.ru_maxrss / 1024,
+                         "cuda_max_allocated_MiB": cuda_peak / 2**20 if cuda_peak is not None else None,
+                         "seconds": time.perf_counter() - start, "args": " ".join(args)})
+    cuda = device.type == "cuda"
+    vocab = data.get_tokenizer("char").vocab_size
+    for label, config in ((f"{cfg.memory_model_size} V{vocab}", config_for(cfg.memory_model_size, vocab_size=vocab)),
+                          ("gpt2 V50257", config_for("gpt2"))):
+        for row in ppo_model_bytes(config, cuda):
+            rows.append({"case": f"PPO model, {label}, {'CUDA' if cuda else 'CPU'}", "impl": row.pop("role"), **row})
+    record(cfg, "memory", rows, ["case", "impl", "peak_rss_MiB", "cuda_max_allocated_MiB", "seconds", "params_MiB",
+                                 "grads_MiB", "adamw_MiB", "total_MiB"], env, load)
+
+
+# -----------------------------------------------------------------------------
+# 5. MFU (CUDA only)
+
+
+def bench_mfu(cfg: Config, device, env):
+    """SFT step of GPT-2 124M (random init, random tokens) at mfu_seq_len in bf16 autocast, eager and
+    torch.compile, alternating. MFU = flops_per_token (6N + 12 L H Q T) x tokens/s / the device's peak
+    bf16 FLOP/s (runtime.PEAK_BF16_FLOPS)."""
+    from model import GPT, config_for
+    from runtime import Dist, flops_per_token, peak_flops
+    load = os.getloadavg()
+    if device.type != "cuda":
+        print("mfu: no CUDA device: not measured")
+        record(cfg, "mfu", [{"case": "gpt2 124M", "impl": "-", "status": "no CUDA device: not measured"}],
+               ["case", "impl", "status"], env, load)
+        return
+    T, B = cfg.mfu_seq_len, cfg.mfu_batch
+    model = GPT(config_for("gpt2", block_size=max(T, 1024)))
+    model.init_weights(seed=cfg.seed)
+    model.to(device).train()
+    compiled = torch.compile(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, fused=True)
+    g = torch.Generator().manual_seed(cfg.seed)
+    ids = torch.randint(0, model.config.vocab_size, (B, T + 1), generator=g).to(device)
+    x, y = ids[:, :-1], ids[:, 1:]
+
+    def steps(m):
+        def run():
+            for _ in range(cfg.mfu_steps):
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    logits = m(x)
+                loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        return run
+
+    fns = {"eager": steps(model), "torch.compile": steps(compiled)}
+    times = alternate(fns, cfg.repeats, max(cfg.warmup, 1), device)
+    c = model.config
+    n_params = sum(p.numel() for p in model.parameters())  # as sft.py counts them
+    fpt = flops_per_token(n_params, c.n_layer, c.n_head, c.n_embd // c.n_head, T)
+    peak = peak_flops(Dist(device=device))
+    rows = []
+    for name in fns:
+        tok_s = B * T * cfg.mfu_steps / statistics.median(times[name])
+        rows.append({"case": f"gpt2 124M B{B} T{T} bf16", "impl": name, "median_s": statistics.median(times[name]),
+                     "times_s": times[name], "tokens_per_s": tok_s, "mfu": fpt * tok_s / peak if peak else None,
+                     "flops_per_token": fpt, "peak_flops": peak,
+                     "max_memory_allocated_GiB": torch.cuda.max_memory_allocated(device) / 2**30})
+    record(cfg, "mfu", rows, ["case", "impl", "median_s", "tokens_per_s", "mfu"], env, load)
+
+
+# -----------------------------------------------------------------------------
+
+
+COMMANDS = {"train_step": bench_train_step, "generate": bench_generate, "ppo_iteration": bench_ppo_iteration,
+            "memory": bench_memory, "mfu": bench_mfu}
+
+
+def main(argv=None):
+    from runtime import parse_config
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "_stage":
+        return run_stage_child(argv[1:])
+    if not argv or argv[0] not in COMMANDS:
+        raise SystemExit(f"usage: python bench.py {{{','.join(COMMANDS)}}} [--key=value ...] (--help for the flags)")
+    command, cfg = argv[0], parse_config(Config, argv[1:])
+    threads = torch.get_num_threads()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    elif os.getloadavg()[0] > (os.cpu_count() or 1):
+        print(f"bench: load average {os.getloadavg()[0]:.1f} > {os.cpu_count()} cores: other processes compete for "
+              f"the cores, and {threads} torch threads may wait on each other; --threads=1 is steadier")
+    use_cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device == "cuda"
+    device = torch.device("cuda") if use_cuda else torch.device("cpu")
+    try:
+        COMMANDS[command](cfg, device, environment(device))
+    finally:
+        torch.set_num_threads(threads)  # main() may be called in-process (tests)
+
+
+if __name__ == "__main__":
+    main()

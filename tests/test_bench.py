@@ -1,0 +1,38 @@
+"""bench.py runs each measurement end to end at a toy size and writes its result lines. No timing is
+asserted: timings belong to the machine (BENCHMARKS.md)."""
+
+import json
+
+import pytest
+
+import bench
+
+TOY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--vocab_size=64", "--block_size=64", "--repeats=1",
+       "--warmup=1", "--threads=1", "--device=cpu"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command, extra", [
+    ("train_step", ["--train_batch=2", "--train_seq_len=16"]),
+    ("generate", ["--gen_batch=2", "--gen_prompt_len=4", "--gen_lengths=4,8", "--nocache_lengths=4"]),
+    ("ppo_iteration", ["--ppo_batch=4", "--ppo_prompt_len=4", "--ppo_response_length=4", "--ppo_epochs=1",
+                       "--ppo_updates=1"]),
+    ("mfu", []),  # CPU: a line saying it was not measured
+])
+def test_command_writes_result_lines(tmp_path, command, extra):
+    results = tmp_path / "results.jsonl"
+    bench.main([command, *TOY, *extra, f"--results={results}"])
+    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    assert lines and all(line["bench"] == command for line in lines)
+    assert all(len(line["loadavg_start"]) == 3 and line["env"]["torch"] for line in lines)
+    if command == "train_step":  # same weights on both sides: the same initial loss
+        assert lines[0]["initial_loss_absdiff"] < 1e-4
+    if command == "ppo_iteration":
+        assert {line["impl"] for line in lines} == {"ours", "trl"}
+
+
+def test_ppo_model_bytes_counts_adamw_state():
+    from model import config_for
+    rows = {r["role"]: r for r in bench.ppo_model_bytes(config_for("tiny", vocab_size=64), cuda=False)}
+    assert rows["policy"]["adamw_MiB"] == pytest.approx(2 * rows["policy"]["params_MiB"], rel=1e-3)  # exp_avg, exp_avg_sq
+    assert rows["reference"]["grads_MiB"] == 0 and rows["reward"]["adamw_MiB"] == 0
