@@ -12,6 +12,7 @@
 #
 # Real runs (environment variables; every stage script also takes --key=value flags, see --help):
 #   NPROC=8                          torchrun --nproc_per_node=8 (FSDP2; bf16 autocast on CUDA)
+#   MAX_RESTARTS=1                   torchrun restarts a failed job once; it resumes from the last checkpoint
 #   BASE_MODEL=gpt2                  gpt2 ... gpt2-xl (hub, needs internet) or a local HF GPT-2 directory
 #   SFT_DATA / PREF_DATA / PROMPT_DATA   dataset for each stage: "default", a local .jsonl(.gz) file,
 #                                    or a hub name such as Anthropic/hh-rlhf:harmless-base
@@ -43,7 +44,9 @@ TIMES="$RUN_DIR/stage_times.json"
 [ -f "$TIMES" ] || echo '{}' > "$TIMES"
 
 if [ "$NPROC" -gt 1 ]; then
-  LAUNCH=(torchrun --standalone --nproc_per_node="$NPROC")
+  # With --max-restarts, restarted workers must not reuse the dead round's store (pytorch/pytorch#135712).
+  export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+  LAUNCH=(torchrun --standalone --nproc_per_node="$NPROC" --max-restarts="${MAX_RESTARTS:-0}")
 else
   LAUNCH=(python)
 fi
@@ -58,11 +61,11 @@ run_stage() {
     echo "== $name: already done ($dir/final), skipping"
     return 0
   fi
-  local resume=""
-  [ -f "$dir/latest" ] && resume="--resume"
-  echo "== $name: ${LAUNCH[*]} $script --run_dir=$dir $* $resume"
+  # --resume continues from the stage's latest checkpoint if it has one (an interrupted run, or a
+  # torchrun restart), and starts fresh otherwise.
+  echo "== $name: ${LAUNCH[*]} $script --run_dir=$dir $* --resume"
   local start=$SECONDS
-  if ! "${LAUNCH[@]}" "$script" --run_dir="$dir" "$@" $resume; then
+  if ! "${LAUNCH[@]}" "$script" --run_dir="$dir" "$@" --resume; then
     echo "launch.sh: stage '$name' failed (see the output above); fix it and re-run: finished stages are kept" >&2
     exit 1
   fi
