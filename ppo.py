@@ -33,10 +33,11 @@ from tqdm import tqdm
 import data
 from evaluate import reward_scores, sample_responses, score_samples
 from model import GPT, generate, token_logprobs
-from runtime import (Dist, Metrics, all_reduce_mean, all_reduce_sum, autocast, check_nonfinite_streak, check_writable,
-                     clip_grad_norm, init_distributed, latest_checkpoint, load_full_optimizer_state,
-                     load_full_state_dict, load_model, load_train_state, lr_at, parse_config, publish_final,
-                     save_checkpoint, seed_all, shard_model, shutdown_distributed, step_if_finite, unsharded)
+from runtime import (Dist, Metrics, all_reduce_mean, all_reduce_sum, autocast, check_nonfinite_streak,
+                     check_writable, clip_grad_norm, init_distributed, latest_checkpoint,
+                     load_full_optimizer_state, load_full_state_dict, load_model, load_train_state, lr_at,
+                     parse_config, publish_final, publish_missing_final, save_checkpoint, seed_all, shard_model,
+                     shutdown_distributed, step_if_finite, unsharded)
 
 
 @dataclass
@@ -792,6 +793,8 @@ def main(argv=None):
         if stopping:
             break
     bar.close()
+    if update == cfg.num_updates:
+        publish_missing_final(cfg.run_dir, d)
     if d.is_main and update == cfg.num_updates:
         print(f"ppo: done; policy in {cfg.run_dir}/final/policy")
     shutdown_distributed()

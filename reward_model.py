@@ -29,10 +29,11 @@ from tqdm import tqdm
 import data
 from evaluate import sample_responses
 from model import GPT
-from runtime import (Dist, Metrics, all_reduce_sum, autocast, check_nonfinite_streak, check_writable, clip_grad_norm,
-                     flops_per_token, init_distributed, latest_checkpoint, load_full_optimizer_state,
-                     load_full_state_dict, load_model, load_train_state, lr_at, make_adamw, parse_config, peak_flops,
-                     publish_final, save_checkpoint, seed_all, set_lr, shard_model, shutdown_distributed, step_if_finite)
+from runtime import (Dist, Metrics, all_reduce_sum, autocast, check_nonfinite_streak, check_writable,
+                     clip_grad_norm, flops_per_token, init_distributed, latest_checkpoint,
+                     load_full_optimizer_state, load_full_state_dict, load_model, load_train_state, lr_at,
+                     make_adamw, parse_config, peak_flops, publish_final, publish_missing_final, save_checkpoint,
+                     seed_all, set_lr, shard_model, shutdown_distributed, step_if_finite)
 
 
 @dataclass
@@ -453,6 +454,8 @@ def main(argv=None):
         if stopping:
             break
     bar.close()
+    if step == max_steps:
+        publish_missing_final(cfg.run_dir, d)
     if d.is_main and step == max_steps and last_eval:
         gold = f", gold accuracy {last_eval['eval/accuracy_gold']:.3f}" if "eval/accuracy_gold" in last_eval else ""
         print(f"rm: done, {step} steps in {time.time() - t0:.0f}s; held-out accuracy {last_eval['eval/accuracy']:.3f}"

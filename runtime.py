@@ -463,6 +463,16 @@ def publish_final(run_dir: str, ckpt: str, d: Dist):
         dist.barrier()
 
 
+def publish_missing_final(run_dir: str, d: Dist):
+    """At the end of a run: if final/ is missing (a resume found the run at its last step after the copy to
+    final/ failed), copy the latest checkpoint there. Every rank looks before any rank acts (the barrier)."""
+    missing = not os.path.isdir(os.path.join(run_dir, "final"))
+    if d.distributed:
+        dist.barrier()
+    if missing:
+        publish_final(run_dir, latest_checkpoint(run_dir), d)
+
+
 # -----------------------------------------------------------------------------
 # Metrics: one JSON line per log step, a short line on the console
 

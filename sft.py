@@ -20,10 +20,11 @@ from tqdm import tqdm
 import data
 from evaluate import sample_responses
 from model import GPT, config_for
-from runtime import (Dist, Metrics, all_reduce_sum, autocast, check_nonfinite_streak, check_writable, clip_grad_norm,
-                     flops_per_token, init_distributed, latest_checkpoint, load_full_optimizer_state, load_model,
-                     load_train_state, lr_at, make_adamw, parse_config, peak_flops, publish_final, save_checkpoint,
-                     seed_all, set_lr, shard_model, shutdown_distributed, step_if_finite)
+from runtime import (Dist, Metrics, all_reduce_sum, autocast, check_nonfinite_streak, check_writable,
+                     clip_grad_norm, flops_per_token, init_distributed, latest_checkpoint,
+                     load_full_optimizer_state, load_full_state_dict, load_model, load_train_state, lr_at, make_adamw, parse_config,
+                     peak_flops, publish_final, publish_missing_final, save_checkpoint, seed_all, set_lr,
+                     shard_model, shutdown_distributed, step_if_finite)
 
 
 @dataclass
@@ -194,7 +195,6 @@ def main(argv=None):
     step, skipped_steps, bad_streak = 0, 0, 0
     ckpt = latest_checkpoint(cfg.run_dir) if cfg.resume else None
     if ckpt:
-        from runtime import load_full_state_dict
         state = load_train_state(ckpt)
         resumed = GPT.from_pretrained(os.path.join(ckpt, "policy"))
         load_full_state_dict(model, resumed.state_dict())
@@ -261,6 +261,8 @@ def main(argv=None):
         if stopping:
             break
     bar.close()
+    if step == max_steps:
+        publish_missing_final(cfg.run_dir, d)
     if d.is_main and step == max_steps:
         print(f"sft: done, {step} steps in {time.time() - t0:.0f}s; policy in {cfg.run_dir}/final/policy")
     shutdown_distributed()

@@ -232,3 +232,15 @@ def test_zero_usable_examples_is_a_system_exit(tmp_path):
     path = empty_responses_file(tmp_path)
     with pytest.raises(SystemExit, match="empty response"):
         run_sft(str(tmp_path / "run"), dataset=path, eval_dataset=path, max_train_examples=0)
+
+
+def test_resume_at_the_last_step_republishes_a_missing_final(tmp_path):
+    """A copy to final/ that failed (full disk) leaves the last checkpoint complete; --resume publishes it."""
+    import shutil
+    run_dir = str(tmp_path / "run")
+    run_sft(run_dir, max_steps=3)
+    expected = load_file(f"{run_dir}/final/policy/model.safetensors")
+    shutil.rmtree(f"{run_dir}/final")
+    run_sft(run_dir, max_steps=3, resume=True)
+    again = load_file(f"{run_dir}/final/policy/model.safetensors")
+    assert all(torch.equal(expected[k], again[k]) for k in expected)
