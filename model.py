@@ -393,6 +393,15 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     return torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+def sample_inverse_cdf(probs: torch.Tensor, generator=None) -> torch.Tensor:
+    """One token per row of probs (B, V): the first index whose cumulative probability reaches a uniform
+    draw. Same distribution as torch.multinomial(probs, 1), but one random number per row instead of one
+    per vocabulary entry: 30x faster per step on CPU at V = 50257 (BENCHMARKS.md). The float32 cumsum
+    can end a hair below 1; the clamp gives a draw above it to the last token (a ~1e-7 bias)."""
+    u = torch.rand(probs.size(0), 1, generator=generator, device=probs.device, dtype=probs.dtype)
+    return torch.searchsorted(probs.cumsum(-1), u).clamp(max=probs.size(-1) - 1).squeeze(-1)
+
+
 @torch.no_grad()
 def generate(model, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0, eos_id=None,
              stop_id=None, pad_id=0, generator=None, use_cache=True):
@@ -425,8 +434,7 @@ def generate(model, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0, eo
             token = logits.argmax(-1)
             logprob = torch.zeros(B, device=device)
         else:
-            probs = F.softmax(logits / temperature, dim=-1)
-            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            token = sample_inverse_cdf(F.softmax(logits / temperature, dim=-1), generator)
             logprob = token_logprobs(logits[:, None, :], token[:, None], temperature)[:, 0]
         token = torch.where(done, torch.full_like(token, pad_id), token)
         new_tokens.append(token)

@@ -193,3 +193,13 @@ def test_scalar_head_and_wrong_checkpoint_message(tmp_path):
     from safetensors.torch import load_file
     with pytest.raises(ValueError, match="wte.weight"):
         bigger.load_hf_state_dict(load_file(str(tmp_path / "m" / "model.safetensors")), source="m")
+
+
+def test_inverse_cdf_sampling_has_the_right_distribution():
+    from model import sample_inverse_cdf
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3], [0.0, 0.0, 0.0, 1.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_inverse_cdf(probs, g) for _ in range(20000)])  # (20000, 2)
+    freq = torch.stack([(draws[:, 0] == i).float().mean() for i in range(4)])
+    assert torch.allclose(freq, probs[0], atol=0.015)  # 3 standard errors at n = 20000
+    assert (draws[:, 0] != 1).all() and (draws[:, 1] == 3).all()  # zero-probability tokens never drawn

@@ -33,7 +33,7 @@ def checkpoints(tmp_path_factory):
     return base
 
 
-def rollout(policy, tok, cfg, seed=0):
+def rollout(policy, tok, cfg, seed=1):  # seed 1: two of six responses stop at EOS (checked below)
     """Left-padded prompts of different lengths, sampled responses (some stop at EOS, some not)."""
     prompts = ["ab=", "cdefgh=", "p=", "abcdefgh=", "mno=", "ij="]
     ids, mask = data.pad_left([tok.encode(p) for p in prompts], tok.eos_id)
