@@ -1,29 +1,47 @@
-"""A hand-written GPT-2, shared by every stage: policy, reference, reward model and critic.
+"""A hand-written decoder shared by every stage: policy, reference, reward model and critic.
 
-The architecture is GPT-2 exactly (Radford et al. 2019; HF `modeling_gpt2.py`):
+GPT-2 is the default (Radford et al. 2019; HF `modeling_gpt2.py`):
 - learned absolute position embeddings, added to token embeddings;
 - pre-LayerNorm blocks: x + attn(ln_1(x)), then x + mlp(ln_2(x)), and a final ln_f;
 - GELU with the tanh approximation ("gelu_new" in HF);
 - biases on every Linear and LayerNorm; the output projection is tied to the token embedding.
 
+The Llama family (Llama 3, Qwen2/2.5, Qwen3, SmolLM2; HF `modeling_llama.py`, `modeling_qwen2.py`,
+`modeling_qwen3.py`) is the same pre-norm block with switches, all read from HF's config.json:
+- rotary position embeddings (RoPE, Su et al. 2021) on q and k instead of `wpe`, with `rope_theta` and
+  Llama 3's "llama3" frequency scaling;
+- RMSNorm instead of LayerNorm; SwiGLU (silu(x W_gate) * x W_up) W_down instead of the GELU MLP;
+- grouped-query attention: `n_kv_head` key/value heads, each shared by n_head / n_kv_head query heads;
+- no biases, except Qwen2's q/k/v bias; Qwen3's per-head RMSNorm on q and k (QK-norm) before RoPE;
+- `head_dim` independent of n_embd / n_head (Qwen3-0.6B: 16 heads of 128 on a width of 1024);
+- tied or untied input/output embeddings.
+One attention, one MLP and one block class cover both: q, k, v stay one fused `c_attn` and gate/up one
+fused `c_fc` (HF's separate q_proj/k_proj/v_proj and gate_proj/up_proj are concatenated on load and split
+on export), so the GPT-2 reading path is unchanged.
+
 Parameter names mirror HF `GPT2LMHeadModel` (transformer.wte, transformer.h.0.attn.c_attn, ...) so that
-loading HF weights is a key-for-key copy. HF stores its Linear layers as `Conv1D` with weights of shape
-(in, out); ours are `nn.Linear` (out, in), so those four weights are transposed on load and on export.
+loading HF GPT-2 weights is a key-for-key copy. HF stores its GPT-2 Linear layers as `Conv1D` with weights
+of shape (in, out); ours are `nn.Linear` (out, in), so those four weights are transposed on load and on
+export. Llama-family names are mapped by `_llama_to_ours` / `_ours_to_llama`.
 
 Two heads sit on the same trunk:
-- `lm_head`: next-token logits (tied to wte), for the policy and the reference;
-- `score`: one scalar per position (HF's GPT2ForSequenceClassification name), for the reward model and
+- `lm_head`: next-token logits, for the policy and the reference;
+- `score`: one scalar per position (HF's *ForSequenceClassification name), for the reward model and
   the value model (critic). Which head(s) to run is chosen per call, so a shared-trunk critic
   (OpenAI 2019) computes both from one pass.
 
 Padding: prompts are left-padded for generation, so position ids must come from the attention mask
-(`cumsum(mask) - 1`), never from `arange`. With learned absolute positions, getting this wrong changes
-every logit of a padded row, and the first PPO ratio is no longer 1 (trlx #508).
+(`cumsum(mask) - 1`), never from `arange`, for learned positions and RoPE alike. With learned absolute
+positions, getting this wrong changes every logit of a padded row, and the first PPO ratio is no longer
+1 (trlx #508). RoPE depends only on relative positions in exact arithmetic, so the same bug hides there
+(TRL #6800); tests keep GPT-2 in the padding matrix for that reason.
 """
 
+import dataclasses
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -34,17 +52,48 @@ from torch.utils.checkpoint import checkpoint
 
 @dataclass
 class GPTConfig:
-    block_size: int = 1024  # maximum sequence length (n_positions in HF)
+    block_size: int = 1024  # maximum sequence length (n_positions / max_position_embeddings in HF)
     vocab_size: int = 50257
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
     dropout: float = 0.0  # off by default in every stage: dropout makes PPO's ratio != 1 on the first step
-    layer_norm_epsilon: float = 1e-5
+    layer_norm_epsilon: float = 1e-5  # LayerNorm eps (GPT-2) or RMSNorm eps (rms_norm_eps, Llama family)
     scalar_head: bool = False  # add the `score` head (reward model, critic)
     tokenizer: str = "gpt2"  # which tokenizer the ids belong to (data.get_tokenizer); travels with the weights
     reward_gain: float = 1.0  # reward normalization set after RM training (reward_model.py), applied when it scores
     reward_bias: float = 0.0
+    # The Llama family. The defaults are GPT-2; from_pretrained sets these from an HF config.json.
+    model_type: str = "gpt2"  # HF model_type: "gpt2", or "llama" / "qwen2" / "qwen3" (RoPE, RMSNorm, SwiGLU)
+    n_kv_head: int | None = None  # key/value heads (GQA, num_key_value_heads); None: n_head
+    head_dim: int | None = None  # per-head width; None: n_embd // n_head (Qwen3 sets it apart)
+    intermediate_size: int | None = None  # SwiGLU hidden width; None: 4 * n_embd (the GELU MLP)
+    rope_theta: float = 10000.0  # RoPE base (Llama 3: 5e5, Qwen2.5/Qwen3: 1e6)
+    rope_scaling: dict | None = None  # Llama 3.1+ "llama3" scaling: factor, low/high_freq_factor, original_max_position_embeddings
+    qkv_bias: bool = False  # Qwen2: bias on q, k, v only (GPT-2 has biases everywhere regardless)
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k before RoPE
+    tie_word_embeddings: bool = True  # lm_head shares the token embedding (GPT-2, Llama 3.2 1B/3B, Qwen2.5-0.5B, Qwen3-0.6B)
+    bos_token_id: int | None = None  # written to the exported config.json (HF generation reads them)
+    eos_token_id: int | list | None = None
+
+    @property
+    def llama(self) -> bool:
+        """The Llama-family block (RoPE, RMSNorm, SwiGLU, bias-free) rather than GPT-2's."""
+        return self.model_type != "gpt2"
+
+    def __post_init__(self):
+        self.n_kv_head = self.n_kv_head or self.n_head
+        self.head_dim = self.head_dim or self.n_embd // self.n_head
+        self.intermediate_size = self.intermediate_size or 4 * self.n_embd
+        if self.model_type not in ("gpt2", *LLAMA_TYPES):
+            raise ValueError(f"model_type {self.model_type!r} is not supported; choose gpt2 or one of {LLAMA_TYPES}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
+        if not self.llama and (self.n_kv_head != self.n_head or self.head_dim * self.n_head != self.n_embd):
+            raise ValueError("GPT-2 has n_kv_head == n_head and head_dim == n_embd // n_head")
+
+
+LLAMA_TYPES = ("llama", "qwen2", "qwen3")  # HF *ForCausalLM classes: LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
 
 # The published GPT-2 sizes, and small ones for CPU runs and tests.
@@ -73,18 +122,18 @@ class KVCache:
 
     `forward(idx, kv_cache=cache)` attends over the cached prefix plus `idx`, writes the new keys
     and values, and advances `cache.pos` by idx's length. Decoding one token then costs O(pos), not
-    a full recompute, so a rollout of N tokens is linear per token instead of quadratic.
+    a full recompute, so a rollout of N tokens is linear per token instead of quadratic. Under GQA only
+    the n_kv_head key/value heads are stored (keys after RoPE, as HF's cache holds them).
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
-        head_dim = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, max_len, head_dim)
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, nh, T, hs) at positions [pos, pos+T); return the keys and values of [0, pos+T)."""
+        """Store k, v (B, nkv, T, hs) at positions [pos, pos+T); return the keys and values of [0, pos+T)."""
         end = self.pos + k.size(2)
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
@@ -92,57 +141,141 @@ class KVCache:
 
 
 # -----------------------------------------------------------------------------
-# The blocks, at nanoGPT granularity
+# Llama-family pieces: RMSNorm and rotary position embeddings
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight: LayerNorm without the mean and the bias (Zhang & Sennrich 2019).
+    Normalized in float32 and cast back before the gain, as HF's LlamaRMSNorm/Qwen3RMSNorm do, so bf16
+    runs round the same way."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+def rope_inv_freq(config: GPTConfig) -> torch.Tensor:
+    """The RoPE rotation speed of each pair of head dimensions, theta^(-2i/hs) for i < hs/2, float32 (hs/2,).
+
+    With rope_scaling type "llama3" (Llama 3.1/3.2), frequencies whose wavelength exceeds
+    original_max_position_embeddings / low_freq_factor are divided by `factor`, those shorter than
+    .../ high_freq_factor are kept, and the band between is interpolated linearly in 1/wavelength
+    (HF `modeling_rope_utils._compute_llama3_parameters`, transformers 5.24 L643-661; Meta's
+    `apply_scaling` in llama-models). Computed on the fly, never stored: a bf16 cast of the model must not
+    round the frequencies, and a meta-device model needs no buffer to re-initialize.
+    """
+    hs = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hs, 2, dtype=torch.int64).float() / hs))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)  # long wavelengths: slowed
+    smooth = (old_context / wavelen - low) / (high - low)  # 0 at the low edge, 1 at the high edge
+    between = (wavelen <= old_context / low) & (wavelen >= old_context / high)
+    return torch.where(between, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * frequency, each (B, 1, T, hs): the angles of the hs/2 pairs, repeated for
+    the two halves of a head (HF's non-interleaved layout pairs dimension i with i + hs/2). Angles in
+    float32: positions up to 1e5 times frequencies near 1 lose the sub-radian part in bf16."""
+    angles = position_ids[:, None, :, None].float() * inv_freq.to(position_ids.device)  # (B, 1, T, hs/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (B, 1, T, hs)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x_i, x_{i+hs/2}) of x (B, nh, T, hs) by its angle: (x1, x2) -> (x1 cos - x2 sin,
+    x2 cos + x1 sin), HF's `rotate_half` convention (not the interleaved pairs of Meta's original code)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+# -----------------------------------------------------------------------------
+# The blocks, at nanoGPT granularity, with the Llama-family switches
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        assert config.n_embd % config.n_head == 0
-        self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.sizes = [config.n_head * config.head_dim] + 2 * [config.n_kv_head * config.head_dim]  # q, k, v widths
+        bias = not config.llama  # GPT-2: biases everywhere; Llama family: none, except Qwen2's q/k/v
+        self.c_attn = nn.Linear(config.n_embd, sum(self.sizes), bias=bias or config.qkv_bias)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(self.sizes[0], config.n_embd, bias=bias)
+        if config.qk_norm:  # Qwen3: RMSNorm over each head's hs dims of q and k, one gain shared by all heads
+            self.ln_q = RMSNorm(config.head_dim, config.layer_norm_epsilon)
+            self.ln_k = RMSNorm(config.head_dim, config.layer_norm_epsilon)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, attn_mask, kv_cache=None, layer=0):
+    def forward(self, x, attn_mask, rope=None, kv_cache=None, layer=0):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q, k, v = self.c_attn(x).split(self.sizes, dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, nh, hs)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, nkv, hs)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)
+        if hasattr(self, "ln_q"):
+            q, k = self.ln_q(q), self.ln_k(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh or nkv, T, hs)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
-            k, v = kv_cache.update(layer, k, v)  # (B, nh, past+T, hs)
+            k, v = kv_cache.update(layer, k, v)  # (B, nkv, past+T, hs)
+        if self.n_kv_head != self.n_head:  # GQA: query head h reads key/value head h // (nh / nkv), as HF's repeat_kv
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, nh, past+T, hs)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         dropout_p = self.dropout if self.training else 0.0
         if attn_mask is None:  # no padding and no cache: the fast fused causal kernel
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
+    """GPT-2: c_proj(gelu(c_fc(x))), 4x wide. Llama family (SwiGLU, Shazeer 2020): c_fc holds gate and up
+    side by side, c_proj(silu(gate) * up)."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.swiglu = config.llama
+        width = config.intermediate_size
+        self.c_fc = nn.Linear(config.n_embd, 2 * width if self.swiglu else width, bias=not self.swiglu)
+        self.c_proj = nn.Linear(width, config.n_embd, bias=not self.swiglu)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
+        if self.swiglu:
+            gate, up = self.c_fc(x).chunk(2, dim=-1)  # (B, T, width) each
+            return self.dropout(self.c_proj(F.silu(gate) * up))
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+def make_norm(config: GPTConfig, dim: int) -> nn.Module:
+    return RMSNorm(dim, config.layer_norm_epsilon) if config.llama else nn.LayerNorm(dim, eps=config.layer_norm_epsilon)
 
 
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.ln_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, attn_mask, kv_cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), attn_mask, kv_cache, layer)
+    def forward(self, x, attn_mask, rope=None, kv_cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), attn_mask, rope, kv_cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -181,13 +314,15 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+            ln_f=make_norm(config, config.n_embd),
         ))
+        if not config.llama:  # GPT-2's learned absolute positions; the Llama family rotates q and k instead (RoPE)
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
         self.score = nn.Linear(config.n_embd, 1) if config.scalar_head else None
         self.gradient_checkpointing = False
 
@@ -210,7 +345,7 @@ class GPT(nn.Module):
                 normal_(p, 1 / math.sqrt(self.config.n_embd + 1))
             elif name.endswith("c_proj.weight"):
                 normal_(p, 0.02 / math.sqrt(2 * self.config.n_layer))
-            elif "ln_" in name:
+            elif "ln_" in name:  # LayerNorm, RMSNorm, QK-norm gains 1, biases 0
                 p.fill_(1.0 if name.endswith("weight") else 0.0)
             elif name.endswith("bias"):
                 p.zero_()
@@ -240,13 +375,18 @@ class GPT(nn.Module):
         # The fused causal kernel needs no mask when nothing is padded and nothing is cached.
         attn_mask = None if (kv_cache is None and bool(attention_mask.all())) else build_attn_mask(attention_mask, T)
 
-        x = self.transformer.wte(idx) + self.transformer.wpe(position_ids)  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if self.config.llama:  # cos, sin (B, 1, T, hs), one pair for all layers
+            rope = rope_cos_sin(position_ids, rope_inv_freq(self.config), x.dtype)
+        else:
+            x = x + self.transformer.wpe(position_ids)
         x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
             if self.gradient_checkpointing and self.training and kv_cache is None:
-                x = checkpoint(block, x, attn_mask, use_reentrant=False)
+                x = checkpoint(block, x, attn_mask, rope, use_reentrant=False)
             else:
-                x = block(x, attn_mask, kv_cache, layer)
+                x = block(x, attn_mask, rope, kv_cache, layer)
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
             kv_cache.pos += T
@@ -257,40 +397,45 @@ class GPT(nn.Module):
         return scalars if head == "score" else (self.lm_head(x), scalars)
 
     # -------------------------------------------------------------------------
-    # HF GPT-2 weights in and out
+    # HF weights in and out: GPT-2, Llama, Qwen2, Qwen3
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str, **overrides) -> "GPT":
-        """Load HF GPT-2 weights: a directory with config.json and model.safetensors (ours or HF's), or
-        a hub name such as "gpt2" (downloaded through huggingface_hub when online).
+        """Load HF weights (GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, their
+        *ForSequenceClassification, or ours): a directory with config.json and model.safetensors or a sharded
+        model.safetensors.index.json, or a hub name such as "gpt2" or "Qwen/Qwen2.5-0.5B-Instruct"
+        (downloaded through huggingface_hub when online).
 
         Never unpickles: safetensors only (a pickled checkpoint can run code when loaded).
         overrides: GPTConfig fields to change, e.g. dropout=0.0 or scalar_head=True.
+        The tokenizer: ours record it as rlhf_tokenizer; an HF directory that ships its own tokenizer
+        (tokenizer.json) uses that directory; otherwise the name given (a hub name is also a tokenizer name).
         """
         directory = _resolve_hf_dir(name_or_dir)
         with open(os.path.join(directory, "config.json")) as f:
             hf = json.load(f)
-        config = GPTConfig(
-            block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-            n_head=hf["n_head"], n_embd=hf["n_embd"], layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
-            dropout=0.0, scalar_head=hf.get("rlhf_scalar_head", False), tokenizer=hf.get("rlhf_tokenizer", "gpt2"),
-            reward_gain=hf.get("rlhf_reward_gain", 1.0), reward_bias=hf.get("rlhf_reward_bias", 0.0),
-        )
+        config = config_from_hf(hf, source=os.path.join(directory, "config.json"))
+        has_tokenizer = os.path.exists(os.path.join(directory, "tokenizer.json"))
+        if hf.get("rlhf_tokenizer") not in (None, "gpt2", "char") and has_tokenizer:
+            config.tokenizer = directory  # our export carries a copy of its HF tokenizer (save_hf)
+        elif "rlhf_tokenizer" not in hf and config.llama:
+            config.tokenizer = directory if has_tokenizer else name_or_dir
         for key, value in overrides.items():
             setattr(config, key, value)
         model = cls(config)
-        from safetensors.torch import load_file
-        state = load_file(os.path.join(directory, "model.safetensors"))
-        model.load_hf_state_dict(state, source=directory)
+        model.load_hf_state_dict(load_safetensors(directory), source=directory)
         return model
 
     def load_hf_state_dict(self, hf_state: dict, source: str = "state dict"):
-        """Copy an HF-named state dict into this model, key for key (Conv1D weights transposed).
+        """Copy an HF-named state dict into this model, key for key (GPT-2's Conv1D weights transposed;
+        the Llama family's names mapped and its q/k/v and gate/up projections fused, see `_llama_to_ours`).
 
         Missing or mis-shaped keys raise one error that lists them all, naming the source, instead of a
         stack trace from deep inside load_state_dict. A missing `score` head is left as initialized
         (a reward model starts from an SFT checkpoint that has none).
         """
+        if self.config.llama:
+            hf_state = _llama_to_ours(hf_state)
         ours = self.state_dict()
         loaded, problems = {}, []
         for key, value in hf_state.items():
@@ -300,13 +445,14 @@ class GPT(nn.Module):
             if key not in ours:
                 problems.append(f"unexpected key {key} {tuple(value.shape)}")
                 continue
-            if _is_conv1d(key):
+            if not self.config.llama and _is_conv1d(key):
                 value = value.t()
             if value.shape != ours[key].shape:
                 problems.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(ours[key].shape)}")
                 continue
             loaded[key] = value
-        loaded.setdefault("lm_head.weight", loaded.get("transformer.wte.weight"))  # tied
+        if self.config.tie_word_embeddings:
+            loaded.setdefault("lm_head.weight", loaded.get("transformer.wte.weight"))  # tied
         missing = [k for k in ours if k not in loaded and not k.startswith("score.")]
         problems += [f"missing key {k} {tuple(ours[k].shape)}" for k in missing]
         if problems:
@@ -320,43 +466,248 @@ class GPT(nn.Module):
         self.load_state_dict({k: v for k, v in loaded.items() if v is not None}, strict=False)
 
     def save_pretrained(self, directory: str):
-        """Write config.json + model.safetensors in HF GPT-2 format (loads in GPT2LMHeadModel)."""
+        """Write config.json + model.safetensors in HF format (loads in GPT2LMHeadModel, LlamaForCausalLM, ...)."""
         save_hf(directory, self.config, self.state_dict())
 
 
-def to_hf_state_dict(state: dict) -> dict:
-    """Our state dict -> HF GPT-2 names and layouts, float32 on CPU (lm_head omitted: tied to wte)."""
-    out = {}
-    for key, value in state.items():
-        if key == "lm_head.weight":
-            continue
-        value = value.detach().to("cpu", torch.float32)
-        out[key] = (value.t() if _is_conv1d(key) else value).contiguous()
+def config_from_hf(hf: dict, source: str = "config.json") -> GPTConfig:
+    """Our config from an HF config.json dict (GPT-2, Llama, Qwen2, Qwen3; ours adds the rlhf_* keys).
+    Anything this decoder does not implement is an error naming the field, never silently ignored."""
+    ours = dict(dropout=0.0, scalar_head=hf.get("rlhf_scalar_head", False), tokenizer=hf.get("rlhf_tokenizer", "gpt2"),
+                reward_gain=hf.get("rlhf_reward_gain", 1.0), reward_bias=hf.get("rlhf_reward_bias", 0.0))
+    model_type = hf.get("model_type", "gpt2")
+    if model_type == "gpt2":
+        return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                         n_head=hf["n_head"], n_embd=hf["n_embd"], layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+                         **ours)
+    if model_type not in LLAMA_TYPES:
+        raise ValueError(f"{source}: model_type {model_type!r} is not supported; supported: gpt2, {', '.join(LLAMA_TYPES)}")
+    unsupported = [f"{k}={hf[k]!r}" for k, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
+                                                   ("use_sliding_window", False), ("pretraining_tp", 1))
+                   if k in hf and hf[k] != ok and not (k == "attention_bias" and model_type == "qwen2")]
+    if unsupported:
+        raise ValueError(f"{source}: {', '.join(unsupported)} is not implemented by model.py")
+    rope_theta, rope_scaling = rope_from_hf(hf, source)
+    return GPTConfig(
+        model_type=model_type, block_size=hf["max_position_embeddings"], vocab_size=hf["vocab_size"],
+        n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"],
+        n_kv_head=hf.get("num_key_value_heads"), head_dim=hf.get("head_dim"), intermediate_size=hf["intermediate_size"],
+        layer_norm_epsilon=hf.get("rms_norm_eps", 1e-6), rope_theta=rope_theta, rope_scaling=rope_scaling,
+        qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3",
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),  # HF's default for these three classes
+        bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"), **ours)
+
+
+def rope_from_hf(hf: dict, source: str = "config.json") -> tuple[float, dict | None]:
+    """(rope_theta, llama3 scaling or None) from transformers 5's `rope_parameters` dict, or from the older
+    top-level `rope_theta` + `rope_scaling` (transformers 4 and the published Llama/Qwen config.json files)."""
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return float(theta), None
+    if kind != "llama3":
+        raise ValueError(f"{source}: RoPE type {kind!r} is not implemented by model.py (only default and llama3)")
+    scaling = {k: params[k] for k in ("factor", "low_freq_factor", "high_freq_factor")}
+    scaling["original_max_position_embeddings"] = params.get("original_max_position_embeddings",
+                                                             hf["max_position_embeddings"])  # HF's fallback too
+    return float(theta), scaling
+
+
+# HF Llama-family name pieces -> ours. q/k/v_proj become one c_attn, gate/up_proj one c_fc (fused, in this order).
+_LLAMA_RENAMES = {"model": "transformer", "embed_tokens": "wte", "layers": "h", "norm": "ln_f",
+                  "input_layernorm": "ln_1", "post_attention_layernorm": "ln_2", "self_attn": "attn",
+                  "o_proj": "c_proj", "q_norm": "ln_q", "k_norm": "ln_k", "down_proj": "c_proj"}
+_LLAMA_FUSED = {"q_proj": ("c_attn", 0), "k_proj": ("c_attn", 1), "v_proj": ("c_attn", 2),
+                "gate_proj": ("c_fc", 0), "up_proj": ("c_fc", 1)}
+
+
+def _llama_to_ours(hf_state: dict) -> dict:
+    """HF LlamaForCausalLM/Qwen2/Qwen3 (or *ForSequenceClassification) names -> ours, with the fused tensors
+    concatenated along the output dim: model.layers.0.self_attn.{q,k,v}_proj.weight -> transformer.h.0.attn.c_attn.weight.
+    A projection whose fused partners are missing is left out, so the caller reports the fused key missing."""
+    out, parts = {}, {}
+    for key, value in hf_state.items():
+        names = key.split(".")
+        if names[0] not in ("model", "lm_head", "score"):
+            names = ["model"] + names  # a bare LlamaModel's keys
+        if len(names) > 2 and names[-2] in _LLAMA_FUSED:
+            fused, i = _LLAMA_FUSED[names[-2]]
+            parts.setdefault(".".join([_LLAMA_RENAMES.get(n, n) for n in names[:-2]] + [fused, names[-1]]), {})[i] = value
+        else:
+            out[".".join(_LLAMA_RENAMES.get(n, n) for n in names)] = value
+    for key, pieces in parts.items():
+        if len(pieces) == (3 if ".c_attn." in key else 2):
+            out[key] = torch.cat([pieces[i] for i in sorted(pieces)])
     return out
 
 
-def save_hf(directory: str, config: GPTConfig, state: dict):
-    """Write `state` (our names; e.g. consolidated from an FSDP-sharded model) in HF GPT-2 format."""
+def _ours_to_llama(state: dict, config: GPTConfig) -> dict:
+    """The inverse of `_llama_to_ours`: our names -> HF Llama-family names, c_attn and c_fc split apart."""
+    inverse = {v: k for k, v in _LLAMA_RENAMES.items() if k not in ("o_proj", "down_proj")}
+    out = {}
+    for key, value in state.items():
+        names = key.split(".")
+        if names[-2] == "c_attn":
+            q, k, v = value.split([config.n_head * config.head_dim] + 2 * [config.n_kv_head * config.head_dim])
+            pieces = {"q_proj": q, "k_proj": k, "v_proj": v}
+        elif names[-2] == "c_fc":
+            pieces = dict(zip(("gate_proj", "up_proj"), value.chunk(2)))
+        elif names[-2] == "c_proj":
+            pieces = {"o_proj" if names[-3] == "attn" else "down_proj": value}
+        else:
+            out[".".join(inverse.get(n, n) for n in names)] = value
+            continue
+        prefix = ".".join(inverse.get(n, n) for n in names[:-2])
+        for name, piece in pieces.items():
+            out[f"{prefix}.{name}.{names[-1]}"] = piece
+    return out
+
+
+def to_hf_state_dict(state: dict, config: GPTConfig | None = None) -> dict:
+    """Our state dict -> HF names and layouts, float32 on CPU (lm_head omitted when tied to wte).
+    config None means GPT-2 (Conv1D weights transposed)."""
+    llama = config is not None and config.llama
+    out = {}
+    for key, value in state.items():
+        if key == "lm_head.weight" and (config is None or config.tie_word_embeddings):
+            continue
+        value = value.detach().to("cpu", torch.float32)
+        out[key] = (value.t() if not llama and _is_conv1d(key) else value).contiguous()
+    return _ours_to_llama(out, config) if llama else out
+
+
+MAX_SHARD_BYTES = 5 * 1024**3  # HF's max_shard_size in transformers 4 ("5GB"); a 1B model in float32 is one 4-5 GB file
+
+
+def save_hf(directory: str, config: GPTConfig, state: dict, max_shard_bytes: int = MAX_SHARD_BYTES,
+            sequence_classifier: bool = False):
+    """Write `state` (our names; e.g. consolidated from an FSDP-sharded model) in HF format: config.json and
+    model.safetensors, or model-0000i-of-0000n.safetensors shards with a model.safetensors.index.json (HF's
+    layout) when the weights exceed max_shard_bytes. An HF tokenizer directory named by config.tokenizer is
+    copied alongside, so the directory is a complete HF model (AutoTokenizer loads it too).
+    sequence_classifier: see `save_hf_sequence_classifier`."""
     from safetensors.torch import save_file
     os.makedirs(directory, exist_ok=True)
-    save_file(to_hf_state_dict(state), os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    tensors = to_hf_state_dict(state, config)
+    shards, size = [{}], 0
+    for key, value in tensors.items():
+        nbytes = value.numel() * value.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = value
+        size += nbytes
+    for stale in os.listdir(directory):  # a previous save in the other layout would shadow this one
+        if stale.startswith("model") and stale.endswith((".safetensors", ".safetensors.index.json")):
+            os.remove(os.path.join(directory, stale))
+    if len(shards) == 1:
+        save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(directory, name), metadata={"format": "pt"})
+            weight_map.update({key: name for key in shard})
+        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in tensors.values())},
+                 "weight_map": weight_map}
+        with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=2)
     with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(hf_config(config), f, indent=2)
+        json.dump(hf_config(config, sequence_classifier), f, indent=2)
+    _copy_tokenizer(config.tokenizer, directory)
 
 
-def hf_config(config: GPTConfig) -> dict:
-    """The HF GPT2Config fields for our config (GELU tanh = "gelu_new")."""
-    return {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
-        "vocab_size": config.vocab_size, "n_positions": config.block_size, "n_ctx": config.block_size,
-        "n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": None,
-        "layer_norm_epsilon": config.layer_norm_epsilon, "resid_pdrop": config.dropout,
-        "embd_pdrop": config.dropout, "attn_pdrop": config.dropout, "initializer_range": 0.02,
-        "bos_token_id": config.vocab_size - 1, "eos_token_id": config.vocab_size - 1,
-        "tie_word_embeddings": True,
-        # Ours (HF ignores unknown keys): the scalar head, the tokenizer, the reward normalization.
+def load_safetensors(directory: str) -> dict:
+    """All tensors of model.safetensors, or of every shard listed in model.safetensors.index.json."""
+    from safetensors.torch import load_file
+    single, index = (os.path.join(directory, n) for n in ("model.safetensors", "model.safetensors.index.json"))
+    if os.path.exists(single):
+        return load_file(single)
+    if not os.path.exists(index):
+        raise FileNotFoundError(f"{directory} holds neither model.safetensors nor model.safetensors.index.json "
+                                f"(pickled .bin checkpoints are not read: they can run code when loaded)")
+    with open(index) as f:
+        shard_names = sorted(set(json.load(f)["weight_map"].values()))
+    state = {}
+    for name in shard_names:
+        state.update(load_file(os.path.join(directory, name)))
+    return state
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
+
+
+def _copy_tokenizer(tokenizer: str, directory: str):
+    """Copy the files of an HF tokenizer directory (one with tokenizer.json) into the model directory."""
+    if os.path.exists(os.path.join(tokenizer, "tokenizer.json")) and os.path.abspath(tokenizer) != os.path.abspath(directory):
+        for name in TOKENIZER_FILES:
+            if os.path.exists(os.path.join(tokenizer, name)):
+                shutil.copyfile(os.path.join(tokenizer, name), os.path.join(directory, name))
+
+
+def save_hf_sequence_classifier(directory: str, config: GPTConfig, state: dict, pad_token_id: int):
+    """Export a reward model or critic for `transformers.AutoModelForSequenceClassification` (num_labels=1):
+    GPT2/Llama/Qwen2/Qwen3ForSequenceClassification, as TRL's PPOTrainer and RewardTrainer load them.
+
+    HF scores the rightmost token that is not `pad_token_id`, so a batch must be padded with pad_token_id, and
+    pad_token_id must not be the token a sequence ends with (HF #35352: with pad == EOS it reads the token
+    before EOS). Pick a pad id that differs from EOS (Qwen: <|endoftext|> vs <|im_end|>).
+    HF's score Linear has no bias, so the reward normalization is split: the gain is folded into the weight
+    (score.weight = gain * w), the constant gain * b + bias cannot be and is written as rlhf_reward_bias:
+        our reward = HF logits[:, 0] + config.json["rlhf_reward_bias"].
+    Loaded back with GPT.from_pretrained, the export scores exactly as the model it came from.
+    """
+    state = dict(state)
+    w, b = state["score.weight"], state.get("score.bias", torch.zeros(1))
+    state["score.weight"] = config.reward_gain * w
+    state.pop("score.bias", None)
+    offset = float(config.reward_gain * b.float().sum() + config.reward_bias)
+    exported = dataclasses.replace(config, scalar_head=True, reward_gain=1.0, reward_bias=offset)
+    save_hf(directory, exported, state, sequence_classifier=True)
+    with open(os.path.join(directory, "config.json")) as f:
+        hf = json.load(f)
+    hf["pad_token_id"] = pad_token_id
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+
+
+def hf_config(config: GPTConfig, sequence_classifier: bool = False) -> dict:
+    """The HF config.json fields for our config: GPT2Config (GELU tanh = "gelu_new"), or LlamaConfig /
+    Qwen2Config / Qwen3Config with RoPE written both ways (transformers 5 `rope_parameters`, and the older
+    `rope_theta` + `rope_scaling` that transformers 4 reads)."""
+    ours = {  # HF ignores unknown keys: the scalar head, the tokenizer, the reward normalization
         "rlhf_scalar_head": config.scalar_head, "rlhf_tokenizer": config.tokenizer,
         "rlhf_reward_gain": config.reward_gain, "rlhf_reward_bias": config.reward_bias,
+    }
+    head = "ForSequenceClassification" if sequence_classifier else "ForCausalLM"
+    labels = {"num_labels": 1, "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}} if sequence_classifier else {}
+    if not config.llama:
+        return {
+            "architectures": ["GPT2ForSequenceClassification" if sequence_classifier else "GPT2LMHeadModel"],
+            "model_type": "gpt2", "activation_function": "gelu_new",
+            "vocab_size": config.vocab_size, "n_positions": config.block_size, "n_ctx": config.block_size,
+            "n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": None,
+            "layer_norm_epsilon": config.layer_norm_epsilon, "resid_pdrop": config.dropout,
+            "embd_pdrop": config.dropout, "attn_pdrop": config.dropout, "initializer_range": 0.02,
+            "bos_token_id": config.vocab_size - 1, "eos_token_id": config.vocab_size - 1,
+            "tie_word_embeddings": True, **labels, **ours,
+        }
+    arch = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}[config.model_type] + head
+    rope = {"rope_type": "llama3" if config.rope_scaling else "default", "rope_theta": config.rope_theta,
+            **(config.rope_scaling or {})}
+    return {
+        "architectures": [arch], "model_type": config.model_type, "hidden_act": "silu",
+        "vocab_size": config.vocab_size, "max_position_embeddings": config.block_size,
+        "hidden_size": config.n_embd, "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_kv_head, "head_dim": config.head_dim, "rms_norm_eps": config.layer_norm_epsilon,
+        "rope_parameters": rope, "rope_theta": config.rope_theta, "rope_scaling": rope if config.rope_scaling else None,
+        "attention_bias": config.qkv_bias, "attention_dropout": config.dropout, "mlp_bias": False,
+        "use_sliding_window": False, "tie_word_embeddings": config.tie_word_embeddings,
+        "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "initializer_range": 0.02,
+        "dtype": "float32", **labels, **ours,
     }
 
 
@@ -369,11 +720,12 @@ def _resolve_hf_dir(name_or_dir: str) -> str:
         return name_or_dir
     try:
         from huggingface_hub import snapshot_download
-        return snapshot_download(name_or_dir, allow_patterns=["config.json", "model.safetensors"])
+        return snapshot_download(name_or_dir, allow_patterns=["config.json", "model.safetensors", "model-*.safetensors",
+                                                              "model.safetensors.index.json", *TOKENIZER_FILES])
     except Exception as e:
         raise FileNotFoundError(
             f"could not load {name_or_dir!r}: it is not a local directory, and the hub download failed "
-            f"({type(e).__name__}). Offline? Point at a local HF GPT-2 directory holding config.json and model.safetensors."
+            f"({type(e).__name__}). Offline? Point at a local HF directory holding config.json and model.safetensors."
         ) from e
 
 
