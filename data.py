@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import re
 import warnings
 import zlib
 from collections import Counter
@@ -34,7 +35,7 @@ class DataError(ValueError):
 
 
 # -----------------------------------------------------------------------------
-# Tokenizers: .encode(str) -> list[int], .decode(list[int]) -> str, .eos_id, .vocab_size, .name
+# Tokenizers: .encode(str) -> list[int], .decode(list[int]) -> str, .eos_id, .pad_id, .vocab_size, .name
 
 DEFAULT_ALPHABET = "abcdefghijklmnopqrstuvwxyz="
 
@@ -49,6 +50,7 @@ class CharTokenizer:
         self.alphabet = alphabet
         self.stoi = {c: i for i, c in enumerate(alphabet)}
         self.eos_id = len(alphabet)
+        self.pad_id = self.eos_id
         self.vocab_size = len(alphabet) + 1
 
     def encode(self, text: str) -> list[int]:
@@ -98,6 +100,7 @@ class BPETokenizer:
     never smuggle in an EOS."""
     name = "gpt2"
     eos_id = 50256
+    pad_id = 50256  # GPT-2 has no pad token: pad with EOS, the mask does the rest
     vocab_size = 50257
 
     def __init__(self):
@@ -115,13 +118,47 @@ class BPETokenizer:
         return self.enc.decode([int(i) for i in ids])
 
 
+class HFTokenizer:
+    """An HF tokenizer: a directory holding tokenizer.json + tokenizer_config.json (Qwen2.5, Qwen3, Llama 3,
+    SmolLM2, or one saved next to our checkpoints), or a hub name, through transformers.AutoTokenizer.
+
+    EOS and pad come from the tokenizer's own config (eos_token, pad_token), never hard-coded: an instruct
+    model's EOS is its end-of-turn token (Qwen's <|im_end|>), and Qwen's pad <|endoftext|> differs from it
+    (REFERENCES 5.3b). A tokenizer without a pad token pads with EOS, our convention (every ids tensor comes
+    with a mask). Unlike BPETokenizer, text that spells a special token ("<|im_end|>") IS encoded as that
+    token, as HF and TRL do: the chat template writes its markers as text (see `apply_chat_template`).
+    """
+
+    def __init__(self, name: str):
+        try:
+            from transformers import AutoTokenizer
+            self.hf = AutoTokenizer.from_pretrained(name)
+        except Exception as e:
+            raise ValueError(f"cannot load tokenizer {name!r} ({type(e).__name__}: {e}); expected 'char', 'gpt2', "
+                             f"or an HF tokenizer directory (tokenizer.json + tokenizer_config.json) or hub name") from e
+        if self.hf.eos_token_id is None:
+            raise ValueError(f"tokenizer {name!r} has no eos_token (tokenizer_config.json); generation could not stop")
+        self.name = name
+        self.eos_id = self.hf.eos_token_id
+        self.pad_id = self.hf.pad_token_id if self.hf.pad_token_id is not None else self.eos_id
+        self.vocab_size = len(self.hf)  # with added tokens; the model's embedding may be larger (Qwen pads to 151936)
+        self.chat_template = self.hf.chat_template
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False)  # BOS, if any, comes from the chat template
+
+    def decode(self, ids) -> str:
+        return self.hf.decode([int(i) for i in ids])
+
+
 def get_tokenizer(name: str):
-    """"char" for the built-in task, "gpt2" for text datasets."""
+    """"char" for the built-in task, "gpt2" for text datasets, else an HF tokenizer directory or hub name
+    (HFTokenizer; the model's config.tokenizer names it, so the tokenizer travels with the checkpoint)."""
     if name == "char":
         return CharTokenizer()
     if name == "gpt2":
         return BPETokenizer()
-    raise ValueError(f"unknown tokenizer {name!r}; choices: 'char', 'gpt2'")
+    return HFTokenizer(name)
 
 
 # -----------------------------------------------------------------------------
@@ -275,6 +312,7 @@ def _split_conversation(conversation: str) -> tuple[str, str]:
 
 def _adapt(rec: dict, where: str) -> tuple[str, list[str] | None]:
     """(prompt, responses best first) from any known format; responses is None for a prompt-only record."""
+    rec = messages_to_text_record(rec, where)  # TRL's conversational formats: lists of {"role", "content"}
     if "responses" in rec:  # canonical ranked
         responses = rec["responses"]
         if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
@@ -442,6 +480,130 @@ def load_records(source: str, kind: str, split: str = "train", max_records: int 
         random.Random(seed).shuffle(records)
         records = records[:max_records]
     return records
+
+
+# -----------------------------------------------------------------------------
+# Conversations and chat templates
+#
+# Conversations travel through the loader as Anthropic HH text, "\n\nHuman: ...\n\nAssistant: ...", the format
+# of the HH data itself: TRL's conversational records ({"messages": [...]}, {"prompt": [...], "chosen": [...]})
+# are written in it on load, so every stage sees plain (prompt, response) strings as before. For an instruct
+# model, `apply_chat_template` then re-reads the turns and renders the prompt with the model's chat template,
+# ending with the generation prompt; the response is the assistant's text, and encode_pair adds the EOS (the
+# template's end-of-turn token, checked), so loss and score masks cover exactly the assistant's answer + EOS.
+
+HH_ROLES = {"Human": "user", "Assistant": "assistant", "System": "system"}
+_HH_TAGS = {role: tag for tag, role in HH_ROLES.items()}
+
+
+def text_to_messages(text: str) -> list[dict]:
+    """HH text -> chat messages: "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Bye\n\nAssistant:" ->
+    [user "Hi", assistant "Hello.", user "Bye"]. Contents are stripped; the trailing empty "Assistant:" (the
+    generation prompt) is dropped. Text before the first tag, or a turn with an unknown tag, is an error (the
+    prompt is not a conversation; use --chat_template=none). A turn text that itself contains "\n\nHuman:"
+    splits there, as in the HH data."""
+    pieces = re.split(r"\n\n(" + "|".join(HH_ROLES) + r"):", text)
+    if pieces[0].strip():
+        raise DataError(f"prompt {text[:60]!r} does not start with a '\\n\\nHuman:' turn, so it cannot be rendered "
+                        f"with a chat template (use --chat_template=none)")
+    messages = [{"role": HH_ROLES[tag], "content": body.strip()} for tag, body in zip(pieces[1::2], pieces[2::2])]
+    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        messages.pop()
+    return messages
+
+
+def messages_to_text(messages: list, where: str = "record") -> str:
+    """Chat messages -> HH text, each turn "\n\n{Human|Assistant|System}: content"; the inverse of text_to_messages."""
+    out = []
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in _HH_TAGS):
+            raise DataError(f"{where}: message {i} is not {{'role': user|assistant|system, 'content': str}}: {str(m)[:80]}")
+        out.append(f"\n\n{_HH_TAGS[m['role']]}: {m['content']}")
+    return "".join(out)
+
+
+def messages_to_text_record(rec: dict, where: str) -> dict:
+    """A TRL conversational record in HH text form; other records unchanged. Formats (TRL docs, "Dataset formats"):
+    {"messages": [..., assistant]} (sft); {"prompt": [...], "completion": [assistant]}; {"prompt": [...],
+    "chosen": [assistant], "rejected": [assistant]} (explicit prompt); {"chosen": [...], "rejected": [...]}
+    (implicit prompt: full conversations that differ in the last turn)."""
+    def is_chat(v):
+        return isinstance(v, list) and v and all(isinstance(m, dict) for m in v)
+    if not any(is_chat(rec.get(k)) for k in ("messages", "prompt", "chosen", "rejected", "completion")):
+        return rec
+    rec = dict(rec)
+    if is_chat(rec.get("messages")):
+        *turns, last = rec.pop("messages")
+        if last.get("role") != "assistant":
+            raise _Skip("'messages' not ending with an assistant turn")
+        rec["prompt"], rec["response"] = messages_to_text(turns, where) + "\n\nAssistant:", " " + last["content"]
+    if is_chat(rec.get("prompt")):
+        rec["prompt"] = messages_to_text(rec["prompt"], where) + "\n\nAssistant:"
+        for key in ("completion", "chosen", "rejected"):  # the assistant turn(s) that follow the prompt
+            if is_chat(rec.get(key)):
+                rec[key] = " " + " ".join(m["content"] for m in rec[key])
+    for key in ("chosen", "rejected"):  # implicit prompt: split later by _split_conversation
+        if is_chat(rec.get(key)):
+            rec[key] = messages_to_text(rec[key], where)
+    return rec
+
+
+def load_chat_template(tok, chat_template: str) -> str | None:
+    """--chat_template: "none" -> None (plain text prompts), "auto" -> the tokenizer's own template (None if it
+    has none: a base model), anything else -> the Jinja file at that path."""
+    if chat_template == "none":
+        return None
+    if chat_template == "auto":
+        return getattr(tok, "chat_template", None)
+    if not os.path.isfile(chat_template):
+        raise DataError(f"--chat_template={chat_template}: no such file (use none, auto, or a Jinja file)")
+    return Path(chat_template).read_text()
+
+
+def render_prompt(tok, template: str, prompt: str) -> str:
+    """The HH-text prompt rendered by the chat template, ending with the generation prompt (the assistant
+    header the model continues from), as TRL renders conversational prompts (apply_chat_template with
+    add_generation_prompt=True)."""
+    return tok.hf.apply_chat_template(text_to_messages(prompt), chat_template=template, tokenize=False,
+                                      add_generation_prompt=True)
+
+
+def check_template_eos(tok, template: str):
+    """The token the template writes right after an assistant's text must be the tokenizer's EOS, or the policy
+    would learn to end its turn with a token generation does not stop at (Qwen base tokenizers have EOS
+    <|endoftext|> but the template ends turns with <|im_end|>)."""
+    marker = "Zq"
+    convo = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": marker}]
+    full = tok.hf.apply_chat_template(convo, chat_template=template, tokenize=False)
+    after = full[full.rindex(marker) + len(marker):]
+    ids = tok.encode(after)
+    if not ids or ids[0] != tok.eos_id:
+        raise DataError(f"the chat template ends an assistant turn with {after[:20]!r}, whose first token "
+                        f"{ids[:1]} is not the tokenizer's EOS {tok.eos_id} ({tok.decode([tok.eos_id])!r}); "
+                        f"set eos_token in tokenizer_config.json to the end-of-turn token")
+
+
+def apply_chat_template(records: list[dict], tok, chat_template: str = "auto") -> list[dict]:
+    """Records with every prompt rendered by the model's chat template, and responses without the leading
+    space HH puts after "Assistant:" (the template's header separates them). "none", or "auto" for a tokenizer
+    without a template, returns the records unchanged. Earlier assistant turns stay in the prompt: only the
+    last assistant turn is trained on and scored (as HH's prompt/response split; TRL's assistant_only_loss
+    would also train on earlier turns). Not yet wired into the stage configs: each stage would call this on
+    its records after load_records, with a `chat_template: str = "none"` field."""
+    template = load_chat_template(tok, chat_template)
+    if template is None:
+        return records
+    check_template_eos(tok, template)
+    out = []
+    for rec in records:
+        rec = dict(rec, prompt=render_prompt(tok, template, rec["prompt"]))
+        for key in ("response", "chosen", "rejected"):
+            if key in rec:
+                rec[key] = rec[key].strip()
+        if "responses" in rec:
+            rec["responses"] = [r.strip() for r in rec["responses"]]
+        out.append(rec)
+    return out
 
 
 # -----------------------------------------------------------------------------
