@@ -80,7 +80,13 @@ def build_tokenizer():
     return tok
 
 
-def hf_config():
+def hf_config(family: str = "gpt2"):
+    if family == "qwen2":  # TRL's own CI model family (tiny-Qwen2ForCausalLM-2.5), tiny and random, GQA 4/2
+        from transformers import Qwen2Config
+        return Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                           initializer_range=0.1, tie_word_embeddings=True, bos_token_id=EOS, eos_token_id=EOS,
+                           pad_token_id=PAD, num_labels=1, attn_implementation="eager")
     from transformers import GPT2Config
     # initializer_range 0.1 (HF default 0.02) so that logits, values and scores are O(1) and the update is
     # visible; dropout 0 everywhere (TRL disables it too); eager attention for plain, deterministic math.
@@ -90,22 +96,22 @@ def hf_config():
                       attn_implementation="eager")
 
 
-def save_initial_models(root: str) -> dict:
-    """Random tiny HF GPT-2s, saved with save_pretrained: policy, a reference that differs from it (so the
-    KL term is not ~0), and reward and value models with different weights (so a mix-up would show)."""
-    from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
-    cfg = hf_config()
+def save_initial_models(root: str, family: str = "gpt2") -> dict:
+    """Random tiny HF models (GPT-2, or Qwen2), saved with save_pretrained: policy, a reference that differs
+    from it (so the KL term is not ~0), and reward and value models with different weights (so a mix-up would show)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    cfg = hf_config(family)
     torch.manual_seed(1)
-    policy = GPT2LMHeadModel(cfg)
+    policy = AutoModelForCausalLM.from_config(cfg)
     ref = copy.deepcopy(policy)
     with torch.no_grad():
         g = torch.Generator().manual_seed(2)
         for p in ref.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     torch.manual_seed(3)
-    reward = GPT2ForSequenceClassification(cfg)
+    reward = AutoModelForSequenceClassification.from_config(cfg)
     torch.manual_seed(4)
-    value = GPT2ForSequenceClassification(cfg)
+    value = AutoModelForSequenceClassification.from_config(cfg)
     dirs = {}
     for name, m in [("policy", policy), ("ref", ref), ("reward", reward), ("value", value)]:
         dirs[name] = os.path.join(root, name)
@@ -127,7 +133,7 @@ def run_trl(dirs: dict, workdir: str, layout: str, adam_epsilon: float | None = 
     logged metrics and the final weights (HF names). adam_epsilon None = TRL's default (HF's 1e-8)."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     import datasets
-    from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     from trl.experimental.ppo import ppo_trainer as trl_ppo
 
@@ -135,8 +141,8 @@ def run_trl(dirs: dict, workdir: str, layout: str, adam_epsilon: float | None = 
     B = len(PROMPTS)
     tok = build_tokenizer()
     load = lambda cls, name: cls.from_pretrained(dirs[name], attn_implementation="eager")  # noqa: E731
-    policy, ref = load(GPT2LMHeadModel, "policy"), load(GPT2LMHeadModel, "ref")
-    reward, value = load(GPT2ForSequenceClassification, "reward"), load(GPT2ForSequenceClassification, "value")
+    policy, ref = load(AutoModelForCausalLM, "policy"), load(AutoModelForCausalLM, "ref")
+    reward, value = load(AutoModelForSequenceClassification, "reward"), load(AutoModelForSequenceClassification, "value")
     args = PPOConfig(
         output_dir=workdir, report_to=[], use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
         seed=SEED, learning_rate=LR, per_device_train_batch_size=B, gradient_accumulation_steps=1,
@@ -298,5 +304,5 @@ def run_ours(dirs: dict, trl: dict, cfg: ppo.Config, freeze_critic_bias: bool = 
         ppo.policy_loss, ppo.value_loss, torch.randperm = real_policy_loss, real_value_loss, real_randperm
     from model import to_hf_state_dict
     return {"exp": exp, "stats": stats, "steps": steps,
-            "policy_state": to_hf_state_dict(policy.state_dict()),
-            "critic_state": to_hf_state_dict(critic.state_dict())}
+            "policy_state": to_hf_state_dict(policy.state_dict(), policy.config),
+            "critic_state": to_hf_state_dict(critic.state_dict(), critic.config)}
