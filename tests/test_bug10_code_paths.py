@@ -94,3 +94,23 @@ def test_dpo_loss_types_hand_values():
     ipo, _, _ = dpo.dpo_loss(h, zero, zero, zero, beta=0.5, loss_type="ipo")
     assert torch.allclose(sig, -torch.nn.functional.logsigmoid(0.5 * h))
     assert torch.allclose(ipo, (h - 1.0) ** 2)
+
+
+def test_ipo_average_flag_reaches_the_loss():
+    """--ipo_average (TRL's IPO, --preset=trl) divides each log-prob by its response length before the loss;
+    sums stay the default, and the sigmoid loss always sums."""
+    from types import SimpleNamespace
+    model = GPT(config_for("tiny", vocab_size=20)).eval()
+    model.init_weights(seed=0)
+    triples = [([1, 2, 3], [4, 5, 6, 7, 8], [9, 10]), ([11, 12], [13], [14, 15, 16])]
+    batch = data.collate_pairs(triples, pad_id=0)
+    with torch.no_grad():
+        sums = dpo.pair_logps(model, batch, Dist(), bf16=False)
+        avgs = dpo.pair_logps(model, batch, Dist(), bf16=False, average=True)
+    lengths = (torch.tensor([5, 1]), torch.tensor([2, 3]))
+    for s, a, n in zip(sums, avgs, lengths):
+        assert torch.allclose(a, s / n, atol=1e-6)
+    assert dpo.averaged_logps(SimpleNamespace(loss_type="ipo", ipo_average=True))
+    assert not dpo.averaged_logps(SimpleNamespace(loss_type="sigmoid", ipo_average=True))
+    assert not dpo.averaged_logps(dpo.Config(loss_type="ipo"))
+    assert dpo.apply_preset(["--preset=trl"]) == {"beta": 0.1, "ipo_average": True, "preset": "trl"}
