@@ -63,9 +63,9 @@ def _load_file(name: str, path: str):
 
 
 def load_openrlhf_experience_maker():
-    """openrlhf/trainer/ppo_utils/experience_maker.py, loaded by path.
+    """openrlhf/trainer/ppo_utils/experience_maker.py and models/loss.py, loaded by path.
 
-    Real: the file itself, models/utils.py (compute_reward, compute_approx_kl, masked_mean),
+    Real: the file itself, models/utils.py (compute_reward, compute_approx_kl, masked_mean), models/loss.py,
     trainer/ppo_utils/length_penalty.py and utils/logging_utils.py. Stand-ins (empty modules): ray,
     deepspeed (models/utils.py's set_z3_leaf_modules only), ppo_utils.experience (the Experience class is
     a type hint there), trainer.ray.launcher (RayActorGroup, for the remote forward passes), and
@@ -84,6 +84,7 @@ def load_openrlhf_experience_maker():
                                             "get_seqlen_balanced_partitions": None},
     }
     real = [("openrlhf.utils.logging_utils", "utils/logging_utils.py"), ("openrlhf.models.utils", "models/utils.py"),
+            ("openrlhf.models.loss", "models/loss.py"),
             ("openrlhf.trainer.ppo_utils.length_penalty", "trainer/ppo_utils/length_penalty.py")]
     names = list(stand_ins) + [n for n, _ in real] + ["_orlhf_experience_maker"]
     saved = {k: sys.modules.get(k) for k in names}
@@ -102,4 +103,4 @@ def load_openrlhf_experience_maker():
                 sys.modules.pop(k, None)
             else:
                 sys.modules[k] = v
-    return types.SimpleNamespace(maker=maker, utils=loaded["openrlhf.models.utils"])
+    return types.SimpleNamespace(maker=maker, utils=loaded["openrlhf.models.utils"], loss=loaded["openrlhf.models.loss"])

@@ -90,3 +90,40 @@ def test_rewards_advantages_returns_match_openrlhf(openrlhf):
     assert (b["scores"].abs() > OPENRLHF["reward_clip"]).any()  # the clip is exercised
     assert torch.allclose(ret * mask, theirs_ret * mask, atol=1e-5, rtol=0), ((ret - theirs_ret) * mask).abs().max()
     assert torch.allclose(adv, theirs_adv * mask, atol=1e-5, rtol=0), ((adv - theirs_adv) * mask).abs().max()
+
+
+def test_tis_matches_openrlhf_policy_loss(openrlhf):
+    """OpenRLHF's token-level IS correction in clip mode (models/loss.py `PolicyLoss`, is_correction_mode="clip":
+    loss x clamp(exp(old - rollout), low, high)) with low 0 is our TIS (`truncated_is_weight`, cap = high)."""
+    g = torch.Generator().manual_seed(4)
+    B, N, cap = 4, 7, 2.0
+    mask = torch.rand(B, N, generator=g) > 0.2
+    new, old = -torch.rand(B, N, generator=g) * 2, -torch.rand(B, N, generator=g) * 2
+    rollout = old + 0.8 * torch.randn(B, N, generator=g)  # the sampler's log-probs, some far off
+    adv = torch.randn(B, N, generator=g)
+    theirs = openrlhf.loss.PolicyLoss(clip_eps_low=0.2, clip_eps_high=0.2, is_correction_level="token",
+                                      is_correction_mode="clip", is_correction_threshold=(0.0, cap))
+    their_loss = theirs(new, old, adv, mask.float(), rollout_log_probs=rollout)[0]
+    w = ppo.truncated_is_weight(old, rollout, cap)
+    assert (w == cap).any() and (w < 1).any()
+    ours, _ = ppo.policy_loss(new, old, adv * w, mask, 0.2)
+    assert torch.allclose(ours, their_loss, atol=1e-6, rtol=0), (ours, their_loss)
+
+
+@pytest.mark.parametrize("ipo", [False, True])
+def test_dpo_and_ipo_losses_match_openrlhf(openrlhf, ipo):
+    """OpenRLHF's DPOLoss on summed log-probs equals ours with the default --ipo_average=False."""
+    import dpo
+    g = torch.Generator().manual_seed(5)
+    logps = [-torch.rand(6, generator=g) * 20 for _ in range(4)]
+    theirs = openrlhf.loss.DPOLoss(beta=0.1, label_smoothing=0.0, ipo=ipo)(*logps)[0]
+    ours = dpo.dpo_loss(*logps, beta=0.1, loss_type="ipo" if ipo else "sigmoid")[0].mean()
+    assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-6), (ours, theirs)
+
+
+def test_pairwise_rm_loss_matches_openrlhf(openrlhf):
+    import reward_model
+    g = torch.Generator().manual_seed(6)
+    chosen, rejected = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    theirs = openrlhf.loss.PairWiseLoss()(chosen, rejected)
+    assert torch.allclose(reward_model.bradley_terry_loss(chosen, rejected), theirs, atol=1e-6)
