@@ -112,3 +112,16 @@ def test_ppo_loss_matches_torchtune(torchtune):
     assert abs(float(stats["clipfrac"]) - float(clipfrac)) < 1e-6 and 0 < float(clipfrac) < 1
     loss.backward(), our_loss.backward()
     assert torch.allclose(ours_new.grad, new_logp.grad, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_dpo_loss_matches_torchtune(torchtune, label_smoothing):
+    """torchtune/rlhf/loss/dpo.py `DPOLoss` (sigmoid, conservative with label_smoothing): losses and rewards."""
+    import dpo
+    from torchtune.rlhf.loss import DPOLoss
+    g = torch.Generator().manual_seed(7)
+    logps = [-torch.rand(6, generator=g) * 20 for _ in range(4)]
+    theirs = DPOLoss(beta=0.1, label_smoothing=label_smoothing)(*logps)
+    ours = dpo.dpo_loss(*logps, beta=0.1, label_smoothing=label_smoothing)
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-6)
