@@ -67,9 +67,13 @@ class Config:
     """strength of the implicit KL penalty: smaller lets the policy move further (DPO paper and TRL: 0.1; N+ TL;DR: 0.05).
     0.5 for the default task: with 0.1, 4 of 5 runs stopped ending their samples within 250 steps (see the docstring)"""
     loss_type: str = "sigmoid"
-    """"sigmoid": DPO (Rafailov et al. 2023); "ipo": IPO (Azar et al. 2023) on sequence-summed log-probs, see dpo_loss"""
+    """"sigmoid": DPO (Rafailov et al. 2023); "ipo": IPO (Azar et al. 2023) on sequence-summed log-probs, or per-token averaged with --ipo_average; see dpo_loss"""
     label_smoothing: float = 0.0
     """assumed probability that a label is flipped (conservative DPO; OpenRLHF --label_smoothing); sigmoid only"""
+    ipo_average: bool = False
+    """loss_type=ipo on per-token AVERAGED log-probs (TRL PR #1265, after consulting the IPO authors; --preset=trl) instead of summed (OpenRLHF). The same beta means L times more with sums"""
+    preset: str = ""
+    """"trl": TRL 1.12 DPOConfig's defaults (beta 0.1, IPO on per-token averages); explicit flags win"""
     batch_size: int = 64
     """global batch in pairs per optimizer step, whatever the number of processes"""
     micro_batch_size: int = 64
@@ -118,22 +122,29 @@ class Config:
     """steps between metric lines"""
 
 
+# TRL 1.12 `trl/trainer/dpo_config.py` (beta 0.1) and `dpo_trainer.py` (ipo divides each log-ratio by the
+# response length). Only the knobs where TRL differs from the defaults above.
+PRESETS = {"trl": dict(beta=0.1, ipo_average=True)}
+
+
 # -----------------------------------------------------------------------------
 # The math
 
 
 def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
-                   temperature: float = 1.0) -> torch.Tensor:
+                   temperature: float = 1.0, average: bool = False) -> torch.Tensor:
     """log pi(response | prompt): the sum of token log-probs over the tokens loss_mask marks, float32.
 
     logits (B, T, V) at position t predict input_ids[t + 1]; loss_mask (B, T) marks response tokens (data.collate_sft,
     data.collate_pairs), so prompt and padding positions add exactly 0 and get no gradient (torch.where, not a
     product: a non-finite logit at a pad position cannot leak in). Summed, not averaged: DPO's log pi(y|x) is a
     sequence log-likelihood (paper, eq. 7; TRL `dpo_trainer.py` _compute_loss and OpenRLHF sum likewise).
-    Float32 log-softmax via model.token_logprobs; temperature 1 for training, the sampling T for eval/kl."""
+    Float32 log-softmax via model.token_logprobs; temperature 1 for training, the sampling T for eval/kl.
+    average=True divides by the response length: IPO as TRL computes it (--ipo_average, TRL PR #1265)."""
     logp = token_logprobs(logits[:, :-1], input_ids[:, 1:], temperature)  # (B, T - 1)
     mask = loss_mask[:, 1:].bool()
-    return torch.where(mask, logp, torch.zeros_like(logp)).sum(-1)
+    total = torch.where(mask, logp, torch.zeros_like(logp)).sum(-1)
+    return total / mask.sum(-1) if average else total
 
 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
@@ -148,11 +159,11 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
       older TRL releases' sigmoid loss; TRL 1.12's sigmoid ignores label_smoothing ("robust" and "exo_pair" use it).
       The loss is log 2 where the policy equals the reference, whatever beta.
     - "ipo": (h - 1 / (2 beta))^2 (Azar et al. 2023, eq. 17): regresses the margin to a finite target instead of
-      pushing it to infinity, which DPO does on deterministic preferences. On sequence-SUMMED log-probs, as
-      OpenRLHF's `DPOLoss(ipo=True)`; TRL 1.12 first divides each log-ratio by its response length (a per-token
-      average the IPO authors confirmed to TRL). We keep one definition of log pi(y|x) for every loss in this file;
-      the price is that h grows with response length: a sum over L tokens is L times TRL's average, so the same
-      target margin needs a beta about L times smaller here than in TRL.
+      pushing it to infinity, which DPO does on deterministic preferences. By default on sequence-SUMMED log-probs,
+      as OpenRLHF's `DPOLoss(ipo=True)`; then h grows with response length (a sum over L tokens is L times an
+      average), so the same target margin needs a beta about L times smaller. --ipo_average (set by --preset=trl)
+      passes per-token averages instead, as TRL 1.12 does (`dpo_trainer.py` L1470-1481, PR #1265: each log-ratio
+      divided by its response length, a form the IPO authors confirmed to TRL); the formula here is unchanged.
       tests/test_dpo.py checks that TRL's ipo equals ours on length-averaged inputs.
     The rewards are DPO's implicit rewards beta (log pi - log ref) (eq. 5, up to beta log Z(x)), detached: logged
     as TRL's rewards/chosen and rewards/rejected, never differentiated."""
@@ -188,12 +199,13 @@ def encode_pairs(records: list[dict], tok, cfg: Config, stats: data.TruncationSt
     return [e for e in encoded if e is not None]
 
 
-def pair_logps(model, batch: dict, d: Dist, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward over the 2B rows of data.collate_pairs -> (chosen (B,), rejected (B,)) summed response log-probs."""
+def pair_logps(model, batch: dict, d: Dist, bf16: bool, average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward over the 2B rows of data.collate_pairs -> (chosen (B,), rejected (B,)) summed response log-probs
+    (per-token averaged with average=True)."""
     ids, mask = batch["input_ids"].to(d.device), batch["attention_mask"].to(d.device)
     with autocast(d, bf16):
         logits = model(ids, attention_mask=mask)
-    return sequence_logps(logits, ids, batch["loss_mask"].to(d.device)).chunk(2)
+    return sequence_logps(logits, ids, batch["loss_mask"].to(d.device), average=average).chunk(2)
 
 
 def heldout_prompts(eval_records: list[dict], cfg: Config) -> list[str]:
@@ -234,7 +246,8 @@ def evaluate(policy, ref, tok, eval_items: list[tuple], prompts: list[str], cfg:
     parts = []
     for start in range(0, len(eval_items), cfg.micro_batch_size):
         batch = data.collate_pairs(eval_items[start:start + cfg.micro_batch_size], tok.eos_id)
-        parts.append(dpo_loss(*pair_logps(policy, batch, d, cfg.bf16), *pair_logps(ref, batch, d, cfg.bf16),
+        avg = averaged_logps(cfg)
+        parts.append(dpo_loss(*pair_logps(policy, batch, d, cfg.bf16, avg), *pair_logps(ref, batch, d, cfg.bf16, avg),
                               cfg.beta, cfg.label_smoothing, cfg.loss_type))
     losses, chosen, rejected = (torch.cat(column) for column in zip(*parts))
     metrics = {"eval/loss": losses.mean().item(), "eval/rewards/chosen": chosen.mean().item(),
@@ -260,8 +273,23 @@ def evaluate(policy, ref, tok, eval_items: list[tuple], prompts: list[str], cfg:
 # The stage
 
 
+def averaged_logps(cfg: Config) -> bool:
+    """Per-token averaged log-probs: IPO under --ipo_average only; DPO's sigmoid always sums (TRL too)."""
+    return cfg.loss_type == "ipo" and cfg.ipo_average
+
+
+def apply_preset(argv) -> dict:
+    """--preset=NAME fills the config from PRESETS; explicit flags still win (parse_config order)."""
+    name = next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), "")
+    if name and name not in PRESETS:
+        raise SystemExit(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return dict(PRESETS.get(name, {}), preset=name) if name else {}
+
+
 def main(argv=None):
-    cfg = parse_config(Config, argv)
+    import sys
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg = parse_config(Config, [a for a in argv if not a.startswith("--preset=")], **apply_preset(argv))
     if cfg.loss_type not in ("sigmoid", "ipo"):
         raise SystemExit(f"--loss_type={cfg.loss_type!r}: choose sigmoid or ipo")
     if not 0.0 <= cfg.label_smoothing < 0.5 or (cfg.label_smoothing and cfg.loss_type != "sigmoid"):
@@ -343,8 +371,8 @@ def main(argv=None):
             # One forward per model scores chosen and rejected together (rows 0..B-1 chosen, B..2B-1 rejected).
             batch = data.collate_pairs(batch_items[i:i + micro], tok.eos_id)
             with torch.no_grad():
-                ref_chosen, ref_rejected = pair_logps(ref, batch, d, cfg.bf16)
-            policy_chosen, policy_rejected = pair_logps(policy, batch, d, cfg.bf16)
+                ref_chosen, ref_rejected = pair_logps(ref, batch, d, cfg.bf16, averaged_logps(cfg))
+            policy_chosen, policy_rejected = pair_logps(policy, batch, d, cfg.bf16, averaged_logps(cfg))
             losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
                                                                 cfg.beta, cfg.label_smoothing, cfg.loss_type)
             # The mean over the global batch of pairs: the sum over micro-batches and ranks of sum / batch_size.

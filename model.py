@@ -733,38 +733,67 @@ def _resolve_hf_dir(name_or_dir: str) -> str:
 # Log-probs and generation
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log pi(token) under softmax(logits / T), in float32: (B, T, V), (B, T) -> (B, T).
+def sampling_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """The logits of the distribution `generate` samples from, float32 (..., V) -> (..., V): logits / T,
+    then top-k, then top-p (nucleus), tokens outside the kept set at -inf, so a softmax renormalizes over it.
+
+    Order and tie rules are HF transformers' `TemperatureLogitsWarper`, `TopKLogitsWarper` (ties with the
+    k-th logit are kept) and `TopPLogitsWarper` (a token is dropped once the tokens ranked above it hold
+    at least top_p of the mass; the most likely token always stays); tests/test_bug05_sampler_logprobs.py
+    checks them against HF's. top_k 0 and top_p 1 turn truncation off."""
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        mass_above = probs.cumsum(-1) - probs  # mass of the tokens ranked strictly above each one
+        drop = (mass_above >= top_p).scatter(-1, order, mass_above >= top_p)  # back to vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
+                   top_p: float = 1.0) -> torch.Tensor:
+    """log pi(token) under softmax(sampling_logits(logits, T, top_k, top_p)), in float32: (B, T, V), (B, T) -> (B, T).
 
     Float32 on purpose: under bf16 autocast the log-softmax of bf16 logits differs from the
     sampling-time value by ~1e-2, and PPO's first ratio is no longer 1 (minimind PRs #813/#814).
-    Dividing by the sampling temperature makes these the log-probs of the distribution that was
-    actually sampled (OpenAI 2019 `policy.py` L121; TRL, N+, OpenRLHF and verl do the same).
+    Dividing by the sampling temperature, and renormalizing over the top-k/top-p set when truncation is on,
+    makes these the log-probs of the distribution that was actually sampled (OpenAI 2019 `policy.py` L121;
+    TRL #4159 and PR #7269: without it the first-token ratio was 2.0 at T = 0.6, and its mean 0.896, the
+    kept mass, at top_p = 0.8). A token outside the kept set gets -inf.
     """
-    logits = logits.float() / temperature
+    logits = sampling_logits(logits, temperature, top_k, top_p)
     return torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def sample_inverse_cdf(probs: torch.Tensor, generator=None) -> torch.Tensor:
-    """One token per row of probs (B, V): the first index whose cumulative probability reaches a uniform
+    """One token per row of probs (B, V): the first index whose cumulative probability exceeds a uniform
     draw. Same distribution as torch.multinomial(probs, 1), but one random number per row instead of one
-    per vocabulary entry: 30x faster per step on CPU at V = 50257 (BENCHMARKS.md). The float32 cumsum
-    can end a hair below 1; the clamp gives a draw above it to the last token (a ~1e-7 bias)."""
-    u = torch.rand(probs.size(0), 1, generator=generator, device=probs.device, dtype=probs.dtype)
-    return torch.searchsorted(probs.cumsum(-1), u).clamp(max=probs.size(-1) - 1).squeeze(-1)
+    per vocabulary entry: 30x faster per step on CPU at V = 50257 (BENCHMARKS.md). The draw is scaled by
+    the row's float32 total (which can end a hair away from 1), and the first index whose cumulative sum
+    is strictly above it has nonzero probability: a token that top-k/top-p removed is never returned."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand(probs.size(0), 1, generator=generator, device=probs.device, dtype=probs.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp(max=probs.size(-1) - 1).squeeze(-1)
 
 
 @torch.no_grad()
 def generate(model, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0, eos_id=None,
-             stop_id=None, pad_id=0, generator=None, use_cache=True):
+             stop_id=None, pad_id=0, generator=None, use_cache=True, top_k=0, top_p=1.0):
     """Sample continuations of left-padded prompts, with a KV cache.
 
-    prompt_ids, prompt_mask: (B, P), left-padded. temperature 0 means greedy. Each row stops at its
+    prompt_ids, prompt_mask: (B, P), left-padded. temperature 0 means greedy; top_k > 0 and top_p < 1
+    truncate the distribution (`sampling_logits`) before sampling. Each row stops at its
     first `eos_id` (or `stop_id`) token, which is kept; the slots after it are `pad_id`. Sampling
     uses `generator` (a seeded torch.Generator), so the same seed gives the same samples.
 
     Returns (sequences (B, P + N), logprobs (B, N)): the log-probs of the sampled tokens under
-    softmax(logits / T) in float32 (0 after the stop), which PPO may use as its old log-probs, and N <=
+    the distribution sampled, softmax(sampling_logits(logits, T, top_k, top_p)), in float32 (0 after the
+    stop), which PPO may use as its old log-probs; a recompute must pass the same T, top_k and top_p to
+    `token_logprobs` to reproduce them. N <=
     max_new_tokens (generation ends early once every row has stopped).
     use_cache=False recomputes the whole prefix each step: quadratic; kept for tests and benchmarks.
     """
@@ -786,8 +815,9 @@ def generate(model, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0, eo
             token = logits.argmax(-1)
             logprob = torch.zeros(B, device=device)
         else:
-            token = sample_inverse_cdf(F.softmax(logits / temperature, dim=-1), generator)
-            logprob = token_logprobs(logits[:, None, :], token[:, None], temperature)[:, 0]
+            sampled = sampling_logits(logits, temperature, top_k, top_p)
+            token = sample_inverse_cdf(F.softmax(sampled, dim=-1), generator)
+            logprob = sampled.gather(-1, token[:, None])[:, 0] - torch.logsumexp(sampled, dim=-1)  # as token_logprobs
         token = torch.where(done, torch.full_like(token, pad_id), token)
         new_tokens.append(token)
         new_logprobs.append(torch.where(done, torch.zeros_like(logprob), logprob))

@@ -169,6 +169,13 @@ class Config:
     """auto, cpu or cuda"""
     bf16: bool = True
     """bf16 autocast on CUDA (ignored on CPU)"""
+    # --- sampler truncation and the sampler/trainer mismatch (REFERENCES 5.2a rows 5-6)
+    top_k: int = 0
+    """sample from the k most likely tokens only (0 = off). The policy's log-probs (sampling, recompute, update) are those of this truncated, renormalized distribution; the reference's stay full-vocabulary"""
+    top_p: float = 1.0
+    """nucleus sampling: the most likely tokens holding top_p of the mass (1 = off); log-probs as for top_k"""
+    tis_cap: float = 0.0
+    """truncated importance sampling, with old_logprobs=recompute: each token's policy loss x min(exp(old - sampling logp), tis_cap) (TRL vllm_importance_sampling_cap, OpenRLHF is_correction_mode=clip, verl rollout_is_threshold; 2.0 is verl's default); 0 = off"""
 
 
 # Each framework's conventions, read from its source (REFERENCES.md section 2; README has the table
@@ -333,6 +340,46 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     return loss, stats
 
 
+def truncated_is_weight(old_logp: torch.Tensor, sample_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance sampling (TIS; Yao et al. 2025, "Your efficient RL framework secretly brings you
+    off-policy RL training"): min(exp(old_logp - sample_logp), cap) per token, (B, N) -> (B, N), no gradient.
+
+    The tokens were drawn from the sampler's distribution (sample_logp), while PPO's ratio is taken against
+    the recomputed old log-probs; the weight corrects the policy loss for that gap, truncated at cap for a
+    bounded variance. Token level as TRL `vllm_importance_sampling_mode="token_truncate"` (grpo_trainer.py),
+    OpenRLHF `PolicyLoss` is_correction_mode="clip" (models/loss.py) and verl
+    `compute_rollout_correction_weights(rollout_is="token")` (trainer/ppo/rollout_corr_helper.py L522-596)."""
+    return torch.exp(old_logp.float() - sample_logp.float()).clamp(max=cap).detach()
+
+
+def mismatch_kl(sample_logp: torch.Tensor, recomputed_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(sampler || trainer) estimated with k3 on the sampled tokens, averaged over the mask: how far
+    the recomputed log-probs are from those the sampler recorded (bf16 numerics, kernels, a truncation
+    mismatch). verl logs the same quantity as `rollout_corr/k3_kl` (rollout_corr_helper.py L960-966); exactly
+    0 when both are computed alike in float32 (Qi et al. 2025, OpenRLHF #1155, for why it grows under bf16)."""
+    return masked_mean(kl_penalty(sample_logp, recomputed_logp, "k3"), mask)
+
+
+def check_truncated_recompute(sample_logp: torch.Tensor, recomputed_logp: torch.Tensor, mask: torch.Tensor):
+    """With top-k/top-p on, fail loudly when the recomputed log-probs cannot be those of the sampled
+    distribution (REFERENCES 5.2a row 5; TRL #6789: ratio mean 0.896 = the kept mass at top_p 0.8):
+    - a sampled token with -inf: it lies outside the recomputed top-k/top-p set (a changed support);
+    - every token lower than its sampling log-prob, by 0.01 nats on average: the recompute renormalized
+      over the full vocabulary (each log-prob is then low by -log of the kept mass). Numerical noise, as
+      bf16's, scatters both ways and does not trigger this."""
+    m = mask.bool()
+    if not m.any():
+        return
+    if torch.isinf(recomputed_logp[m]).any():
+        raise RuntimeError("--top_k/--top_p: a sampled token lies outside the recomputed top-k/top-p set "
+                           "(its recomputed log-prob is -inf); sampling and recompute disagree on the support")
+    gap = (recomputed_logp - sample_logp.float())[m]
+    if gap.mean() < -0.01 and (gap < 0).float().mean() > 0.95:
+        raise RuntimeError(f"--top_k/--top_p is on, but the recomputed log-probs are lower than the sampling ones on "
+                           f"{float((gap < 0).float().mean()):.0%} of tokens (mean {float(gap.mean()):.3f} nats): "
+                           "the recompute uses the full vocabulary, not the truncated distribution that was sampled")
+
+
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
                cliprange_value: float = 0.2, aggregation: str = "token_mean"):
     """Clipped value loss: 0.5 * max((V - R)^2, (clip(V, V_old +- eps) - R)^2) over the mask (OpenAI 2019,
@@ -433,13 +480,14 @@ def whiten_advantages(advantages: torch.Tensor, mask: torch.Tensor, mode: str, u
 # Forward passes over prompt + response
 
 
-def response_logprobs(model, query_response, attention_mask, context_length, temperature, head="lm"):
+def response_logprobs(model, query_response, attention_mask, context_length, temperature, head="lm", top_k=0, top_p=1.0):
     """Log-probs (float32) of the response tokens, and values when head="both": position
-    context_length - 1 + t predicts response token t, and holds the value of the state before it."""
+    context_length - 1 + t predicts response token t, and holds the value of the state before it.
+    top_k/top_p: the sampler's truncation, so the policy's log-probs are of the distribution sampled."""
     out = model(query_response, attention_mask=attention_mask, head=head)
     logits = out[0] if head == "both" else out
     logits = logits[:, context_length - 1:-1]
-    logp = token_logprobs(logits, query_response[:, context_length:], temperature)
+    logp = token_logprobs(logits, query_response[:, context_length:], temperature, top_k, top_p)
     values = out[1][:, context_length - 1:-1].float() if head == "both" else None
     return logp, values, logits
 
@@ -493,12 +541,17 @@ def make_experience(policy, critic, ref, reward_model, query_response, query_mas
         ref_logp, _, _ = response_logprobs(ref, query_response, attention_mask, P, T_lp)
     with autocast(d, cfg.bf16):
         recomputed_logp, values, _ = response_logprobs(policy, query_response, attention_mask, P, T_lp,
-                                                       head="both" if critic is None else "lm")
+                                                       "both" if critic is None else "lm", cfg.top_k, cfg.top_p)
         if critic is not None:
             values = critic_values(critic, query_response, attention_mask, P)
     # Old log-probs: the sampling ones (N+, TRL) or a fresh forward (OpenRLHF, verl). They should agree
     # (logged as val/logprob_recompute_maxdiff); bf16 or a KV-cache bug would make them differ.
     logp = sample_logp.float() * action_mask if cfg.old_logprobs == "sampling" else recomputed_logp * action_mask
+    if cfg.top_k > 0 or cfg.top_p < 1.0:
+        check_truncated_recompute(sample_logp, recomputed_logp, action_mask)
+    # TIS: recomputed old log-probs, but tokens drawn by the sampler; weights of 1 when off.
+    tis = cfg.tis_cap > 0 and cfg.old_logprobs == "recompute"
+    tis_weight = truncated_is_weight(recomputed_logp, sample_logp, cfg.tis_cap) if tis else torch.ones_like(logp)
     ref_logp = ref_logp * action_mask
     kl = kl_penalty(logp, ref_logp, cfg.kl_estimator, cfg.kl_clamp) * action_mask
     rewards, non_score_reward = compute_rewards(kl, scores, score_idx, kl_coef if cfg.kl_location == "reward" else 0.0)
@@ -513,7 +566,8 @@ def make_experience(policy, critic, ref, reward_model, query_response, query_mas
                 action_mask=action_mask, value_mask=value_mask, ended=ended, scores=scores, logp=logp,
                 recomputed_logp=recomputed_logp * action_mask, ref_logp=ref_logp, values=values, rewards=rewards,
                 non_score_reward=non_score_reward, advantages=advantages, returns=returns,
-                nonfinite_scores=nonfinite.sum())
+                nonfinite_scores=nonfinite.sum(), tis_weight=tis_weight * action_mask,
+                mismatch_kl=mismatch_kl(sample_logp.float() * action_mask, recomputed_logp * action_mask, action_mask))
 
 
 def ppo_update(policy, critic, trainable, optimizer, base_lrs, exp: dict, update: int, num_updates: int,
@@ -547,11 +601,13 @@ def ppo_update(policy, critic, trainable, optimizer, base_lrs, exp: dict, update
                 qr, attn = exp["query_response"][idx], exp["attention_mask"][idx]
                 with autocast(d, cfg.bf16):
                     if critic is None:
-                        new_logp, new_values, logits = response_logprobs(policy, qr, attn, P, T_lp, "both")
+                        new_logp, new_values, logits = response_logprobs(policy, qr, attn, P, T_lp, "both", cfg.top_k, cfg.top_p)
                     else:
-                        new_logp, _, logits = response_logprobs(policy, qr, attn, P, T_lp)
+                        new_logp, _, logits = response_logprobs(policy, qr, attn, P, T_lp, "lm", cfg.top_k, cfg.top_p)
                         new_values = critic_values(critic, qr, attn, P)
-                pg_loss, pg_stats = policy_loss(new_logp, exp["logp"][idx], mb_adv[i * micro:(i + 1) * micro], a_mask,
+                # TIS scales A by a positive weight, which scales each token's clipped loss by it (1 when off).
+                adv = mb_adv[i * micro:(i + 1) * micro] * exp["tis_weight"][idx]
+                pg_loss, pg_stats = policy_loss(new_logp, exp["logp"][idx], adv, a_mask,
                                                 cfg.cliprange, cfg.dual_clip, cfg.loss_aggregation)
                 vf_loss, vf_clipfrac = value_loss(new_values * v_mask, exp["values"][idx], exp["returns"][idx], v_mask,
                                                   cfg.cliprange_value, cfg.loss_aggregation)
@@ -620,6 +676,13 @@ def validate(cfg: Config):
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             raise SystemExit(f"--{name}={getattr(cfg, name)!r}: choose one of {allowed}")
+    if cfg.top_k < 0 or not 0 < cfg.top_p <= 1:
+        raise SystemExit(f"--top_k={cfg.top_k} --top_p={cfg.top_p}: top_k >= 0 (0 = off), 0 < top_p <= 1 (1 = off)")
+    if (cfg.top_k > 0 or cfg.top_p < 1) and not cfg.divide_logits_by_temperature:
+        raise SystemExit("--top_k/--top_p need divide_logits_by_temperature: the log-probs must be of the distribution sampled")
+    if cfg.tis_cap < 0 or (cfg.tis_cap > 0 and cfg.old_logprobs != "recompute"):
+        raise SystemExit(f"--tis_cap={cfg.tis_cap}: TIS weights recomputed old log-probs against the sampling ones; "
+                         "it needs --old_logprobs=recompute (with sampling log-probs every weight is 1)")
     if cfg.old_logprobs == "sampling" and not cfg.divide_logits_by_temperature and cfg.temperature != 1.0:
         raise SystemExit("old_logprobs=sampling needs divide_logits_by_temperature: the sampling log-probs are of logits / T")
 
@@ -729,7 +792,8 @@ def main(argv=None):
         with torch.no_grad(), unsharded(policy), autocast(d, cfg.bf16):
             query_response, sample_logp = generate(
                 policy, query, query_mask, cfg.response_length, temperature=cfg.temperature, eos_id=tok.eos_id,
-                stop_id=cfg.stop_token_id if cfg.stop_token_id >= 0 else None, pad_id=tok.eos_id, generator=gen)
+                stop_id=cfg.stop_token_id if cfg.stop_token_id >= 0 else None, pad_id=tok.eos_id, generator=gen,
+                top_k=cfg.top_k, top_p=cfg.top_p)
         policy.train()
         t_rollout = time.time()
 
@@ -765,6 +829,8 @@ def main(argv=None):
                 "val/num_eos_tokens": all_reduce_sum(exp["ended"].sum().float(), d),
                 "val/response_length": all_reduce_mean(action_mask.sum(1).float().mean(), d),
                 "val/logprob_recompute_maxdiff": ((exp["recomputed_logp"] - logp) * action_mask).abs().max(),
+                "val/mismatch_kl": all_reduce_mean(exp["mismatch_kl"], d),  # verl rollout_corr/k3_kl
+                "val/tis_weight_mean": all_reduce_mean(masked_mean(exp["tis_weight"], action_mask), d),
                 "beta": kl_ctl.value, "lr": optimizer.param_groups[0]["lr"],
                 "episode": (update + 1) * cfg.rollout_batch_size,
                 "time/rollout": t_rollout - t_start, "time/score": t_score - t_rollout, "time/update": t_update - t_score,
