@@ -38,9 +38,9 @@ from tqdm import tqdm
 import data
 from evaluate import sample_responses, score_samples
 from model import token_logprobs
-from runtime import (Dist, Metrics, all_reduce_sum, autocast, batch_at, check_nonfinite_streak, check_writable,
+from runtime import (Dist, all_reduce_sum, autocast, batch_at, check_nonfinite_streak, check_writable,
                      clip_grad_norm, guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config,
-                     publish_missing_final, resume, save_checkpoint, seed_all, set_lr, shard_model,
+                     save_checkpoint, seed_all, set_lr, shard_model, start,
                      shutdown_distributed, speed_metrics, split_batch, split_heldout)
 
 
@@ -256,6 +256,7 @@ def main(argv=None):
     # 1. Models: the policy and the frozen reference, both the SFT checkpoint. The reference is in eval mode,
     #    takes no gradients and, on CUDA, holds bf16 weights (runtime.load_model).
     policy = load_model(cfg.sft, "policy", d, trainable=True, dropout=cfg.dropout)
+    policy.gradient_checkpointing = cfg.gradient_checkpointing
     ref = load_model(cfg.sft, "policy", d, trainable=False)
     tok = data.get_tokenizer(policy.config.tokenizer)
 
@@ -274,24 +275,20 @@ def main(argv=None):
               f"{stats.summary()}")
 
     # 3. Batch arithmetic: the global batch of pairs is fixed; processes and accumulation split it.
-    per_rank, micro = split_batch(cfg.batch_size, cfg.micro_batch_size, d)
-    steps_per_epoch = len(items) // cfg.batch_size
-    max_steps = cfg.max_steps or steps_per_epoch
+    per_rank, micro, steps_per_epoch, max_steps = split_batch(cfg.batch_size, cfg.micro_batch_size, len(items),
+                                                              cfg.max_steps, d)
 
     # 4. Sharding, optimizer, and the state to resume from. The reference is sharded too, so its memory is split.
-    if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing = True
     policy, ref = shard_model(policy, d), shard_model(ref, d)
     optimizer = make_adamw(policy, cfg.lr, cfg.weight_decay)
-    ckpt, step, state = resume(cfg.run_dir, {"policy": policy}, {"policy": (policy, optimizer)}, d, "dpo") \
-        if cfg.resume else (None, 0, {})
+    step, state, metrics = start(cfg.run_dir, cfg.resume, {"policy": policy}, {"policy": (policy, optimizer)}, max_steps, d, "dpo")
     skipped_steps, bad_streak = state.get("skipped_steps", 0), 0
-    metrics = Metrics(cfg.run_dir, d, resume_step=step if ckpt else None)
 
     # 5. The loop. Data order depends only on (seed, epoch), so a resumed run sees the same batches.
-    start_step, t0, tokens_seen, last_eval = step, time.time(), 0, {}
+    stop_at = min(max_steps, step + cfg.stop_after) if cfg.stop_after else max_steps
+    t0, tokens_seen, last_eval = time.time(), 0, {}
     bar = tqdm(total=max_steps, initial=step, desc="dpo", disable=not d.is_main)
-    while step < max_steps:
+    while step < stop_at:
         epoch, index = divmod(step, steps_per_epoch)
         batch_items = batch_at(items, per_rank, cfg.seed, epoch, index, d.rank, d.world_size)
         lr = lr_at(step, max_steps, cfg.lr, cfg.warmup_steps, cfg.lr_schedule)
@@ -336,15 +333,10 @@ def main(argv=None):
         if step % cfg.eval_every == 0 or step == max_steps:
             last_eval = eval_metrics(policy, ref, tok, eval_items, prompts, cfg, d, step)
             metrics.log(step, last_eval)
-        stopping = cfg.stop_after and step - start_step >= cfg.stop_after
-        if step % cfg.save_every == 0 or step == max_steps or stopping:
+        if step % cfg.save_every == 0 or step == stop_at:
             save_checkpoint(cfg.run_dir, step, {"policy": policy}, {"policy": (policy, optimizer)},
                             {"skipped_steps": skipped_steps}, cfg, d, final=step == max_steps)
-        if stopping:
-            break
     bar.close()
-    if step == max_steps:
-        publish_missing_final(cfg.run_dir, d)
     if d.is_main and step == max_steps:
         gold = f", gold reward {last_eval['eval/gold_reward']:.3f}" if "eval/gold_reward" in last_eval else ""
         print(f"dpo: done, {step} steps in {time.time() - t0:.0f}s; held-out accuracy "

@@ -32,9 +32,9 @@ from tqdm import tqdm
 import data
 from evaluate import reward_scores, sample_responses, score_samples, sequence_kl
 from model import generate, token_logprobs
-from runtime import (Dist, Metrics, all_reduce_mean, all_reduce_sum, autocast, batch_at, check_nonfinite_streak,
+from runtime import (Dist, all_reduce_mean, all_reduce_sum, autocast, batch_at, check_nonfinite_streak,
                      check_writable, clip_grad_norm, init_distributed, load_model, lr_at, parse_config,
-                     publish_missing_final, resume, save_checkpoint, seed_all, shard_model,
+                     save_checkpoint, seed_all, shard_model, start,
                      shutdown_distributed, step_if_finite, unsharded)
 from sft import sft_loss
 
@@ -726,10 +726,9 @@ def main(argv=None):
     if updates_per_epoch == 0:
         raise SystemExit(f"{len(prompt_ids)} prompts, fewer than one rollout batch of {cfg.rollout_batch_size}")
 
-    ckpt, update, state = resume(cfg.run_dir, dict(trainable.items()), {"ppo": (trainable, optimizer)}, d, "ppo") \
-        if cfg.resume else (None, 0, {})
+    update, state, metrics_log = start(cfg.run_dir, cfg.resume, dict(trainable.items()), {"ppo": (trainable, optimizer)},
+                                       cfg.num_updates, d, "ppo")
     kl_ctl = AdaptiveKLController(state.get("kl_coef", cfg.kl_coef), cfg.target_kl, cfg.kl_horizon)
-    metrics_log = Metrics(cfg.run_dir, d, resume_step=update if ckpt else None)
     start_update, bad_streak = update, 0
     bar = tqdm(total=cfg.num_updates, initial=update, desc="ppo", disable=not d.is_main)
 
@@ -802,8 +801,6 @@ def main(argv=None):
         if stopping:
             break
     bar.close()
-    if update == cfg.num_updates:
-        publish_missing_final(cfg.run_dir, d)
     if d.is_main and update == cfg.num_updates:
         print(f"ppo: done; policy in {cfg.run_dir}/final/policy")
     shutdown_distributed()

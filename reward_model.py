@@ -26,9 +26,9 @@ from tqdm import tqdm
 
 import data
 from evaluate import sample_responses, sequence_rewards
-from runtime import (Dist, Metrics, all_reduce_sum, autocast, batch_at, check_nonfinite_streak, check_writable,
+from runtime import (Dist, all_reduce_sum, autocast, batch_at, check_nonfinite_streak, check_writable,
                      clip_grad_norm, guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config,
-                     publish_missing_final, resume, save_checkpoint, seed_all, set_lr, shard_model,
+                     save_checkpoint, seed_all, set_lr, shard_model, start,
                      shutdown_distributed, speed_metrics, split_batch, split_heldout)
 
 
@@ -312,6 +312,7 @@ def main(argv=None):
     # The loss sees only reward differences, so the head's bias gets a zero gradient up to rounding, which Adam
     # would blow up into lr-sized random steps. Frozen at 0; the normalization sets the offset.
     model.score.bias.requires_grad_(False)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
     tok = data.get_tokenizer(model.config.tokenizer)
 
     # 2. Data: comparisons, tokenized once; truncation counted, ties made by truncation dropped.
@@ -336,24 +337,20 @@ def main(argv=None):
               f"responses each), {len(norm_set)} normalization responses ({cfg.normalize_on}); {stats.summary()}")
 
     # 3. Batch arithmetic: the global batch of comparisons is fixed; processes and accumulation split it.
-    per_rank, micro = split_batch(cfg.batch_size, cfg.micro_batch_size, d)
-    steps_per_epoch = len(items) // cfg.batch_size
-    max_steps = cfg.max_steps or steps_per_epoch
+    per_rank, micro, steps_per_epoch, max_steps = split_batch(cfg.batch_size, cfg.micro_batch_size, len(items),
+                                                              cfg.max_steps, d)
 
     # 4. Model sharding, optimizer, and the state to resume from.
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing = True
     model = shard_model(model, d)
     optimizer = make_adamw(model, cfg.lr, cfg.weight_decay)
-    ckpt, step, state = resume(cfg.run_dir, {"reward": model}, {"reward": (model, optimizer)}, d, "rm") \
-        if cfg.resume else (None, 0, {})
+    step, state, metrics = start(cfg.run_dir, cfg.resume, {"reward": model}, {"reward": (model, optimizer)}, max_steps, d, "rm")
     skipped_steps, bad_streak = state.get("skipped_steps", 0), 0
-    metrics = Metrics(cfg.run_dir, d, resume_step=step if ckpt else None)
 
     # 5. The loop. Data order depends only on (seed, epoch), so a resumed run sees the same batches.
-    start_step, t0, tokens_seen, last_eval = step, time.time(), 0, {}
+    stop_at = min(max_steps, step + cfg.stop_after) if cfg.stop_after else max_steps
+    t0, tokens_seen, last_eval = time.time(), 0, {}
     bar = tqdm(total=max_steps, initial=step, desc="rm", disable=not d.is_main)
-    while step < max_steps:
+    while step < stop_at:
         epoch, index = divmod(step, steps_per_epoch)
         batch_items = batch_at(items, per_rank, cfg.seed, epoch, index, d.rank, d.world_size)
         lr = lr_at(step, max_steps, cfg.lr, cfg.warmup_steps, cfg.lr_schedule)
@@ -399,15 +396,10 @@ def main(argv=None):
             model.config.reward_gain, model.config.reward_bias = gain, bias
             metrics.log(step, {"normalize/raw_mean": raw.mean().item(), "normalize/raw_std": raw.std(unbiased=False).item(),
                                "normalize/gain": gain, "normalize/bias": bias})
-        stopping = cfg.stop_after and step - start_step >= cfg.stop_after
-        if step % cfg.save_every == 0 or step == max_steps or stopping:
+        if step % cfg.save_every == 0 or step == stop_at:
             save_checkpoint(cfg.run_dir, step, {"reward": model}, {"reward": (model, optimizer)},
                             {"skipped_steps": skipped_steps}, cfg, d, final=step == max_steps)
-        if stopping:
-            break
     bar.close()
-    if step == max_steps:
-        publish_missing_final(cfg.run_dir, d)
     if d.is_main and step == max_steps and last_eval:
         gold = f", gold accuracy {last_eval['eval/accuracy_gold']:.3f}" if "eval/accuracy_gold" in last_eval else ""
         print(f"rm: done, {step} steps in {time.time() - t0:.0f}s; held-out accuracy {last_eval['eval/accuracy']:.3f}"

@@ -251,15 +251,17 @@ def split_heldout(load, dataset: str, eval_dataset: str, max_train: int, eval_ex
     return load(dataset, "train", max_train or None), load(eval_source, eval_split, eval_examples)
 
 
-def split_batch(batch_size: int, micro_batch_size: int, d: Dist) -> tuple[int, int]:
-    """The global batch is fixed, whatever the number of processes: (examples per process per step, examples per
-    forward pass). The process's examples are accumulated over per_rank / micro forward passes."""
+def split_batch(batch_size: int, micro_batch_size: int, n_items: int, max_steps: int, d: Dist):
+    """The batch arithmetic: the global batch is fixed, whatever the number of processes. Returns (examples per
+    process per step, examples per forward pass, steps per epoch over n_items, optimizer steps: max_steps, or one
+    epoch when 0). The process's examples are accumulated over per_rank / micro forward passes."""
     per_rank = batch_size // d.world_size
     micro = min(micro_batch_size, per_rank)
     if per_rank * d.world_size != batch_size or per_rank % micro:
         raise SystemExit(f"batch_size {batch_size} must be world_size {d.world_size} x accumulation steps x "
                          f"micro_batch_size {micro}")
-    return per_rank, micro
+    steps_per_epoch = n_items // batch_size
+    return per_rank, micro, steps_per_epoch, max_steps or steps_per_epoch
 
 
 def batch_at(items: list, batch_size: int, seed: int, epoch: int, index: int, rank: int = 0,
@@ -507,14 +509,20 @@ def load_train_state(ckpt: str) -> dict:
     return torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=True)
 
 
-def resume(run_dir: str, models: dict, optimizers: dict, d: Dist, stage: str) -> tuple[str | None, int, dict]:
-    """Load run_dir's latest checkpoint into models (name -> model, read from ckpt/name) and optimizers (name ->
-    (model, optimizer)), sharded or not. Returns (checkpoint path, its step, the stage state saved with it), or
-    (None, 0, {}) when the run has no checkpoint yet (launch.sh always passes --resume)."""
+def start(run_dir: str, resume: bool, models: dict, optimizers: dict, last_step: int, d: Dist, stage: str):
+    """Where a stage starts: (step, the stage state saved with its checkpoint, the metrics log). Step 0 and {}
+    unless resume and run_dir has a checkpoint (launch.sh always passes --resume); then that checkpoint is loaded
+    into models (name -> model, read from ckpt/name) and optimizers (name -> (model, optimizer)), sharded or not,
+    metrics.jsonl is cut back to its step, and a run found at last_step gets a missing final/ published."""
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    step, state = _load_checkpoint(ckpt, models, optimizers, d, stage) if ckpt else (0, {})
+    if ckpt and step == last_step:
+        publish_missing_final(run_dir, d)
+    return step, state, Metrics(run_dir, d, resume_step=step if ckpt else None)
+
+
+def _load_checkpoint(ckpt: str, models: dict, optimizers: dict, d: Dist, stage: str) -> tuple[int, dict]:
     from model import GPT
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        return None, 0, {}
     train_state = load_train_state(ckpt)
     for name, model in models.items():
         saved = GPT.from_pretrained(os.path.join(ckpt, name), scalar_head=model.config.scalar_head)
@@ -523,7 +531,7 @@ def resume(run_dir: str, models: dict, optimizers: dict, d: Dist, stage: str) ->
         load_full_optimizer_state(model, optimizer, train_state["optimizers"][name])
     if d.is_main:
         print(f"{stage}: resumed from {ckpt} at step {train_state['step']}")
-    return ckpt, train_state["step"], train_state["state"]
+    return train_state["step"], train_state["state"]
 
 
 def _link_or_copy(src: str, dst: str):
@@ -552,8 +560,8 @@ def _publish(run_dir: str, ckpt: str):
 
 
 def publish_missing_final(run_dir: str, d: Dist):
-    """At the end of a run: if final/ is missing (a resume found the run at its last step after publishing
-    final/ failed), publish the latest checkpoint. Every rank looks before any rank acts (the barrier)."""
+    """If final/ is missing (a resume found the run at its last step after publishing final/ failed), publish
+    the latest checkpoint. Every rank looks before any rank acts (the barrier)."""
     missing = not os.path.isdir(os.path.join(run_dir, "final"))
     if d.distributed:
         dist.barrier()

@@ -20,9 +20,9 @@ from tqdm import tqdm
 import data
 from evaluate import sample_responses
 from model import GPT, config_for
-from runtime import (Dist, Metrics, all_reduce_sum, autocast, batch_at, check_nonfinite_streak, check_writable,
+from runtime import (Dist, all_reduce_sum, autocast, batch_at, check_nonfinite_streak, check_writable,
                      clip_grad_norm, guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config,
-                     publish_missing_final, resume, save_checkpoint, seed_all, set_lr, shard_model,
+                     save_checkpoint, seed_all, set_lr, shard_model, start,
                      shutdown_distributed, speed_metrics, split_batch)
 
 
@@ -112,9 +112,12 @@ def build_policy(cfg: Config, d: Dist):
         tok = data.get_tokenizer(cfg.tokenizer)
         model = GPT(config_for(cfg.model_size, vocab_size=tok.vocab_size, dropout=cfg.dropout, tokenizer=tok.name))
         model.init_weights(seed=cfg.seed)
-        return model.to(d.device), tok
-    model = load_model(cfg.init_from, "policy", d, trainable=True, dropout=cfg.dropout)
-    return model, data.get_tokenizer(model.config.tokenizer)  # HF's own GPT-2 checkpoints mean "gpt2"
+        model = model.to(d.device)
+    else:
+        model = load_model(cfg.init_from, "policy", d, trainable=True, dropout=cfg.dropout)
+        tok = data.get_tokenizer(model.config.tokenizer)  # HF's own GPT-2 checkpoints mean "gpt2"
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    return model, tok
 
 
 def encode_all(records, tok, cfg: Config):
@@ -179,24 +182,21 @@ def main(argv=None):
         print(f"sft: {len(pairs)} train / {len(eval_pairs)} held-out examples; {stats.summary()}")
 
     # 2. Batch arithmetic: the global batch is fixed; processes and accumulation split it.
-    per_rank, micro = split_batch(cfg.batch_size, cfg.micro_batch_size, d)
-    steps_per_epoch = len(pairs) // cfg.batch_size
-    max_steps = cfg.max_steps or steps_per_epoch
+    per_rank, micro, steps_per_epoch, max_steps = split_batch(cfg.batch_size, cfg.micro_batch_size, len(pairs),
+                                                              cfg.max_steps, d)
 
     # 3. Model, optimizer, and the state to resume from.
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing = True
     model = shard_model(model, d)
     optimizer = make_adamw(model, cfg.lr, cfg.weight_decay)
-    ckpt, step, state = resume(cfg.run_dir, {"policy": model}, {"policy": (model, optimizer)}, d, "sft") \
-        if cfg.resume else (None, 0, {})
+    step, state, metrics = start(cfg.run_dir, cfg.resume, {"policy": model}, {"policy": (model, optimizer)}, max_steps,
+                                 d, "sft")
     skipped_steps, bad_streak = state.get("skipped_steps", 0), 0
-    metrics = Metrics(cfg.run_dir, d, resume_step=step if ckpt else None)
 
     # 4. The loop. Data order depends only on (seed, epoch), so a resumed run sees the same batches.
-    start_step, t0, tokens_seen = step, time.time(), 0
+    stop_at = min(max_steps, step + cfg.stop_after) if cfg.stop_after else max_steps
+    t0, tokens_seen = time.time(), 0
     bar = tqdm(total=max_steps, initial=step, desc="sft", disable=not d.is_main)
-    while step < max_steps:
+    while step < stop_at:
         epoch, index = divmod(step, steps_per_epoch)
         batch_items = batch_at(pairs, per_rank, cfg.seed, epoch, index, d.rank, d.world_size)
         micro_batches = [data.collate_sft(batch_items[i:i + micro], tok.eos_id, cfg.train_on_prompt)
@@ -229,17 +229,12 @@ def main(argv=None):
         check_nonfinite_streak(bad_streak, cfg.max_nonfinite_steps, step, cfg.run_dir)  # before saving this state
         if step % cfg.eval_every == 0 or step == max_steps:
             metrics.log(step, eval_metrics(model, tok, eval_pairs, eval_records, cfg, d, step))
-        stopping = cfg.stop_after and step - start_step >= cfg.stop_after
-        if step % cfg.save_every == 0 or step == max_steps or stopping:
+        if step % cfg.save_every == 0 or step == stop_at:
             save_checkpoint(cfg.run_dir, step, {"policy": model}, {"policy": (model, optimizer)},
                             {"skipped_steps": skipped_steps}, cfg, d, final=step == max_steps)
-        if stopping:
-            break
     bar.close()
-    if step == max_steps:
-        publish_missing_final(cfg.run_dir, d)
-        if d.is_main:
-            print(f"sft: done, {step} steps in {time.time() - t0:.0f}s; policy in {cfg.run_dir}/final/policy")
+    if step == max_steps and d.is_main:
+        print(f"sft: done, {step} steps in {time.time() - t0:.0f}s; policy in {cfg.run_dir}/final/policy")
     shutdown_distributed()
 
 if __name__ == "__main__":

@@ -42,12 +42,12 @@ def test_batch_at_refuses_a_bad_rank_or_batch_size():
 
 
 def test_split_batch():
-    assert split_batch(64, 16, Dist(world_size=2)) == (32, 16)
-    assert split_batch(64, 64, Dist(world_size=2)) == (32, 32)  # micro capped at the per-process batch
+    assert split_batch(64, 16, 1000, 0, Dist(world_size=2)) == (32, 16, 15, 15)  # max_steps 0: one epoch
+    assert split_batch(64, 64, 1000, 40, Dist(world_size=2)) == (32, 32, 15, 40)  # micro capped at 32 per process
     with pytest.raises(SystemExit, match="batch_size 10 must be world_size 4"):
-        split_batch(10, 2, Dist(world_size=4))
+        split_batch(10, 2, 100, 0, Dist(world_size=4))
     with pytest.raises(SystemExit, match="micro_batch_size 24"):  # 64 per process is not a multiple of 24
-        split_batch(64, 24, Dist())
+        split_batch(64, 24, 100, 0, Dist())
 
 
 # -----------------------------------------------------------------------------
