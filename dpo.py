@@ -36,11 +36,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from evaluate import sample_responses, score_samples
+from evaluate import sample_metrics, sample_responses, score_samples, show_samples
 from model import token_logprobs
 from runtime import (Dist, all_reduce_sum, autocast, batch_at, check_nonfinite_streak, check_writable,
-                     clip_grad_norm, guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config,
-                     save_checkpoint, seed_all, set_lr, shard_model, start,
+                     guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config,
+                     save_checkpoint, seed_all, set_lr, shard_model, start_or_resume,
                      shutdown_distributed, speed_metrics, split_batch, split_heldout)
 
 
@@ -225,14 +225,9 @@ def eval_metrics(policy, ref, tok, eval_items: list[tuple], prompts: list[str], 
     # The sequence KL to the reference at the sampling temperature, as ppo.py's eval/kl (evaluate.sequence_kl).
     _, kls = score_samples(samples, policy, ref, None, tok, cfg.eval_temperature, d, cfg.micro_batch_size, cfg.bf16)
     metrics["eval/kl"] = sum(kls) / len(kls)
-    metrics["eval/response_length"] = sum(s["length"] for s in samples) / len(samples)
-    metrics["eval/eos_fraction"] = sum(s["ended"] for s in samples) / len(samples)
-    if cfg.dataset == "default":  # the programmatic annotator can grade the samples
-        metrics["eval/gold_reward"] = sum(data.gold_reward(s["prompt"], s["response"]) for s in samples) / len(samples)
+    metrics.update(sample_metrics(samples, graded=cfg.dataset == "default"))
     if d.is_main:
-        for s in samples[:cfg.num_samples_shown]:
-            gold = f" gold={data.gold_reward(s['prompt'], s['response']):.3f}" if cfg.dataset == "default" else ""
-            tqdm.write(f"  [step {step}] {s['prompt']!r} -> {s['response']!r}{'' if s['ended'] else ' (no EOS)'}{gold}")
+        show_samples(samples, cfg.num_samples_shown, f"step {step}", graded=cfg.dataset == "default")
     policy.train()
     return metrics
 
@@ -281,7 +276,8 @@ def main(argv=None):
     # 4. Sharding, optimizer, and the state to resume from. The reference is sharded too, so its memory is split.
     policy, ref = shard_model(policy, d), shard_model(ref, d)
     optimizer = make_adamw(policy, cfg.lr, cfg.weight_decay)
-    step, state, metrics = start(cfg.run_dir, cfg.resume, {"policy": policy}, {"policy": (policy, optimizer)}, max_steps, d, "dpo")
+    step, state, metrics = start_or_resume(cfg.run_dir, cfg.resume, {"policy": policy}, {"policy": (policy, optimizer)},
+                                           max_steps, d, "dpo")
     skipped_steps, bad_streak = state.get("skipped_steps", 0), 0
 
     # 5. The loop. Data order depends only on (seed, epoch), so a resumed run sees the same batches.
@@ -312,9 +308,8 @@ def main(argv=None):
             sums["logps_c"] += policy_chosen.detach().sum()
             sums["logps_r"] += policy_rejected.detach().sum()
             tokens_seen += int(batch["attention_mask"].sum())
-        grad_norm = clip_grad_norm(policy, cfg.grad_clip)
-        skipped_steps, bad_streak = guarded_step(optimizer, sums["loss"], grad_norm, skipped_steps, bad_streak,
-                                                 step + 1, d)
+        grad_norm, skipped_steps, bad_streak = guarded_step(policy, optimizer, sums["loss"], cfg.grad_clip,
+                                                            skipped_steps, bad_streak, step + 1, d)
         step += 1
         bar.update(1)
 

@@ -107,6 +107,26 @@ def score_samples(samples, policy, ref, reward_model, tok, temperature, d, batch
     return learned, kls
 
 
+def sample_metrics(samples: list[dict], graded: bool) -> dict:
+    """Every stage's eval/ numbers of its samples: mean length (tokens, EOS included), fraction ending with EOS,
+    and with graded (the default task, whose programmatic annotator can grade them) the mean gold reward."""
+    n = len(samples)
+    out = {"eval/response_length": sum(s["length"] for s in samples) / n,
+           "eval/eos_fraction": sum(s["ended"] for s in samples) / n}
+    if graded:
+        out["eval/gold_reward"] = sum(data.gold_reward(s["prompt"], s["response"]) for s in samples) / n
+    return out
+
+
+def show_samples(samples: list[dict], n: int, label: str, graded: bool, learned: list[float] | None = None):
+    """Print the first n samples on the console (above the progress bar), with their learned and gold rewards."""
+    from tqdm import tqdm
+    for i, s in enumerate(samples[:n]):
+        scores = (f" learned={learned[i]:.3f}" if learned else "") + \
+            (f" gold={data.gold_reward(s['prompt'], s['response']):.3f}" if graded else "")
+        tqdm.write(f"  [{label}] {s['prompt']!r} -> {s['response']!r}{'' if s['ended'] else ' (no EOS)'}{scores}")
+
+
 # -----------------------------------------------------------------------------
 # The report
 

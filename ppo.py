@@ -30,11 +30,11 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import data
-from evaluate import reward_scores, sample_responses, score_samples, sequence_kl
+from evaluate import reward_scores, sample_metrics, sample_responses, score_samples, sequence_kl, show_samples
 from model import generate, token_logprobs
 from runtime import (Dist, all_reduce_mean, all_reduce_sum, autocast, batch_at, check_nonfinite_streak,
                      check_writable, clip_grad_norm, init_distributed, load_model, lr_at, parse_config,
-                     save_checkpoint, seed_all, shard_model, start,
+                     save_checkpoint, seed_all, shard_model, start_or_resume,
                      shutdown_distributed, step_if_finite, unsharded)
 from sft import sft_loss
 
@@ -726,8 +726,8 @@ def main(argv=None):
     if updates_per_epoch == 0:
         raise SystemExit(f"{len(prompt_ids)} prompts, fewer than one rollout batch of {cfg.rollout_batch_size}")
 
-    update, state, metrics_log = start(cfg.run_dir, cfg.resume, dict(trainable.items()), {"ppo": (trainable, optimizer)},
-                                       cfg.num_updates, d, "ppo")
+    update, state, metrics_log = start_or_resume(cfg.run_dir, cfg.resume, dict(trainable.items()),
+                                                 {"ppo": (trainable, optimizer)}, cfg.num_updates, d, "ppo")
     kl_ctl = AdaptiveKLController(state.get("kl_coef", cfg.kl_coef), cfg.target_kl, cfg.kl_horizon)
     start_update, bad_streak = update, 0
     bar = tqdm(total=cfg.num_updates, initial=update, desc="ppo", disable=not d.is_main)
@@ -815,14 +815,9 @@ def eval_metrics(policy, ref, reward_model, tok, prompts, cfg: Config, d: Dist, 
     with offloaded(ref, cfg, d), offloaded(reward_model, cfg, d):
         learned, kls = score_samples(samples, policy, ref, reward_model, tok, cfg.temperature, d)
     out = {"eval/learned_reward": sum(learned) / len(learned), "eval/kl": sum(kls) / len(kls),
-           "eval/response_length": sum(s["length"] for s in samples) / len(samples),
-           "eval/eos_fraction": sum(s["ended"] for s in samples) / len(samples)}
-    if cfg.dataset == "default":
-        out["eval/gold_reward"] = sum(data.gold_reward(s["prompt"], s["response"]) for s in samples) / len(samples)
+           **sample_metrics(samples, graded=cfg.dataset == "default")}
     if d.is_main:
-        for s, r in list(zip(samples, learned))[:cfg.num_samples_shown]:
-            tqdm.write(f"  [update {update}] {s['prompt']!r} -> {s['response']!r} learned={r:.3f}"
-                       + (f" gold={data.gold_reward(s['prompt'], s['response']):.3f}" if cfg.dataset == "default" else ""))
+        show_samples(samples, cfg.num_samples_shown, f"update {update}", cfg.dataset == "default", learned)
     return out
 
 

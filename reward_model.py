@@ -27,8 +27,8 @@ from tqdm import tqdm
 import data
 from evaluate import sample_responses, sequence_rewards
 from runtime import (Dist, all_reduce_sum, autocast, batch_at, check_nonfinite_streak, check_writable,
-                     clip_grad_norm, guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config,
-                     save_checkpoint, seed_all, set_lr, shard_model, start,
+                     guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config,
+                     save_checkpoint, seed_all, set_lr, shard_model, start_or_resume,
                      shutdown_distributed, speed_metrics, split_batch, split_heldout)
 
 
@@ -343,7 +343,8 @@ def main(argv=None):
     # 4. Model sharding, optimizer, and the state to resume from.
     model = shard_model(model, d)
     optimizer = make_adamw(model, cfg.lr, cfg.weight_decay)
-    step, state, metrics = start(cfg.run_dir, cfg.resume, {"reward": model}, {"reward": (model, optimizer)}, max_steps, d, "rm")
+    step, state, metrics = start_or_resume(cfg.run_dir, cfg.resume, {"reward": model}, {"reward": (model, optimizer)},
+                                           max_steps, d, "rm")
     skipped_steps, bad_streak = state.get("skipped_steps", 0), 0
 
     # 5. The loop. Data order depends only on (seed, epoch), so a resumed run sees the same batches.
@@ -371,8 +372,8 @@ def main(argv=None):
             n_pairs += diffs.numel()
             margin_sum += diffs.sum()
             tokens_seen += int(batch["attention_mask"].sum())
-        grad_norm = clip_grad_norm(model, cfg.grad_clip)
-        skipped_steps, bad_streak = guarded_step(optimizer, loss_sum, grad_norm, skipped_steps, bad_streak, step + 1, d)
+        grad_norm, skipped_steps, bad_streak = guarded_step(model, optimizer, loss_sum, cfg.grad_clip, skipped_steps,
+                                                            bad_streak, step + 1, d)
         step += 1
         bar.update(1)
 

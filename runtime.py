@@ -334,16 +334,18 @@ def step_if_finite(optimizer, loss: torch.Tensor, grad_norm: torch.Tensor, d: Di
     return finite
 
 
-def guarded_step(optimizer, loss: torch.Tensor, grad_norm: torch.Tensor, skipped: int, streak: int, step: int,
-                 d: Dist) -> tuple[int, int]:
-    """step_if_finite and its bookkeeping: returns (steps skipped in the run, skipped in a row), and says on the
-    console when step `step` was skipped. check_nonfinite_streak then stops a run whose streak is too long."""
+def guarded_step(model, optimizer, loss: torch.Tensor, grad_clip: float, skipped: int, streak: int, step: int,
+                 d: Dist) -> tuple[torch.Tensor, int, int]:
+    """Clip the gradients, step_if_finite, and keep the books: returns (the gradient norm before clipping, steps
+    skipped in the run, skipped in a row), and says on the console when step `step` was skipped.
+    check_nonfinite_streak then stops a run whose streak is too long."""
+    grad_norm = clip_grad_norm(model, grad_clip)
     if step_if_finite(optimizer, loss, grad_norm, d):
-        return skipped, 0
+        return grad_norm, skipped, 0
     if d.is_main:
         from tqdm import tqdm
         tqdm.write(f"step {step}: non-finite loss or gradient norm; update skipped ({streak + 1} in a row)")
-    return skipped + 1, streak + 1
+    return grad_norm, skipped + 1, streak + 1
 
 
 def check_nonfinite_streak(streak: int, max_streak: int, step: int, run_dir: str):
@@ -509,7 +511,8 @@ def load_train_state(ckpt: str) -> dict:
     return torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=True)
 
 
-def start(run_dir: str, resume: bool, models: dict, optimizers: dict, last_step: int, d: Dist, stage: str):
+def start_or_resume(run_dir: str, resume: bool, models: dict, optimizers: dict, last_step: int, d: Dist,
+                    stage: str) -> tuple[int, dict, "Metrics"]:
     """Where a stage starts: (step, the stage state saved with its checkpoint, the metrics log). Step 0 and {}
     unless resume and run_dir has a checkpoint (launch.sh always passes --resume); then that checkpoint is loaded
     into models (name -> model, read from ckpt/name) and optimizers (name -> (model, optimizer)), sharded or not,

@@ -18,11 +18,11 @@ import torch
 from tqdm import tqdm
 
 import data
-from evaluate import sample_responses
+from evaluate import sample_metrics, sample_responses, show_samples
 from model import GPT, config_for
 from runtime import (Dist, all_reduce_sum, autocast, batch_at, check_nonfinite_streak, check_writable,
-                     clip_grad_norm, guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config,
-                     save_checkpoint, seed_all, set_lr, shard_model, start,
+                     guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config,
+                     save_checkpoint, seed_all, set_lr, shard_model, start_or_resume,
                      shutdown_distributed, speed_metrics, split_batch)
 
 
@@ -147,13 +147,9 @@ def eval_metrics(model, tok, eval_pairs, eval_records, cfg: Config, d: Dist, ste
     prompts = [r["prompt"] for r in eval_records]
     samples = sample_responses(model, tok, prompts, d, cfg.max_response_tokens, cfg.eval_temperature,
                                seed=cfg.seed + 1, max_prompt_tokens=cfg.max_prompt_tokens)
-    metrics["eval/eos_fraction"] = sum(s["ended"] for s in samples) / len(samples)
-    metrics["eval/response_length"] = sum(s["length"] for s in samples) / len(samples)
-    if cfg.dataset == "default":  # the programmatic annotator can grade the samples
-        metrics["eval/gold_reward"] = sum(data.gold_reward(s["prompt"], s["response"]) for s in samples) / len(samples)
+    metrics.update(sample_metrics(samples, graded=cfg.dataset == "default"))
     if d.is_main:
-        for s in samples[:cfg.num_samples_shown]:
-            tqdm.write(f"  [step {step}] {s['prompt']!r} -> {s['response']!r}{'' if s['ended'] else ' (no EOS)'}")
+        show_samples(samples, cfg.num_samples_shown, f"step {step}", graded=cfg.dataset == "default")
     return metrics
 
 
@@ -188,8 +184,8 @@ def main(argv=None):
     # 3. Model, optimizer, and the state to resume from.
     model = shard_model(model, d)
     optimizer = make_adamw(model, cfg.lr, cfg.weight_decay)
-    step, state, metrics = start(cfg.run_dir, cfg.resume, {"policy": model}, {"policy": (model, optimizer)}, max_steps,
-                                 d, "sft")
+    step, state, metrics = start_or_resume(cfg.run_dir, cfg.resume, {"policy": model}, {"policy": (model, optimizer)},
+                                           max_steps, d, "sft")
     skipped_steps, bad_streak = state.get("skipped_steps", 0), 0
 
     # 4. The loop. Data order depends only on (seed, epoch), so a resumed run sees the same batches.
@@ -215,8 +211,8 @@ def main(argv=None):
             (token_loss * d.world_size / n_tokens).backward()
             loss_sum += token_loss.detach()
             tokens_seen += int(batch["attention_mask"].sum())
-        grad_norm = clip_grad_norm(model, cfg.grad_clip)
-        skipped_steps, bad_streak = guarded_step(optimizer, loss_sum, grad_norm, skipped_steps, bad_streak, step + 1, d)
+        grad_norm, skipped_steps, bad_streak = guarded_step(model, optimizer, loss_sum, cfg.grad_clip, skipped_steps,
+                                                            bad_streak, step + 1, d)
         step += 1
         bar.update(1)
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import data
-import runtime
 import sft
 from evaluate import sequence_kl
 from model import GPT, config_for
@@ -95,7 +94,9 @@ def test_guarded_step_counts_skips_and_streaks(capsys):
     def step(loss_value, skipped, streak):
         loss = layer(torch.ones(1, 2)).sum() * loss_value
         loss.backward()
-        return guarded_step(optimizer, loss, runtime.clip_grad_norm(layer, 0.0), skipped, streak, 7, Dist())
+        grad_norm, *counts = guarded_step(layer, optimizer, loss, 0.0, skipped, streak, 7, Dist())
+        assert torch.isfinite(grad_norm).item() == (loss_value == 1.0)  # the norm is returned, non-finite too
+        return tuple(counts)
 
     assert step(float("nan"), 2, 0) == (3, 1)
     assert torch.equal(layer.weight, before) and layer.weight.grad is None  # no update, gradients dropped
