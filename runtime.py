@@ -397,7 +397,8 @@ def speed_metrics(tokens_seen: int, seconds: float, model, seq_len: int, d: Dist
 #     train_state.pt        optimizer states, step, stage state: tensors and plain types (weights_only loads it)
 #     run_config.json       the stage's config
 #   latest                  the name of the newest complete checkpoint (replaced atomically)
-#   final -> the last checkpoint's models, same format (what the next stage reads, by path)
+#   final/                  the last checkpoint's models and run_config.json, hard links to its files, published
+#                           by the save of the last step (final.tmp, then renamed): what the next stage reads
 #   metrics.jsonl
 
 
