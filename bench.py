@@ -496,31 +496,22 @@ def build_ours(cfg: Config, dirs: dict, device):
     reward = load_model(dirs["reward"], "reward", d, trainable=False, scalar_head=True)
     critic = load_model(dirs["value"], "reward", d, trainable=True, scalar_head=True)
     trainable = torch.nn.ModuleDict({"policy": policy, "critic": critic})
-    optimizer = torch.optim.AdamW([{"params": list(policy.parameters()), "lr": pcfg.lr},
-                                   {"params": list(critic.parameters()), "lr": pcfg.lr}],
-                                  betas=(0.9, 0.999), eps=pcfg.adam_eps, weight_decay=0.0)
+    optimizer = ppo.make_optimizer(policy, critic, pcfg)
     return dict(policy=policy, ref=ref, reward=reward, critic=critic, trainable=trainable, optimizer=optimizer,
                 base_lrs=[g["lr"] for g in optimizer.param_groups], cfg=pcfg, d=d)
 
 
 def our_ppo_iteration(m: dict, query, query_mask, update: int, total_steps: int, eos_id: int, splits: list):
-    """Steps 1-5 of ppo.main's loop: generate, make_experience, ppo_update."""
+    """Steps 1-5 of ppo.main's loop, by its own functions: rollout, make_experience, ppo_update."""
     from types import SimpleNamespace
     import ppo
-    from model import generate
-    from runtime import autocast
-    cfg, d, policy = m["cfg"], m["d"], m["policy"]
+    cfg, d, policy, tok = m["cfg"], m["d"], m["policy"], SimpleNamespace(eos_id=eos_id)
     t0 = time.perf_counter()
-    policy.eval()
-    gen = torch.Generator(device=d.device).manual_seed(cfg.seed * 1_000_003 + update * 7919)
-    with torch.no_grad(), autocast(d, cfg.bf16):
-        query_response, sample_logp = generate(policy, query, query_mask, cfg.response_length,
-                                               temperature=cfg.temperature, eos_id=eos_id, pad_id=eos_id, generator=gen)
-    policy.train()
+    query_response, sample_logp = ppo.rollout(policy, query, query_mask, update, tok, cfg, d)
     sync(d.device)
     t1 = time.perf_counter()
     exp = ppo.make_experience(policy, m["critic"], m["ref"], m["reward"], query_response, query_mask, sample_logp,
-                              cfg.kl_coef, SimpleNamespace(eos_id=eos_id), cfg, d)
+                              cfg.kl_coef, tok, cfg, d)
     sync(d.device)
     t2 = time.perf_counter()
     ppo.ppo_update(policy, m["critic"], m["trainable"], m["optimizer"], m["base_lrs"], exp, update, total_steps, cfg, d)

@@ -623,7 +623,7 @@ class TruncationStats:
                 f"dropped {self.pairs_dropped_identical} pairs identical after truncation")
 
 
-def _cut_prompt(ids: list[int], max_tokens: int, stats: TruncationStats) -> list[int]:
+def cut_prompt(ids: list[int], max_tokens: int, stats: TruncationStats) -> list[int]:
     # from the left: the end of the prompt (the last turn, "Assistant:") is what the response follows from
     stats.examples += 1
     if len(ids) > max_tokens:
@@ -632,7 +632,7 @@ def _cut_prompt(ids: list[int], max_tokens: int, stats: TruncationStats) -> list
     return ids
 
 
-def _cut_response(ids: list[int], eos_id: int, max_tokens: int, stats: TruncationStats) -> list[int]:
+def cut_response(ids: list[int], eos_id: int, max_tokens: int, stats: TruncationStats) -> list[int]:
     # from the right, EOS last: a cut response loses its EOS, so the model is never taught to stop mid-answer
     if max_tokens < 1:
         raise ValueError(f"max_response_tokens must be >= 1, got {max_tokens}")
@@ -648,16 +648,16 @@ def encode_pair(tok, prompt: str, response: str, max_prompt_tokens: int, max_res
                 stats: TruncationStats) -> tuple[list[int], list[int]]:
     """(prompt ids cut from the LEFT to max_prompt_tokens, response ids + [eos] cut from the RIGHT to
     max_response_tokens, so a truncated response has no EOS, on purpose); truncations are counted in stats."""
-    return (_cut_prompt(tok.encode(prompt), max_prompt_tokens, stats),
-            _cut_response(tok.encode(response), tok.eos_id, max_response_tokens, stats))
+    return (cut_prompt(tok.encode(prompt), max_prompt_tokens, stats),
+            cut_response(tok.encode(response), tok.eos_id, max_response_tokens, stats))
 
 
 def encode_preference(tok, prompt: str, chosen: str, rejected: str, max_prompt_tokens: int, max_response_tokens: int,
                       stats: TruncationStats) -> tuple[list[int], list[int], list[int]] | None:
     """(prompt, chosen, rejected) ids as encode_pair cuts them, or None (counted) when truncation made the two
     responses identical: such a pair carries no preference signal."""
-    p = _cut_prompt(tok.encode(prompt), max_prompt_tokens, stats)
-    c, r = (_cut_response(tok.encode(text), tok.eos_id, max_response_tokens, stats) for text in (chosen, rejected))
+    p = cut_prompt(tok.encode(prompt), max_prompt_tokens, stats)
+    c, r = (cut_response(tok.encode(text), tok.eos_id, max_response_tokens, stats) for text in (chosen, rejected))
     if c == r:
         stats.pairs_dropped_identical += 1
         return None

@@ -9,7 +9,7 @@ the SFT checkpoint; each step costs one forward+backward of the policy and one f
 chosen and rejected together. Ranked data is used as all its K-choose-2 pairs (data.load_records).
 
 Evaluation puts DPO on PPO's axes: on held-out prompts, samples from the policy, their KL to the reference
-(`eval/kl`, k1 summed over the response, as ppo.py logs it) and on the default task their gold reward
+(`eval/kl`, k1 summed over the response: evaluate.sequence_kl, as ppo.py logs it) and on the default task their gold reward
 (`eval/gold_reward`), with the same prompts and sampling seed as ppo.py's evaluation. Training metrics use TRL's
 DPO names (rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies, logps/chosen, logps/rejected).
 
@@ -28,8 +28,6 @@ gold reward drops below the SFT policy's while the KL to the reference jumps fro
     torchrun --nproc_per_node=8 dpo.py ...          # FSDP2, bf16 autocast on CUDA
 """
 
-import os
-import random
 import time
 from dataclasses import dataclass
 
@@ -38,13 +36,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from evaluate import sample_responses
-from model import GPT, token_logprobs
-from runtime import (Dist, Metrics, all_reduce_sum, autocast, check_nonfinite_streak, check_writable,
-                     clip_grad_norm, flops_per_token, init_distributed, latest_checkpoint,
-                     load_full_optimizer_state, load_full_state_dict, load_model, load_train_state, lr_at,
-                     make_adamw, parse_config, peak_flops, publish_final, publish_missing_final, save_checkpoint,
-                     seed_all, set_lr, shard_model, shutdown_distributed, step_if_finite)
+from evaluate import sample_metrics, sample_responses, score_samples, show_samples
+from model import token_logprobs
+from runtime import (Dist, all_reduce_sum, autocast, batch_at, check_nonfinite_streak, check_writable,
+                     guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config,
+                     save_checkpoint, seed_all, set_lr, shard_model, start_or_resume,
+                     shutdown_distributed, speed_metrics, split_batch, split_heldout)
 
 
 @dataclass
@@ -132,16 +129,16 @@ PRESETS = {"trl": dict(beta=0.1, ipo_average=True)}
 
 
 def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
-                   temperature: float = 1.0, average: bool = False) -> torch.Tensor:
+                   average: bool = False) -> torch.Tensor:
     """log pi(response | prompt): the sum of token log-probs over the tokens loss_mask marks, float32.
 
     logits (B, T, V) at position t predict input_ids[t + 1]; loss_mask (B, T) marks response tokens (data.collate_sft,
     data.collate_pairs), so prompt and padding positions add exactly 0 and get no gradient (torch.where, not a
     product: a non-finite logit at a pad position cannot leak in). Summed, not averaged: DPO's log pi(y|x) is a
     sequence log-likelihood (paper, eq. 7; TRL `dpo_trainer.py` _compute_loss and OpenRLHF sum likewise).
-    Float32 log-softmax via model.token_logprobs; temperature 1 for training, the sampling T for eval/kl.
-    average=True divides by the response length: IPO as TRL computes it (--ipo_average, TRL PR #1265)."""
-    logp = token_logprobs(logits[:, :-1], input_ids[:, 1:], temperature)  # (B, T - 1)
+    Float32 log-softmax via model.token_logprobs, at temperature 1. average=True divides by the response length:
+    IPO as TRL computes it (--ipo_average, TRL PR #1265)."""
+    logp = token_logprobs(logits[:, :-1], input_ids[:, 1:])  # (B, T - 1)
     mask = loss_mask[:, 1:].bool()
     total = torch.where(mask, logp, torch.zeros_like(logp)).sum(-1)
     return total / mask.sum(-1) if average else total
@@ -223,23 +220,7 @@ def heldout_prompts(eval_records: list[dict], cfg: Config) -> list[str]:
 
 
 @torch.no_grad()
-def samples_kl(policy, ref, samples: list[dict], tok, cfg: Config, d: Dist) -> list[float]:
-    """Per sample, sum over its response tokens of log pi - log ref at the sampling temperature: the k1 estimate of
-    the sequence KL(pi || ref), what ppo.py logs as eval/kl (evaluate.score_samples), without a reward model."""
-    kls = []
-    for start in range(0, len(samples), cfg.micro_batch_size):
-        batch = data.collate_sft([(s["prompt_ids"], s["response_ids"]) for s in samples[start:start + cfg.micro_batch_size]],
-                                 tok.eos_id)
-        ids, mask, response = (batch[k].to(d.device) for k in ("input_ids", "attention_mask", "loss_mask"))
-        with autocast(d, cfg.bf16):
-            policy_logits, ref_logits = policy(ids, attention_mask=mask), ref(ids, attention_mask=mask)
-        kls += (sequence_logps(policy_logits, ids, response, cfg.eval_temperature)
-                - sequence_logps(ref_logits, ids, response, cfg.eval_temperature)).tolist()
-    return kls
-
-
-@torch.no_grad()
-def evaluate(policy, ref, tok, eval_items: list[tuple], prompts: list[str], cfg: Config, d: Dist, step: int) -> dict:
+def eval_metrics(policy, ref, tok, eval_items: list[tuple], prompts: list[str], cfg: Config, d: Dist, step: int) -> dict:
     """Held-out pairs: the loss and TRL's reward metrics. Held-out prompts: samples from the policy, their KL to the
     reference, length, EOS rate, and on the default task the gold reward. Every rank evaluates the same items."""
     policy.eval()
@@ -255,16 +236,12 @@ def evaluate(policy, ref, tok, eval_items: list[tuple], prompts: list[str], cfg:
                "eval/rewards/accuracies": (chosen > rejected).float().mean().item()}
     samples = sample_responses(policy, tok, prompts, d, cfg.max_response_tokens, cfg.eval_temperature,
                                seed=cfg.seed + 1, max_prompt_tokens=cfg.max_prompt_tokens)  # ppo.py's sampling seed
-    kls = samples_kl(policy, ref, samples, tok, cfg, d)
+    # The sequence KL to the reference at the sampling temperature, as ppo.py's eval/kl (evaluate.sequence_kl).
+    _, kls = score_samples(samples, policy, ref, None, tok, cfg.eval_temperature, d, cfg.micro_batch_size, cfg.bf16)
     metrics["eval/kl"] = sum(kls) / len(kls)
-    metrics["eval/response_length"] = sum(s["length"] for s in samples) / len(samples)
-    metrics["eval/eos_fraction"] = sum(s["ended"] for s in samples) / len(samples)
-    if cfg.dataset == "default":  # the programmatic annotator can grade the samples
-        metrics["eval/gold_reward"] = sum(data.gold_reward(s["prompt"], s["response"]) for s in samples) / len(samples)
+    metrics.update(sample_metrics(samples, graded=cfg.dataset == "default"))
     if d.is_main:
-        for s in samples[:cfg.num_samples_shown]:
-            gold = f" gold={data.gold_reward(s['prompt'], s['response']):.3f}" if cfg.dataset == "default" else ""
-            tqdm.write(f"  [step {step}] {s['prompt']!r} -> {s['response']!r}{'' if s['ended'] else ' (no EOS)'}{gold}")
+        show_samples(samples, cfg.num_samples_shown, f"step {step}", graded=cfg.dataset == "default")
     policy.train()
     return metrics
 
@@ -303,19 +280,13 @@ def main(argv=None):
     # 1. Models: the policy and the frozen reference, both the SFT checkpoint. The reference is in eval mode,
     #    takes no gradients and, on CUDA, holds bf16 weights (runtime.load_model).
     policy = load_model(cfg.sft, "policy", d, trainable=True, dropout=cfg.dropout)
+    policy.gradient_checkpointing = cfg.gradient_checkpointing
     ref = load_model(cfg.sft, "policy", d, trainable=False)
     tok = data.get_tokenizer(policy.config.tokenizer)
 
     # 2. Data: preference pairs, tokenized once; truncation counted, ties made by truncation dropped.
-    hold_out = os.path.isfile(cfg.dataset) and not cfg.eval_dataset
-    records = load_pairs(cfg.dataset, "train", None if hold_out else cfg.max_train_examples or None, cfg)
-    if hold_out:  # a file has no test split: hold out eval_examples of its pairs, chosen by the seed
-        random.Random(cfg.seed).shuffle(records)
-        eval_records, records = records[:cfg.eval_examples], records[cfg.eval_examples:]
-        records = records[:cfg.max_train_examples or None]
-    else:
-        eval_source, eval_split = (cfg.eval_dataset, "train") if cfg.eval_dataset else (cfg.dataset, "test")
-        eval_records = load_pairs(eval_source, eval_split, cfg.eval_examples, cfg)
+    records, eval_records = split_heldout(lambda source, split, n: load_pairs(source, split, n, cfg), cfg.dataset,
+                                          cfg.eval_dataset, cfg.max_train_examples, cfg.eval_examples, cfg.seed)
     stats = data.TruncationStats()
     items = encode_pairs(records, tok, cfg, stats)
     eval_items = encode_pairs(eval_records, tok, cfg, data.TruncationStats())
@@ -328,42 +299,23 @@ def main(argv=None):
               f"{stats.summary()}")
 
     # 3. Batch arithmetic: the global batch of pairs is fixed; processes and accumulation split it.
-    per_rank = cfg.batch_size // d.world_size
-    accum = per_rank // cfg.micro_batch_size if per_rank >= cfg.micro_batch_size else 1
-    micro = per_rank // accum
-    if micro * accum * d.world_size != cfg.batch_size:
-        raise SystemExit(f"batch_size {cfg.batch_size} must be world_size {d.world_size} x accumulation x micro_batch_size {cfg.micro_batch_size}")
-    steps_per_epoch = len(items) // cfg.batch_size
-    max_steps = cfg.max_steps or steps_per_epoch
+    per_rank, micro, steps_per_epoch, max_steps = split_batch(cfg.batch_size, cfg.micro_batch_size, len(items),
+                                                              cfg.max_steps, d)
 
     # 4. Sharding, optimizer, and the state to resume from. The reference is sharded too, so its memory is split.
-    if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing = True
     policy, ref = shard_model(policy, d), shard_model(ref, d)
     optimizer = make_adamw(policy, cfg.lr, cfg.weight_decay)
-    step, skipped_steps, bad_streak = 0, 0, 0
-    ckpt = latest_checkpoint(cfg.run_dir) if cfg.resume else None
-    if ckpt:
-        state = load_train_state(ckpt)
-        load_full_state_dict(policy, GPT.from_pretrained(os.path.join(ckpt, "policy")).state_dict())
-        load_full_optimizer_state(policy, optimizer, state["optimizers"]["policy"])
-        step, skipped_steps = state["step"], state["state"].get("skipped_steps", 0)
-        if d.is_main:
-            print(f"dpo: resumed from {ckpt} at step {step}")
-    metrics = Metrics(cfg.run_dir, d, resume_step=step if ckpt else None)
-    n_params = sum(p.numel() for p in policy.parameters())
-    peak = peak_flops(d)
-    # The policy's forward + backward, plus the reference's forward (a third of that), per token.
-    fpt = 4 / 3 * flops_per_token(n_params, policy.config.n_layer, policy.config.n_head,
-                                  policy.config.n_embd // policy.config.n_head, cfg.max_prompt_tokens + cfg.max_response_tokens)
+    step, state, metrics = start_or_resume(cfg.run_dir, cfg.resume, {"policy": policy}, {"policy": (policy, optimizer)},
+                                           max_steps, d, "dpo")
+    skipped_steps, bad_streak = state.get("skipped_steps", 0), 0
 
     # 5. The loop. Data order depends only on (seed, epoch), so a resumed run sees the same batches.
-    start_step, t0, tokens_seen, last_eval = step, time.time(), 0, {}
+    stop_at = min(max_steps, step + cfg.stop_after) if cfg.stop_after else max_steps
+    t0, tokens_seen, last_eval = time.time(), 0, {}
     bar = tqdm(total=max_steps, initial=step, desc="dpo", disable=not d.is_main)
-    while step < max_steps:
+    while step < stop_at:
         epoch, index = divmod(step, steps_per_epoch)
-        batch_items = list(data.batches(items, per_rank, seed=cfg.seed, epoch=epoch, rank=d.rank,
-                                        world_size=d.world_size))[index]
+        batch_items = batch_at(items, per_rank, cfg.seed, epoch, index, d.rank, d.world_size)
         lr = lr_at(step, max_steps, cfg.lr, cfg.warmup_steps, cfg.lr_schedule)
         set_lr(optimizer, lr)
         sums = {k: torch.zeros((), device=d.device) for k in ("loss", "chosen", "rejected", "correct", "logps_c", "logps_r")}
@@ -385,49 +337,36 @@ def main(argv=None):
             sums["logps_c"] += policy_chosen.detach().sum()
             sums["logps_r"] += policy_rejected.detach().sum()
             tokens_seen += int(batch["attention_mask"].sum())
-        grad_norm = clip_grad_norm(policy, cfg.grad_clip)
-        stepped = step_if_finite(optimizer, sums["loss"], grad_norm, d)
-        skipped_steps, bad_streak = skipped_steps + (not stepped), 0 if stepped else bad_streak + 1
+        grad_norm, skipped_steps, bad_streak = guarded_step(policy, optimizer, sums["loss"], cfg.grad_clip,
+                                                            skipped_steps, bad_streak, step + 1, d)
         step += 1
         bar.update(1)
-        if not stepped and d.is_main:
-            tqdm.write(f"step {step}: non-finite loss or gradient norm; update skipped ({bad_streak} in a row)")
 
         if step % cfg.log_every == 0 or step == max_steps:
-            elapsed = time.time() - t0
-            tok_s = tokens_seen * d.world_size / elapsed
             mean = {k: (all_reduce_sum(v, d) / cfg.batch_size).item() for k, v in sums.items()}
+            # MFU counts the reference's forward too: a third of the policy's forward + backward.
             row = {"train/loss": mean["loss"], "rewards/chosen": mean["chosen"], "rewards/rejected": mean["rejected"],
                    "rewards/margins": mean["chosen"] - mean["rejected"], "rewards/accuracies": mean["correct"],
                    "logps/chosen": mean["logps_c"], "logps/rejected": mean["logps_r"], "lr": lr,
-                   "grad_norm": grad_norm.item(), "tokens_per_s": tok_s, "epoch": step / steps_per_epoch,
-                   "train/skipped_steps": skipped_steps}
-            if peak:
-                row["mfu"] = fpt * tok_s / (peak * d.world_size)
+                   "grad_norm": grad_norm.item(), "epoch": step / steps_per_epoch, "train/skipped_steps": skipped_steps,
+                   **speed_metrics(tokens_seen, time.time() - t0, policy, cfg.max_prompt_tokens + cfg.max_response_tokens,
+                                   d, flops_factor=4 / 3)}
             metrics.log(step, row, echo=False)
             bar.set_postfix(loss=f"{row['train/loss']:.3f}", acc=f"{row['rewards/accuracies']:.2f}")
         check_nonfinite_streak(bad_streak, cfg.max_nonfinite_steps, step, cfg.run_dir)  # before saving this state
         if step % cfg.eval_every == 0 or step == max_steps:
-            last_eval = evaluate(policy, ref, tok, eval_items, prompts, cfg, d, step)
+            last_eval = eval_metrics(policy, ref, tok, eval_items, prompts, cfg, d, step)
             metrics.log(step, last_eval)
-        stopping = cfg.stop_after and step - start_step >= cfg.stop_after
-        if step % cfg.save_every == 0 or step == max_steps or stopping:
-            path = save_checkpoint(cfg.run_dir, step, {"policy": policy}, {"policy": (policy, optimizer)},
-                                   {"skipped_steps": skipped_steps}, cfg, d)
-            if step == max_steps:
-                publish_final(cfg.run_dir, path if d.is_main else "", d)
-        if stopping:
-            break
+        if step % cfg.save_every == 0 or step == stop_at:
+            save_checkpoint(cfg.run_dir, step, {"policy": policy}, {"policy": (policy, optimizer)},
+                            {"skipped_steps": skipped_steps}, cfg, d, final=step == max_steps)
     bar.close()
-    if step == max_steps:
-        publish_missing_final(cfg.run_dir, d)
     if d.is_main and step == max_steps:
         gold = f", gold reward {last_eval['eval/gold_reward']:.3f}" if "eval/gold_reward" in last_eval else ""
         print(f"dpo: done, {step} steps in {time.time() - t0:.0f}s; held-out accuracy "
               f"{last_eval['eval/rewards/accuracies']:.3f}, KL to the reference {last_eval['eval/kl']:.2f}{gold}; "
               f"policy in {cfg.run_dir}/final/policy")
     shutdown_distributed()
-
 
 if __name__ == "__main__":
     main()

@@ -51,31 +51,80 @@ def sample_responses(model, tok, prompts: list[str], d, max_new_tokens: int, tem
     return out
 
 
-def reward_scores(reward_model, query_response, attention_mask, last_index):
-    """The reward model's normalized score, read at each sequence's last valid token (its EOS)."""
-    scalars = reward_model(query_response, attention_mask=attention_mask, head="score").float()
-    raw = scalars[torch.arange(scalars.size(0), device=scalars.device), last_index]
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) 0/1 mask -> (B,) index of each row's last real token: the EOS of prompt + response, or the last
+    kept token of a response cut by truncation or by the length limit.
+
+    The rightmost 1, so it works for right padding (length - 1) and left padding (T - 1) alike, as HF's
+    GPT2ForSequenceClassification pools (there from input_ids != pad_token_id; we pad with EOS, so the mask
+    must decide). Reading the score at the EOS is OpenRLHF's, verl's and DS-Chat's convention."""
+    positions = torch.arange(attention_mask.size(1), device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(-1)
+
+
+def sequence_rewards(scalars: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-position scalars (B, T) of the `score` head -> the raw reward of each sequence (B,), float32, read at
+    its last real token. The one read-out of a reward: the reward model trains and normalizes on it,
+    reward_scores (PPO's score, the report's learned reward) applies the normalization to it."""
+    return scalars.float().gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+
+
+def reward_scores(reward_model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The reward model's normalized score (B,) of each sequence: gain * raw + bias, with the gain and bias that
+    reward_model.py stored in the checkpoint's config (mean 0 on the normalization set)."""
+    scalars = reward_model(input_ids, attention_mask=attention_mask, head="score")
+    raw = sequence_rewards(scalars, attention_mask)
     return reward_model.config.reward_gain * raw + reward_model.config.reward_bias
 
 
+def sequence_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """k1 estimate of the sequence KL(pi || ref) of sampled responses: (B, N) token log-probs of the sampled tokens
+    under pi and ref, mask (B, N) marking response tokens -> (B,) sum of log pi - log ref over them, float32.
+    What ppo.py logs as objective/kl (OpenAI 2019, TRL: k1 summed over the response) and every stage as eval/kl.
+    torch.where, not a product, so a non-finite value at a padded position cannot leak in."""
+    diff = logp.float() - ref_logp.float()
+    return torch.where(mask.bool(), diff, torch.zeros_like(diff)).sum(-1)
+
+
 @torch.no_grad()
-def score_samples(samples, policy, ref, reward_model, tok, temperature, d, batch_size=64):
-    """Learned reward (normalized) and sequence KL(policy || ref) (k1, summed) of sampled responses."""
+def score_samples(samples, policy, ref, reward_model, tok, temperature, d, batch_size=64, bf16=True):
+    """Learned reward (normalized) and sequence KL(policy || ref) (sequence_kl, log-probs of logits / T) of
+    sampled responses. Without a reward model (DPO), the learned rewards are an empty list."""
     learned, kls = [], []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
         qr, mask = pad_left([s["prompt_ids"] + s["response_ids"] for s in chunk], tok.eos_id)
         qr, mask = qr.to(d.device), mask.to(d.device)
-        last = torch.full((len(chunk),), qr.size(1) - 1, device=d.device)
-        with autocast(d):
-            learned += reward_scores(reward_model, qr, mask, last).tolist()
+        n = torch.tensor([len(s["response_ids"]) for s in chunk], device=d.device)
+        response = torch.arange(qr.size(1), device=d.device)[None, :] >= qr.size(1) - n[:, None]  # left-padded
+        with autocast(d, bf16):
+            if reward_model is not None:
+                learned += reward_scores(reward_model, qr, mask).tolist()
             logits_p = policy(qr, attention_mask=mask)[:, :-1]
             logits_r = ref(qr, attention_mask=mask)[:, :-1]
-        lp = token_logprobs(logits_p, qr[:, 1:], temperature) - token_logprobs(logits_r, qr[:, 1:], temperature)
-        for row, s in enumerate(chunk):
-            n = len(s["response_ids"])
-            kls.append(lp[row, -n:].sum().item())
+        kls += sequence_kl(token_logprobs(logits_p, qr[:, 1:], temperature),
+                           token_logprobs(logits_r, qr[:, 1:], temperature), response[:, 1:]).tolist()
     return learned, kls
+
+
+def sample_metrics(samples: list[dict], graded: bool) -> dict:
+    """Every stage's eval/ numbers of its samples: mean length (tokens, EOS included), fraction ending with EOS,
+    and with graded (the default task, whose programmatic annotator can grade them) the mean gold reward."""
+    n = len(samples)
+    out = {"eval/response_length": sum(s["length"] for s in samples) / n,
+           "eval/eos_fraction": sum(s["ended"] for s in samples) / n}
+    if graded:
+        out["eval/gold_reward"] = sum(data.gold_reward(s["prompt"], s["response"]) for s in samples) / n
+    return out
+
+
+def show_samples(samples: list[dict], n: int, label: str, graded: bool, learned: list[float] | None = None):
+    """Print the first n samples on the console (above the progress bar), with their learned and gold rewards."""
+    from tqdm import tqdm
+    for i, s in enumerate(samples[:n]):
+        scores = (f" learned={learned[i]:.3f}" if learned else "") + \
+            (f" gold={data.gold_reward(s['prompt'], s['response']):.3f}" if graded else "")
+        tqdm.write(f"  [{label}] {s['prompt']!r} -> {s['response']!r}{'' if s['ended'] else ' (no EOS)'}{scores}")
 
 
 # -----------------------------------------------------------------------------

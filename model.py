@@ -327,13 +327,14 @@ class GPT(nn.Module):
         self.gradient_checkpointing = False
 
     @torch.no_grad()
-    def init_weights(self, seed: int | None = None):
+    def init_weights(self, seed: int | None = None, only: str = ""):
         """GPT-2's initialization, apart from __init__ so the model can be built on the meta device,
         sharded, then materialized (torchtitan's pattern).
 
         Linear and Embedding weights N(0, 0.02), biases 0, LayerNorm 1/0; residual projections scaled by
         1/sqrt(2 * n_layer) (GPT-2 paper, section 2.3). The scalar head is N(0, 1/sqrt(n_embd + 1)) with
-        bias 0, as OpenAI's 2019 reward model (lm-human-preferences `rewards.py`).
+        bias 0, as OpenAI's 2019 reward model (lm-human-preferences `rewards.py`). only: initialize just the
+        parameters whose names start with it (from_pretrained draws a fresh `score` head this way).
         """
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
 
@@ -341,6 +342,8 @@ class GPT(nn.Module):
             t.copy_(torch.randn(t.shape, generator=gen) * std)
 
         for name, p in self.named_parameters():
+            if not name.startswith(only):
+                continue
             if name == "score.weight":
                 normal_(p, 1 / math.sqrt(self.config.n_embd + 1))
             elif name.endswith("c_proj.weight"):
@@ -351,10 +354,6 @@ class GPT(nn.Module):
                 p.zero_()
             else:
                 normal_(p, 0.02)
-
-    def num_params(self, non_embedding: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
     def forward(self, idx, attention_mask=None, position_ids=None, kv_cache=None, head="lm"):
         """idx (B, T) token ids -> logits (B, T, V) for head="lm", scalars (B, T) for head="score",
@@ -458,9 +457,7 @@ class GPT(nn.Module):
         if problems:
             raise ValueError(f"{source} does not fit this model ({self.config}):\n  " + "\n  ".join(problems))
         if self.score is not None and "score.weight" not in loaded:  # a fresh head, as init_weights draws it
-            with torch.no_grad():
-                self.score.weight.normal_(0.0, 1 / math.sqrt(self.config.n_embd + 1))
-                self.score.bias.zero_()
+            self.init_weights(only="score.")
         if self.score is not None and "score.weight" in loaded and "score.bias" not in loaded:
             loaded["score.bias"] = torch.zeros(1)  # HF's GPT2ForSequenceClassification head has no bias
         self.load_state_dict({k: v for k, v in loaded.items() if v is not None}, strict=False)

@@ -22,7 +22,6 @@ implementation details (Huang et al. 2024) and TRL, except where a comment says 
 """
 
 import contextlib
-import os
 import time
 from dataclasses import dataclass
 
@@ -31,13 +30,13 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import data
-from evaluate import reward_scores, sample_responses, score_samples
-from model import GPT, generate, token_logprobs
-from runtime import (Dist, Metrics, all_reduce_mean, all_reduce_sum, autocast, check_nonfinite_streak,
-                     check_writable, clip_grad_norm, init_distributed, latest_checkpoint,
-                     load_full_optimizer_state, load_full_state_dict, load_model, load_train_state, lr_at,
-                     parse_config, publish_final, publish_missing_final, save_checkpoint, seed_all, shard_model,
+from evaluate import reward_scores, sample_metrics, sample_responses, score_samples, sequence_kl, show_samples
+from model import generate, token_logprobs
+from runtime import (Dist, all_reduce_mean, all_reduce_sum, autocast, batch_at, check_nonfinite_streak,
+                     check_writable, clip_grad_norm, init_distributed, load_model, lr_at, parse_config,
+                     save_checkpoint, seed_all, shard_model, start_or_resume,
                      shutdown_distributed, step_if_finite, unsharded)
+from sft import sft_loss
 
 
 @dataclass
@@ -500,6 +499,24 @@ def critic_values(critic, query_response, attention_mask, context_length):
 # Steps 2-4 and step 5 of the loop, as functions the parity tests can call on fixed rollouts
 
 
+def response_masks(response: torch.Tensor, eos_id: int, stop_token_id: int, score_position: str):
+    """The masks of a (B, N) response batch: (ended (B,), eos_index (B,), action_mask, score_idx (B,), value_mask).
+
+    eos_index: the last valid token (the first stop token, EOS or stop_token_id >= 0, or N - 1 if the response
+    never stopped). action_mask: the tokens the policy chose, EOS included (TRL's non-pad part of
+    truncate_response). value_mask: up to score_idx (score_indices), so with "after_eos" the critic also
+    predicts the slot after EOS (TRL's padding_mask_p1)."""
+    N = response.size(1)
+    is_stop = response == eos_id
+    if stop_token_id >= 0:
+        is_stop |= response == stop_token_id
+    ended = is_stop.any(1)
+    eos_index = torch.where(ended, first_true_indices(is_stop), torch.full_like(ended, N - 1, dtype=torch.long))
+    positions = torch.arange(N, device=response.device)[None, :]
+    score_idx = score_indices(eos_index, N, score_position)
+    return ended, eos_index, positions <= eos_index[:, None], score_idx, positions <= score_idx[:, None]
+
+
 @torch.no_grad()
 def make_experience(policy, critic, ref, reward_model, query_response, query_mask, sample_logp, kl_coef, tok,
                     cfg: Config, d: Dist) -> dict:
@@ -510,23 +527,14 @@ def make_experience(policy, critic, ref, reward_model, query_response, query_mas
     tensors and masks, everything the PPO update needs."""
     P = query_mask.size(1)
     response = query_response[:, P:]
-    N = response.size(1)
     T_lp = cfg.temperature if cfg.divide_logits_by_temperature else 1.0
-    # Masks. eos_index: the last valid token (the stop token, or N - 1 if the response never stopped).
-    is_stop = response == tok.eos_id
-    if cfg.stop_token_id >= 0:
-        is_stop |= response == cfg.stop_token_id
-    ended = is_stop.any(1)
-    eos_index = torch.where(ended, first_true_indices(is_stop), torch.full_like(ended, N - 1, dtype=torch.long))
-    positions = torch.arange(N, device=response.device)[None, :]
-    action_mask = positions <= eos_index[:, None]  # the tokens the policy chose, EOS included
-    score_idx = score_indices(eos_index, N, cfg.score_position)
-    value_mask = positions <= score_idx[:, None]  # "after_eos": the critic also predicts the slot after EOS
+    ended, eos_index, action_mask, score_idx, value_mask = response_masks(response, tok.eos_id, cfg.stop_token_id,
+                                                                          cfg.score_position)
     attention_mask = torch.cat([query_mask.long(), action_mask.long()], 1)
 
     # 2. Score with the frozen reward model; responses without EOS get the penalty.
     with offloaded(reward_model, cfg, d), autocast(d, cfg.bf16):
-        scores = reward_scores(reward_model, query_response, attention_mask, P + eos_index)
+        scores = reward_scores(reward_model, query_response, attention_mask)  # at P + eos_index
     # A non-finite score (a diverged reward model, a bf16 overflow) would reach every advantage of the rollout
     # through whitening, then every weight of the policy: those responses take no part in the update (counted).
     nonfinite = ~torch.isfinite(scores)
@@ -638,7 +646,6 @@ def ppo_update(policy, critic, trainable, optimizer, base_lrs, exp: dict, update
 def ptx_batch(policy, pairs, n, key, tok, cfg: Config, d: Dist):
     """PPO-ptx: the mean SFT loss on n demonstrations, drawn by a generator seeded from key = (update,
     epoch, minibatch, micro-batch), so a resumed run draws the same ones."""
-    from sft import sft_loss
     update, epoch, mb, i = key
     g = torch.Generator().manual_seed(cfg.seed + ((update * 64 + epoch) * 1024 + mb) * 1024 + i)
     pick = torch.randint(len(pairs), (n,), generator=g).tolist()
@@ -717,6 +724,29 @@ def build_models(cfg: Config, d: Dist):
     return policy, ref, reward_model, critic
 
 
+def make_optimizer(policy, critic, cfg: Config):
+    """One AdamW over policy and critic, so vf_coef and gradient clipping act on both together (TRL's
+    PolicyAndValueWrapper; N+); no weight decay, betas (0.9, 0.999) (N+, TRL)."""
+    groups = [{"params": list(policy.parameters()), "lr": cfg.lr}]
+    if critic is not None:
+        groups.append({"params": list(critic.parameters()), "lr": cfg.critic_lr or cfg.lr})
+    return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=cfg.adam_eps, weight_decay=0.0)
+
+
+@torch.no_grad()
+def rollout(policy, query, query_mask, update: int, tok, cfg: Config, d: Dist):
+    """Step 1: sample a response to each prompt, seeded by (seed, update, rank) so a resumed run samples the same.
+    Returns (query_response (B, P + N), sampling log-probs (B, N)); see model.generate."""
+    policy.eval()  # dropout is off anyway; eval() also documents that sampling takes no gradients
+    gen = torch.Generator(device=d.device).manual_seed(cfg.seed * 1_000_003 + update * 7919 + d.rank)
+    with unsharded(policy), autocast(d, cfg.bf16):
+        out = generate(policy, query, query_mask, cfg.response_length, temperature=cfg.temperature, eos_id=tok.eos_id,
+                       stop_id=cfg.stop_token_id if cfg.stop_token_id >= 0 else None, pad_id=tok.eos_id, generator=gen,
+                       top_k=cfg.top_k, top_p=cfg.top_p)
+    policy.train()
+    return out
+
+
 def main(argv=None):
     import sys
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -739,10 +769,7 @@ def main(argv=None):
     trainable = nn.ModuleDict({"policy": policy} | ({"critic": critic} if critic is not None else {}))
     for m in list(trainable.values()) + [ref, reward_model]:
         shard_model(m, d)
-    groups = [{"params": list(policy.parameters()), "lr": cfg.lr}]
-    if critic is not None:
-        groups.append({"params": list(critic.parameters()), "lr": cfg.critic_lr or cfg.lr})
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=cfg.adam_eps, weight_decay=0.0)
+    optimizer = make_optimizer(policy, critic, cfg)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     if cfg.offload_frozen:
         ref.to("cpu"), reward_model.to("cpu")
@@ -763,38 +790,21 @@ def main(argv=None):
     if updates_per_epoch == 0:
         raise SystemExit(f"{len(prompt_ids)} prompts, fewer than one rollout batch of {cfg.rollout_batch_size}")
 
-    kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
-    update = 0
-    ckpt = latest_checkpoint(cfg.run_dir) if cfg.resume else None
-    if ckpt:
-        state = load_train_state(ckpt)
-        for name, m in trainable.items():
-            load_full_state_dict(m, GPT.from_pretrained(os.path.join(ckpt, name), scalar_head=m.config.scalar_head).state_dict())
-        load_full_optimizer_state(trainable, optimizer, state["optimizers"]["ppo"])
-        kl_ctl.value, update = state["state"]["kl_coef"], state["step"]
-        if d.is_main:
-            print(f"ppo: resumed from {ckpt} at update {update}")
-    metrics_log = Metrics(cfg.run_dir, d, resume_step=update if ckpt else None)
+    update, state, metrics_log = start_or_resume(cfg.run_dir, cfg.resume, dict(trainable.items()),
+                                                 {"ppo": (trainable, optimizer)}, cfg.num_updates, d, "ppo")
+    kl_ctl = AdaptiveKLController(state.get("kl_coef", cfg.kl_coef), cfg.target_kl, cfg.kl_horizon)
     start_update, bad_streak = update, 0
     bar = tqdm(total=cfg.num_updates, initial=update, desc="ppo", disable=not d.is_main)
 
     while update < cfg.num_updates:
         t_start = time.time()
         epoch, index = divmod(update, updates_per_epoch)
-        batch_prompts = list(data.batches(prompt_ids, local_batch, seed=cfg.seed, epoch=epoch, rank=d.rank,
-                                          world_size=d.world_size))[index]
+        batch_prompts = batch_at(prompt_ids, local_batch, cfg.seed, epoch, index, d.rank, d.world_size)
         query, query_mask = data.pad_left(batch_prompts, tok.eos_id)
         query, query_mask = query.to(d.device), query_mask.to(d.device)
 
         # 1. Rollout. Seeded by (seed, update, rank): a resumed run samples the same responses.
-        policy.eval()  # dropout is off anyway; eval() also documents that sampling takes no gradients
-        gen = torch.Generator(device=d.device).manual_seed(cfg.seed * 1_000_003 + update * 7919 + d.rank)
-        with torch.no_grad(), unsharded(policy), autocast(d, cfg.bf16):
-            query_response, sample_logp = generate(
-                policy, query, query_mask, cfg.response_length, temperature=cfg.temperature, eos_id=tok.eos_id,
-                stop_id=cfg.stop_token_id if cfg.stop_token_id >= 0 else None, pad_id=tok.eos_id, generator=gen,
-                top_k=cfg.top_k, top_p=cfg.top_p)
-        policy.train()
+        query_response, sample_logp = rollout(policy, query, query_mask, update, tok, cfg, d)
         t_rollout = time.time()
 
         # 2-4. Score, KL and rewards, advantages.
@@ -810,7 +820,7 @@ def main(argv=None):
         # 6. Log (TRL's metric names, so runs overlay), adapt beta, evaluate, checkpoint.
         with torch.no_grad():
             logp, ref_logp, action_mask, scores = exp["logp"], exp["ref_logp"], exp["action_mask"], exp["scores"]
-            seq_kl = (kl_penalty(logp, ref_logp, "k1") * action_mask).sum(1)  # logged KL is always k1, summed (TRL)
+            seq_kl = sequence_kl(logp, ref_logp, action_mask)  # logged KL is always k1, summed (TRL)
             mean_kl = all_reduce_mean(seq_kl.mean(), d)
             token_kl = all_reduce_mean(masked_mean(kl_penalty(logp, ref_logp, "k1"), action_mask), d)
             all_ratios = stats["ratios"]
@@ -849,25 +859,21 @@ def main(argv=None):
             bar.set_postfix(score=f"{float(row['objective/scores']):.3f}", kl=f"{float(row['objective/kl']):.2f}")
         check_nonfinite_streak(bad_streak, cfg.max_nonfinite_steps, update, cfg.run_dir)  # before saving this state
         if update % cfg.eval_every == 0 or update == cfg.num_updates:
-            metrics_log.log(update, evaluate(policy, ref, reward_model, tok, eval_prompts, cfg, d, update))
+            metrics_log.log(update, eval_metrics(policy, ref, reward_model, tok, eval_prompts, cfg, d, update))
         stopping = cfg.stop_after and update - start_update >= cfg.stop_after
         if update % cfg.save_every == 0 or update == cfg.num_updates or stopping:
-            path = save_checkpoint(cfg.run_dir, update, dict(trainable.items()), {"ppo": (trainable, optimizer)},
-                                   {"kl_coef": kl_ctl.value}, cfg, d)
-            if update == cfg.num_updates:
-                publish_final(cfg.run_dir, path or "", d)
+            save_checkpoint(cfg.run_dir, update, dict(trainable.items()), {"ppo": (trainable, optimizer)},
+                            {"kl_coef": kl_ctl.value}, cfg, d, final=update == cfg.num_updates)
         if stopping:
             break
     bar.close()
-    if update == cfg.num_updates:
-        publish_missing_final(cfg.run_dir, d)
     if d.is_main and update == cfg.num_updates:
         print(f"ppo: done; policy in {cfg.run_dir}/final/policy")
     shutdown_distributed()
 
 
 @torch.no_grad()
-def evaluate(policy, ref, reward_model, tok, prompts, cfg: Config, d: Dist, update: int) -> dict:
+def eval_metrics(policy, ref, reward_model, tok, prompts, cfg: Config, d: Dist, update: int) -> dict:
     """Held-out prompts: learned reward, KL to the reference (sequence-summed k1), length, EOS rate, and
     on the default task the gold reward, so reward hacking shows as it happens (learned up, gold down)."""
     samples = sample_responses(policy, tok, prompts, d, cfg.response_length, cfg.temperature, seed=cfg.seed + 1,
@@ -875,14 +881,9 @@ def evaluate(policy, ref, reward_model, tok, prompts, cfg: Config, d: Dist, upda
     with offloaded(ref, cfg, d), offloaded(reward_model, cfg, d):
         learned, kls = score_samples(samples, policy, ref, reward_model, tok, cfg.temperature, d)
     out = {"eval/learned_reward": sum(learned) / len(learned), "eval/kl": sum(kls) / len(kls),
-           "eval/response_length": sum(s["length"] for s in samples) / len(samples),
-           "eval/eos_fraction": sum(s["ended"] for s in samples) / len(samples)}
-    if cfg.dataset == "default":
-        out["eval/gold_reward"] = sum(data.gold_reward(s["prompt"], s["response"]) for s in samples) / len(samples)
+           **sample_metrics(samples, graded=cfg.dataset == "default")}
     if d.is_main:
-        for s, r in list(zip(samples, learned))[:cfg.num_samples_shown]:
-            tqdm.write(f"  [update {update}] {s['prompt']!r} -> {s['response']!r} learned={r:.3f}"
-                       + (f" gold={data.gold_reward(s['prompt'], s['response']):.3f}" if cfg.dataset == "default" else ""))
+        show_samples(samples, cfg.num_samples_shown, f"update {update}", cfg.dataset == "default", learned)
     return out
 
 

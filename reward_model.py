@@ -2,13 +2,13 @@
 
 The SFT model with a scalar head (`score`, fresh, N(0, 1/sqrt(d_model + 1)) as OpenAI's 2019
 `rewards.py`) that reads the hidden state of the last token of prompt + response: the EOS, or the last
-kept token of a response cut by truncation. Trained with the Bradley-Terry loss -log sigmoid(r_w - r_l)
+kept token of a response cut by truncation (`evaluate.sequence_rewards`). Trained with the Bradley-Terry loss -log sigmoid(r_w - r_l)
 on {prompt, chosen, rejected} pairs (Stiennon et al. 2020, eq. 1; TRL RewardTrainer), or on rankings of
 K responses with the mean over all K-choose-2 pairs of each prompt (InstructGPT, Ouyang et al. 2022,
 section 3.5, eq. 1). After training the reward is normalized: gain and bias stored in the checkpoint's
 config make it mean 0 (and, with --normalize_gain, std 1) on responses sampled from the SFT policy
 (OpenAI 2019 `train_reward.py`) or on the SFT dataset's reference responses (N+ `reward.py`); ppo.py
-applies them (`reward_scores`). The output, run_dir/final/reward/, is what ppo.py --reward_model loads.
+applies them (`evaluate.reward_scores`). The output, run_dir/final/reward/, is what ppo.py --reward_model loads.
 
     python reward_model.py --sft=runs/sft/final     # the built-in default task: ~1 min on 2 CPU cores, gold accuracy ~0.8
     python reward_model.py --sft=runs/sft/final --data_format=ranked --k=4    # K-wise rankings
@@ -17,8 +17,6 @@ applies them (`reward_scores`). The output, run_dir/final/reward/, is what ppo.p
     torchrun --nproc_per_node=8 reward_model.py ...  # FSDP2, bf16 autocast on CUDA
 """
 
-import os
-import random
 import time
 from dataclasses import dataclass
 
@@ -27,13 +25,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from evaluate import sample_responses
-from model import GPT
-from runtime import (Dist, Metrics, all_reduce_sum, autocast, check_nonfinite_streak, check_writable,
-                     clip_grad_norm, flops_per_token, init_distributed, latest_checkpoint,
-                     load_full_optimizer_state, load_full_state_dict, load_model, load_train_state, lr_at,
-                     make_adamw, parse_config, peak_flops, publish_final, publish_missing_final, save_checkpoint,
-                     seed_all, set_lr, shard_model, shutdown_distributed, step_if_finite)
+from evaluate import sample_responses, sequence_rewards
+from runtime import (Dist, all_reduce_sum, autocast, batch_at, check_nonfinite_streak, check_writable,
+                     guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config,
+                     save_checkpoint, seed_all, set_lr, shard_model, start_or_resume,
+                     shutdown_distributed, speed_metrics, split_batch, split_heldout)
 
 
 @dataclass
@@ -141,21 +137,6 @@ def kwise_loss(rewards: torch.Tensor, valid: torch.Tensor | None = None) -> torc
     return per_prompt.mean()
 
 
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) 0/1 mask -> (B,) index of each row's last real token: the EOS of prompt + response.
-
-    The rightmost 1, so it works for right padding (length - 1) and left padding (T - 1) alike, as HF's
-    GPT2ForSequenceClassification pools (there from input_ids != pad_token_id; we pad with EOS, so the mask
-    must decide). Reading the score at the EOS is OpenRLHF's, verl's and DS-Chat's convention."""
-    positions = torch.arange(attention_mask.size(1), device=attention_mask.device)
-    return (positions * attention_mask.long()).argmax(-1)
-
-
-def sequence_rewards(scalars: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Per-position scalars (B, T) -> the reward of each sequence (B,), read at its last real token, float32."""
-    return scalars.float().gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
-
-
 def ranked_pair_differences(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """x (B, K) best first -> x_i - x_j for every valid pair i < j, flattened: the margins of all comparisons."""
     i, j = torch.triu_indices(x.size(1), x.size(1), offset=1, device=x.device)
@@ -200,11 +181,11 @@ def encode_comparisons(records: list[dict], tok, cfg: Config, stats: data.Trunca
             if encoded is not None:
                 items.append({"prompt": encoded[0], "responses": list(encoded[1:]), "golds": golds})
             continue
-        # data.py has no public encode for K responses; these are the helpers encode_preference uses.
-        prompt = data._cut_prompt(tok.encode(rec["prompt"]), cfg.max_prompt_tokens, stats)
+        # Cut as data.encode_preference cuts each response.
+        prompt = data.cut_prompt(tok.encode(rec["prompt"]), cfg.max_prompt_tokens, stats)
         kept, kept_golds = [], []
         for i, text in enumerate(rec["responses"]):
-            ids = data._cut_response(tok.encode(text), tok.eos_id, cfg.max_response_tokens, stats)
+            ids = data.cut_response(tok.encode(text), tok.eos_id, cfg.max_response_tokens, stats)
             ties = sum(ids == other for other in kept)
             stats.pairs_dropped_identical += ties
             if not ties:
@@ -250,7 +231,7 @@ def comparison_loss(rewards: torch.Tensor, valid: torch.Tensor, cfg: Config) -> 
 
 
 @torch.no_grad()
-def evaluate(model, items: list[dict], pad_id: int, cfg: Config, d: Dist) -> dict:
+def eval_metrics(model, items: list[dict], pad_id: int, cfg: Config, d: Dist) -> dict:
     """Held-out loss, accuracy (fraction of comparisons with r_better > r_worse) and mean margin; with gold
     scores (the default task), accuracy against the noiseless gold order (gold ties left out) and the Pearson
     correlation of learned and gold reward over all held-out responses. Every rank evaluates the same items."""
@@ -331,19 +312,14 @@ def main(argv=None):
     # The loss sees only reward differences, so the head's bias gets a zero gradient up to rounding, which Adam
     # would blow up into lr-sized random steps. Frozen at 0; the normalization sets the offset.
     model.score.bias.requires_grad_(False)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
     tok = data.get_tokenizer(model.config.tokenizer)
 
     # 2. Data: comparisons, tokenized once; truncation counted, ties made by truncation dropped.
-    hold_out = os.path.isfile(cfg.dataset) and not cfg.eval_dataset
     try:
-        records = load_comparisons(cfg.dataset, "train", None if hold_out else cfg.max_train_examples or None, cfg)
-        if hold_out:  # a file has no test split: hold out eval_examples of its comparisons, chosen by the seed
-            random.Random(cfg.seed).shuffle(records)
-            eval_records, records = records[:cfg.eval_examples], records[cfg.eval_examples:]
-            records = records[:cfg.max_train_examples or None]
-        else:
-            eval_source, eval_split = (cfg.eval_dataset, "train") if cfg.eval_dataset else (cfg.dataset, "test")
-            eval_records = load_comparisons(eval_source, eval_split, cfg.eval_examples, cfg)
+        records, eval_records = split_heldout(lambda source, split, n: load_comparisons(source, split, n, cfg),
+                                              cfg.dataset, cfg.eval_dataset, cfg.max_train_examples,
+                                              cfg.eval_examples, cfg.seed)
         stats = data.TruncationStats()
         items = encode_comparisons(records, tok, cfg, stats)
         eval_items = encode_comparisons(eval_records, tok, cfg, data.TruncationStats())
@@ -361,40 +337,23 @@ def main(argv=None):
               f"responses each), {len(norm_set)} normalization responses ({cfg.normalize_on}); {stats.summary()}")
 
     # 3. Batch arithmetic: the global batch of comparisons is fixed; processes and accumulation split it.
-    per_rank = cfg.batch_size // d.world_size
-    micro = min(cfg.micro_batch_size, per_rank)
-    if per_rank * d.world_size != cfg.batch_size or per_rank % micro:
-        raise SystemExit(f"batch_size {cfg.batch_size} must be world_size {d.world_size} x accumulation steps x micro_batch_size {micro}")
-    steps_per_epoch = len(items) // cfg.batch_size
-    max_steps = cfg.max_steps or steps_per_epoch
+    per_rank, micro, steps_per_epoch, max_steps = split_batch(cfg.batch_size, cfg.micro_batch_size, len(items),
+                                                              cfg.max_steps, d)
 
     # 4. Model sharding, optimizer, and the state to resume from.
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing = True
     model = shard_model(model, d)
     optimizer = make_adamw(model, cfg.lr, cfg.weight_decay)
-    step, skipped_steps, bad_streak = 0, 0, 0
-    ckpt = latest_checkpoint(cfg.run_dir) if cfg.resume else None
-    if ckpt:
-        state = load_train_state(ckpt)
-        load_full_state_dict(model, GPT.from_pretrained(os.path.join(ckpt, "reward")).state_dict())
-        load_full_optimizer_state(model, optimizer, state["optimizers"]["reward"])
-        step, skipped_steps = state["step"], state["state"].get("skipped_steps", 0)
-        if d.is_main:
-            print(f"rm: resumed from {ckpt} at step {step}")
-    metrics = Metrics(cfg.run_dir, d, resume_step=step if ckpt else None)
-    n_params = sum(p.numel() for p in model.parameters())
-    peak = peak_flops(d)
-    fpt = flops_per_token(n_params, model.config.n_layer, model.config.n_head,
-                          model.config.n_embd // model.config.n_head, cfg.max_prompt_tokens + cfg.max_response_tokens)
+    step, state, metrics = start_or_resume(cfg.run_dir, cfg.resume, {"reward": model}, {"reward": (model, optimizer)},
+                                           max_steps, d, "rm")
+    skipped_steps, bad_streak = state.get("skipped_steps", 0), 0
 
     # 5. The loop. Data order depends only on (seed, epoch), so a resumed run sees the same batches.
-    start_step, t0, tokens_seen, last_eval = step, time.time(), 0, {}
+    stop_at = min(max_steps, step + cfg.stop_after) if cfg.stop_after else max_steps
+    t0, tokens_seen, last_eval = time.time(), 0, {}
     bar = tqdm(total=max_steps, initial=step, desc="rm", disable=not d.is_main)
-    while step < max_steps:
+    while step < stop_at:
         epoch, index = divmod(step, steps_per_epoch)
-        batch_items = list(data.batches(items, per_rank, seed=cfg.seed, epoch=epoch, rank=d.rank,
-                                        world_size=d.world_size))[index]
+        batch_items = batch_at(items, per_rank, cfg.seed, epoch, index, d.rank, d.world_size)
         lr = lr_at(step, max_steps, cfg.lr, cfg.warmup_steps, cfg.lr_schedule)
         set_lr(optimizer, lr)
         loss_sum, correct, n_pairs, margin_sum = (torch.zeros((), device=d.device) for _ in range(4))
@@ -413,30 +372,23 @@ def main(argv=None):
             n_pairs += diffs.numel()
             margin_sum += diffs.sum()
             tokens_seen += int(batch["attention_mask"].sum())
-        grad_norm = clip_grad_norm(model, cfg.grad_clip)
-        stepped = step_if_finite(optimizer, loss_sum, grad_norm, d)
-        skipped_steps, bad_streak = skipped_steps + (not stepped), 0 if stepped else bad_streak + 1
+        grad_norm, skipped_steps, bad_streak = guarded_step(model, optimizer, loss_sum, cfg.grad_clip, skipped_steps,
+                                                            bad_streak, step + 1, d)
         step += 1
         bar.update(1)
-        if not stepped and d.is_main:
-            tqdm.write(f"step {step}: non-finite loss or gradient norm; update skipped ({bad_streak} in a row)")
 
         if step % cfg.log_every == 0 or step == max_steps:
-            elapsed = time.time() - t0
-            tok_s = tokens_seen * d.world_size / elapsed
             n_pairs = all_reduce_sum(n_pairs, d)
             row = {"train/loss": (all_reduce_sum(loss_sum, d) / cfg.batch_size).item(),
                    "train/accuracy": (all_reduce_sum(correct, d) / n_pairs).item(),
                    "train/margin": (all_reduce_sum(margin_sum, d) / n_pairs).item(), "lr": lr,
-                   "grad_norm": grad_norm.item(), "tokens_per_s": tok_s, "epoch": step / steps_per_epoch,
-                   "train/skipped_steps": skipped_steps}
-            if peak:
-                row["mfu"] = fpt * tok_s / (peak * d.world_size)
+                   "grad_norm": grad_norm.item(), "epoch": step / steps_per_epoch, "train/skipped_steps": skipped_steps,
+                   **speed_metrics(tokens_seen, time.time() - t0, model, cfg.max_prompt_tokens + cfg.max_response_tokens, d)}
             metrics.log(step, row, echo=False)
             bar.set_postfix(loss=f"{row['train/loss']:.3f}", acc=f"{row['train/accuracy']:.2f}")
         check_nonfinite_streak(bad_streak, cfg.max_nonfinite_steps, step, cfg.run_dir)  # before saving this state
         if step % cfg.eval_every == 0 or step == max_steps:
-            last_eval = evaluate(model, eval_items, tok.eos_id, cfg, d)
+            last_eval = eval_metrics(model, eval_items, tok.eos_id, cfg, d)
             metrics.log(step, last_eval)
         if step == max_steps and cfg.normalize_on != "none":
             # 6. Normalize before the final checkpoint, so final/reward/config.json carries gain and bias.
@@ -445,24 +397,16 @@ def main(argv=None):
             model.config.reward_gain, model.config.reward_bias = gain, bias
             metrics.log(step, {"normalize/raw_mean": raw.mean().item(), "normalize/raw_std": raw.std(unbiased=False).item(),
                                "normalize/gain": gain, "normalize/bias": bias})
-        stopping = cfg.stop_after and step - start_step >= cfg.stop_after
-        if step % cfg.save_every == 0 or step == max_steps or stopping:
-            path = save_checkpoint(cfg.run_dir, step, {"reward": model}, {"reward": (model, optimizer)},
-                                   {"skipped_steps": skipped_steps}, cfg, d)
-            if step == max_steps:
-                publish_final(cfg.run_dir, path if d.is_main else "", d)
-        if stopping:
-            break
+        if step % cfg.save_every == 0 or step == stop_at:
+            save_checkpoint(cfg.run_dir, step, {"reward": model}, {"reward": (model, optimizer)},
+                            {"skipped_steps": skipped_steps}, cfg, d, final=step == max_steps)
     bar.close()
-    if step == max_steps:
-        publish_missing_final(cfg.run_dir, d)
     if d.is_main and step == max_steps and last_eval:
         gold = f", gold accuracy {last_eval['eval/accuracy_gold']:.3f}" if "eval/accuracy_gold" in last_eval else ""
         print(f"rm: done, {step} steps in {time.time() - t0:.0f}s; held-out accuracy {last_eval['eval/accuracy']:.3f}"
               f"{gold}; reward = {model.config.reward_gain:.4g} * raw + {model.config.reward_bias:.4g}; "
               f"reward model in {cfg.run_dir}/final/reward")
     shutdown_distributed()
-
 
 if __name__ == "__main__":
     main()

@@ -19,6 +19,7 @@ import inspect
 import json
 import math
 import os
+import random
 import shutil
 import sys
 import time
@@ -105,10 +106,6 @@ def parse_config(cls, argv=None, **presets):
     return cls(**{**values, **cli})
 
 
-def config_dict(config) -> dict:
-    return dataclasses.asdict(config)
-
-
 # -----------------------------------------------------------------------------
 # Distributed: optional, ~30 lines
 
@@ -181,10 +178,7 @@ def unsharded(model):
 
 
 def autocast(d: Dist, enabled: bool = True):
-    """bf16 autocast on CUDA; nothing on CPU unless forced with enabled="cpu" (tests use it to
-    check that bf16 does not break PPO's first ratio)."""
-    if enabled == "cpu":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+    """bf16 autocast on CUDA; nothing on CPU (tests patch a CPU bf16 autocast in where they need one)."""
     if enabled and d.device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -242,6 +236,51 @@ def load_model(path: str, name: str, d: Dist, trainable: bool, **overrides):
 
 
 # -----------------------------------------------------------------------------
+# Data plumbing: the held-out split, the batch arithmetic, and one batch of an epoch
+
+
+def split_heldout(load, dataset: str, eval_dataset: str, max_train: int, eval_examples: int, seed: int):
+    """(training records, held-out records). load(source, split, max_records) reads records. Held out:
+    eval_dataset's records if given, else the test split of dataset. A local file has no test split, so
+    eval_examples of its records, chosen by the seed, are held out and never trained on."""
+    if os.path.isfile(dataset) and not eval_dataset:
+        records = load(dataset, "train", None)
+        random.Random(seed).shuffle(records)
+        return records[eval_examples:][:max_train or None], records[:eval_examples]
+    eval_source, eval_split = (eval_dataset, "train") if eval_dataset else (dataset, "test")
+    return load(dataset, "train", max_train or None), load(eval_source, eval_split, eval_examples)
+
+
+def split_batch(batch_size: int, micro_batch_size: int, n_items: int, max_steps: int, d: Dist):
+    """The batch arithmetic: the global batch is fixed, whatever the number of processes. Returns (examples per
+    process per step, examples per forward pass, steps per epoch over n_items, optimizer steps: max_steps, or one
+    epoch when 0). The process's examples are accumulated over per_rank / micro forward passes."""
+    per_rank = batch_size // d.world_size
+    micro = min(micro_batch_size, per_rank)
+    if per_rank * d.world_size != batch_size or per_rank % micro:
+        raise SystemExit(f"batch_size {batch_size} must be world_size {d.world_size} x accumulation steps x "
+                         f"micro_batch_size {micro}")
+    steps_per_epoch = n_items // batch_size
+    return per_rank, micro, steps_per_epoch, max_steps or steps_per_epoch
+
+
+def batch_at(items: list, batch_size: int, seed: int, epoch: int, index: int, rank: int = 0,
+             world_size: int = 1) -> list:
+    """Batch `index` of epoch `epoch` on this rank: exactly `list(data.batches(items, batch_size, seed, epoch, rank,
+    world_size))[index]` (tests/test_runtime.py checks it), without building the epoch's other batches. The
+    order is the permutation seeded by seed + epoch, as data.batches draws it; each global batch of
+    batch_size * world_size is cut into contiguous per-rank slices; an incomplete last batch does not exist."""
+    if batch_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"bad batching: batch_size={batch_size} rank={rank} world_size={world_size}")
+    global_size = batch_size * world_size
+    if not 0 <= index < len(items) // global_size:
+        raise IndexError(f"batch {index} of an epoch of {len(items) // global_size} batches of {global_size}")
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed + epoch))
+    start = index * global_size + rank * batch_size
+    return [items[i] for i in order[start:start + batch_size].tolist()]
+
+
+# -----------------------------------------------------------------------------
 # Optimizer and schedule
 
 
@@ -255,9 +294,8 @@ def make_adamw(model, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95), e
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
 
 
-def lr_at(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0, schedule: str = "cosine",
-          min_lr_ratio: float = 0.0) -> float:
-    """Linear warmup to base_lr, then "cosine", "linear" or "constant" decay to min_lr_ratio * base_lr."""
+def lr_at(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0, schedule: str = "cosine") -> float:
+    """Linear warmup to base_lr, then "cosine", "linear" or "constant" decay to 0."""
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     if schedule == "constant":
@@ -269,7 +307,7 @@ def lr_at(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0, sc
         coeff = 1.0 - progress
     else:
         raise ValueError(f"unknown lr schedule {schedule!r}: cosine, linear or constant")
-    return base_lr * (min_lr_ratio + (1 - min_lr_ratio) * coeff)
+    return base_lr * coeff
 
 
 def set_lr(optimizer, lr: float):
@@ -294,6 +332,20 @@ def step_if_finite(optimizer, loss: torch.Tensor, grad_norm: torch.Tensor, d: Di
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return finite
+
+
+def guarded_step(model, optimizer, loss: torch.Tensor, grad_clip: float, skipped: int, streak: int, step: int,
+                 d: Dist) -> tuple[torch.Tensor, int, int]:
+    """Clip the gradients, step_if_finite, and keep the books: returns (the gradient norm before clipping, steps
+    skipped in the run, skipped in a row), and says on the console when step `step` was skipped.
+    check_nonfinite_streak then stops a run whose streak is too long."""
+    grad_norm = clip_grad_norm(model, grad_clip)
+    if step_if_finite(optimizer, loss, grad_norm, d):
+        return grad_norm, skipped, 0
+    if d.is_main:
+        from tqdm import tqdm
+        tqdm.write(f"step {step}: non-finite loss or gradient norm; update skipped ({streak + 1} in a row)")
+    return grad_norm, skipped + 1, streak + 1
 
 
 def check_nonfinite_streak(streak: int, max_streak: int, step: int, run_dir: str):
@@ -324,6 +376,18 @@ def flops_per_token(n_params: int, n_layer: int, n_head: int, head_dim: int, seq
     return 6 * n_params + 12 * n_layer * n_head * head_dim * seq_len
 
 
+def speed_metrics(tokens_seen: int, seconds: float, model, seq_len: int, d: Dist, flops_factor: float = 1.0) -> dict:
+    """tokens_per_s over all processes and, on a GPU of known peak, the MFU: flops_factor x flops_per_token x
+    tokens/s / (peak x processes). flops_factor counts passes beyond one forward + backward (DPO's reference)."""
+    tok_s = tokens_seen * d.world_size / seconds
+    row, peak = {"tokens_per_s": tok_s}, peak_flops(d)
+    if peak:
+        c, n_params = model.config, sum(p.numel() for p in model.parameters())
+        fpt = flops_per_token(n_params, c.n_layer, c.n_head, c.n_embd // c.n_head, seq_len)
+        row["mfu"] = flops_factor * fpt * tok_s / (peak * d.world_size)
+    return row
+
+
 # -----------------------------------------------------------------------------
 # Checkpoints: consolidated, atomic, exact to resume
 #
@@ -333,7 +397,8 @@ def flops_per_token(n_params: int, n_layer: int, n_head: int, head_dim: int, seq
 #     train_state.pt        optimizer states, step, stage state: tensors and plain types (weights_only loads it)
 #     run_config.json       the stage's config
 #   latest                  the name of the newest complete checkpoint (replaced atomically)
-#   final -> the last checkpoint's models, same format (what the next stage reads, by path)
+#   final/                  the last checkpoint's models and run_config.json, hard links to its files, published
+#                           by the save of the last step (final.tmp, then renamed): what the next stage reads
 #   metrics.jsonl
 
 
@@ -390,10 +455,11 @@ def _write_text_atomic(path: str, text: str):
 
 
 def save_checkpoint(run_dir: str, step: int, models: dict, optimizers: dict, state: dict, config, d: Dist,
-                    keep: int = 2) -> str | None:
+                    keep: int = 2, final: bool = False) -> str | None:
     """Save models (name -> model), optimizers (name -> (model, optimizer)) and `state` (plain values
-    and tensors) as run_dir/ckpt_{step}/, atomically. Collective under FSDP (all ranks call it);
-    only rank 0 writes. Returns the checkpoint path (on rank 0)."""
+    and tensors) as run_dir/ckpt_{step}/, atomically; with final=True (the last step) also publish its models
+    as run_dir/final/, atomically too. Collective under FSDP (all ranks call it); only rank 0 writes.
+    Returns the checkpoint path (on rank 0)."""
     from model import save_hf
     weights = {name: full_state_dict(m) for name, m in models.items()}
     optim_states = {name: full_optimizer_state(m, opt) for name, (m, opt) in optimizers.items()}
@@ -407,7 +473,7 @@ def save_checkpoint(run_dir: str, step: int, models: dict, optimizers: dict, sta
                 save_hf(os.path.join(tmp, model_name), model.config, weights[model_name])
             torch.save({"step": step, "optimizers": optim_states, "state": state}, os.path.join(tmp, "train_state.pt"))
             with open(os.path.join(tmp, "run_config.json"), "w") as f:
-                json.dump(config_dict(config), f, indent=2)
+                json.dump(dataclasses.asdict(config), f, indent=2)
             _fsync_dir(tmp)
             shutil.rmtree(path, ignore_errors=True)  # a stale one from a run that was resumed earlier
             os.replace(tmp, path)
@@ -418,6 +484,8 @@ def save_checkpoint(run_dir: str, step: int, models: dict, optimizers: dict, sta
         old = sorted(p for p in os.listdir(run_dir) if p.startswith("ckpt_") and not p.endswith(".tmp"))
         for stale in old[:-keep] if keep > 0 else []:
             shutil.rmtree(os.path.join(run_dir, stale), ignore_errors=True)
+        if final:
+            _publish(run_dir, path)
     if d.distributed:
         dist.barrier()
     return path
@@ -444,33 +512,67 @@ def load_train_state(ckpt: str) -> dict:
     return torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=True)
 
 
-def publish_final(run_dir: str, ckpt: str, d: Dist):
-    """Copy the models of checkpoint `ckpt` to run_dir/final (atomically: copy, then rename)."""
+def start_or_resume(run_dir: str, resume: bool, models: dict, optimizers: dict, last_step: int, d: Dist,
+                    stage: str) -> tuple[int, dict, "Metrics"]:
+    """Where a stage starts: (step, the stage state saved with its checkpoint, the metrics log). Step 0 and {}
+    unless resume and run_dir has a checkpoint (launch.sh always passes --resume); then that checkpoint is loaded
+    into models (name -> model, read from ckpt/name) and optimizers (name -> (model, optimizer)), sharded or not,
+    metrics.jsonl is cut back to its step, and a run found at last_step gets a missing final/ published."""
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    step, state = _load_checkpoint(ckpt, models, optimizers, d, stage) if ckpt else (0, {})
+    if ckpt and step == last_step:
+        publish_missing_final(run_dir, d)
+    return step, state, Metrics(run_dir, d, resume_step=step if ckpt else None)
+
+
+def _load_checkpoint(ckpt: str, models: dict, optimizers: dict, d: Dist, stage: str) -> tuple[int, dict]:
+    from model import GPT
+    train_state = load_train_state(ckpt)
+    for name, model in models.items():
+        saved = GPT.from_pretrained(os.path.join(ckpt, name), scalar_head=model.config.scalar_head)
+        load_full_state_dict(model, saved.state_dict())
+    for name, (model, optimizer) in optimizers.items():
+        load_full_optimizer_state(model, optimizer, train_state["optimizers"][name])
     if d.is_main:
-        final, tmp, old = (os.path.join(run_dir, n) for n in ("final", "final.tmp", "final.old"))
+        print(f"{stage}: resumed from {ckpt} at step {train_state['step']}")
+    return train_state["step"], train_state["state"]
+
+
+def _link_or_copy(src: str, dst: str):
+    """A hard link: final/ shares the checkpoint's files instead of a second copy of the weights (a file is never
+    rewritten in place: checkpoints are written beside and renamed). A copy where links are not supported."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _publish(run_dir: str, ckpt: str):
+    """Rank 0: run_dir/final := the models of checkpoint ckpt, assembled as final.tmp, then renamed."""
+    final, tmp, old = (os.path.join(run_dir, n) for n in ("final", "final.tmp", "final.old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        shutil.copytree(ckpt, tmp, ignore=shutil.ignore_patterns("train_state.pt"), copy_function=_link_or_copy)
+    except OSError as e:  # shutil.Error (one per file that failed) is an OSError too
         shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            shutil.copytree(ckpt, tmp, ignore=shutil.ignore_patterns("train_state.pt"))
-        except OSError as e:  # shutil.Error (one per file that failed) is an OSError too
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise SystemExit(f"could not write {final}: {e}; checkpoint {ckpt} is complete: copy its models from there")
-        if os.path.exists(final):
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
+        raise SystemExit(f"could not write {final}: {e}; checkpoint {ckpt} is complete: copy its models from there")
+    if os.path.exists(final):
         shutil.rmtree(old, ignore_errors=True)
-    if d.distributed:
-        dist.barrier()
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def publish_missing_final(run_dir: str, d: Dist):
-    """At the end of a run: if final/ is missing (a resume found the run at its last step after the copy to
-    final/ failed), copy the latest checkpoint there. Every rank looks before any rank acts (the barrier)."""
+    """If final/ is missing (a resume found the run at its last step after publishing final/ failed), publish
+    the latest checkpoint. Every rank looks before any rank acts (the barrier)."""
     missing = not os.path.isdir(os.path.join(run_dir, "final"))
     if d.distributed:
         dist.barrier()
-    if missing:
-        publish_final(run_dir, latest_checkpoint(run_dir), d)
+    if missing and d.is_main:
+        _publish(run_dir, latest_checkpoint(run_dir))
+    if missing and d.distributed:
+        dist.barrier()
 
 
 # -----------------------------------------------------------------------------

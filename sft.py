@@ -18,13 +18,12 @@ import torch
 from tqdm import tqdm
 
 import data
-from evaluate import sample_responses
+from evaluate import sample_metrics, sample_responses, show_samples
 from model import GPT, config_for
-from runtime import (Dist, Metrics, all_reduce_sum, autocast, check_nonfinite_streak, check_writable,
-                     clip_grad_norm, flops_per_token, init_distributed, latest_checkpoint,
-                     load_full_optimizer_state, load_full_state_dict, load_model, load_train_state, lr_at, make_adamw, parse_config,
-                     peak_flops, publish_final, publish_missing_final, save_checkpoint, seed_all, set_lr,
-                     shard_model, shutdown_distributed, step_if_finite)
+from runtime import (Dist, all_reduce_sum, autocast, batch_at, check_nonfinite_streak, check_writable,
+                     guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config,
+                     save_checkpoint, seed_all, set_lr, shard_model, start_or_resume,
+                     shutdown_distributed, speed_metrics, split_batch)
 
 
 @dataclass
@@ -113,9 +112,12 @@ def build_policy(cfg: Config, d: Dist):
         tok = data.get_tokenizer(cfg.tokenizer)
         model = GPT(config_for(cfg.model_size, vocab_size=tok.vocab_size, dropout=cfg.dropout, tokenizer=tok.name))
         model.init_weights(seed=cfg.seed)
-        return model.to(d.device), tok
-    model = load_model(cfg.init_from, "policy", d, trainable=True, dropout=cfg.dropout)
-    return model, data.get_tokenizer(model.config.tokenizer)  # HF's own GPT-2 checkpoints mean "gpt2"
+        model = model.to(d.device)
+    else:
+        model = load_model(cfg.init_from, "policy", d, trainable=True, dropout=cfg.dropout)
+        tok = data.get_tokenizer(model.config.tokenizer)  # HF's own GPT-2 checkpoints mean "gpt2"
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    return model, tok
 
 
 def encode_all(records, tok, cfg: Config):
@@ -140,18 +142,14 @@ def heldout_loss(model, pairs, cfg: Config, d: Dist, pad_id: int) -> float:
     return (total / count).item()  # every rank evaluates the same examples: no reduction needed
 
 
-def evaluate(model, tok, eval_pairs, eval_records, cfg: Config, d: Dist, step: int) -> dict:
+def eval_metrics(model, tok, eval_pairs, eval_records, cfg: Config, d: Dist, step: int) -> dict:
     metrics = {"eval/loss": heldout_loss(model, eval_pairs, cfg, d, tok.eos_id)}
     prompts = [r["prompt"] for r in eval_records]
     samples = sample_responses(model, tok, prompts, d, cfg.max_response_tokens, cfg.eval_temperature,
                                seed=cfg.seed + 1, max_prompt_tokens=cfg.max_prompt_tokens)
-    metrics["eval/eos_fraction"] = sum(s["ended"] for s in samples) / len(samples)
-    metrics["eval/response_length"] = sum(s["length"] for s in samples) / len(samples)
-    if cfg.dataset == "default":  # the programmatic annotator can grade the samples
-        metrics["eval/gold_reward"] = sum(data.gold_reward(s["prompt"], s["response"]) for s in samples) / len(samples)
+    metrics.update(sample_metrics(samples, graded=cfg.dataset == "default"))
     if d.is_main:
-        for s in samples[:cfg.num_samples_shown]:
-            tqdm.write(f"  [step {step}] {s['prompt']!r} -> {s['response']!r}{'' if s['ended'] else ' (no EOS)'}")
+        show_samples(samples, cfg.num_samples_shown, f"step {step}", graded=cfg.dataset == "default")
     return metrics
 
 
@@ -180,41 +178,23 @@ def main(argv=None):
         print(f"sft: {len(pairs)} train / {len(eval_pairs)} held-out examples; {stats.summary()}")
 
     # 2. Batch arithmetic: the global batch is fixed; processes and accumulation split it.
-    per_rank = cfg.batch_size // d.world_size
-    micro = min(cfg.micro_batch_size, per_rank)
-    if per_rank * d.world_size != cfg.batch_size or per_rank % micro:
-        raise SystemExit(f"batch_size {cfg.batch_size} must be world_size {d.world_size} x accumulation steps x micro_batch_size {micro}")
-    steps_per_epoch = len(pairs) // cfg.batch_size
-    max_steps = cfg.max_steps or steps_per_epoch
+    per_rank, micro, steps_per_epoch, max_steps = split_batch(cfg.batch_size, cfg.micro_batch_size, len(pairs),
+                                                              cfg.max_steps, d)
 
     # 3. Model, optimizer, and the state to resume from.
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing = True
     model = shard_model(model, d)
     optimizer = make_adamw(model, cfg.lr, cfg.weight_decay)
-    step, skipped_steps, bad_streak = 0, 0, 0
-    ckpt = latest_checkpoint(cfg.run_dir) if cfg.resume else None
-    if ckpt:
-        state = load_train_state(ckpt)
-        resumed = GPT.from_pretrained(os.path.join(ckpt, "policy"))
-        load_full_state_dict(model, resumed.state_dict())
-        load_full_optimizer_state(model, optimizer, state["optimizers"]["policy"])
-        step, skipped_steps = state["step"], state["state"].get("skipped_steps", 0)
-        if d.is_main:
-            print(f"sft: resumed from {ckpt} at step {step}")
-    metrics = Metrics(cfg.run_dir, d, resume_step=step if ckpt else None)
-    n_params = sum(p.numel() for p in model.parameters())
-    peak = peak_flops(d)
-    fpt = flops_per_token(n_params, model.config.n_layer, model.config.n_head,
-                          model.config.n_embd // model.config.n_head, cfg.max_prompt_tokens + cfg.max_response_tokens)
+    step, state, metrics = start_or_resume(cfg.run_dir, cfg.resume, {"policy": model}, {"policy": (model, optimizer)},
+                                           max_steps, d, "sft")
+    skipped_steps, bad_streak = state.get("skipped_steps", 0), 0
 
     # 4. The loop. Data order depends only on (seed, epoch), so a resumed run sees the same batches.
-    start_step, t0, tokens_seen = step, time.time(), 0
+    stop_at = min(max_steps, step + cfg.stop_after) if cfg.stop_after else max_steps
+    t0, tokens_seen = time.time(), 0
     bar = tqdm(total=max_steps, initial=step, desc="sft", disable=not d.is_main)
-    while step < max_steps:
+    while step < stop_at:
         epoch, index = divmod(step, steps_per_epoch)
-        batch_items = list(data.batches(pairs, per_rank, seed=cfg.seed, epoch=epoch, rank=d.rank,
-                                        world_size=d.world_size))[index]
+        batch_items = batch_at(pairs, per_rank, cfg.seed, epoch, index, d.rank, d.world_size)
         micro_batches = [data.collate_sft(batch_items[i:i + micro], tok.eos_id, cfg.train_on_prompt)
                          for i in range(0, per_rank, micro)]
         # Normalize by the response tokens of the whole global batch (all ranks, all micro-batches).
@@ -231,42 +211,27 @@ def main(argv=None):
             (token_loss * d.world_size / n_tokens).backward()
             loss_sum += token_loss.detach()
             tokens_seen += int(batch["attention_mask"].sum())
-        grad_norm = clip_grad_norm(model, cfg.grad_clip)
-        stepped = step_if_finite(optimizer, loss_sum, grad_norm, d)
-        skipped_steps, bad_streak = skipped_steps + (not stepped), 0 if stepped else bad_streak + 1
+        grad_norm, skipped_steps, bad_streak = guarded_step(model, optimizer, loss_sum, cfg.grad_clip, skipped_steps,
+                                                            bad_streak, step + 1, d)
         step += 1
         bar.update(1)
-        if not stepped and d.is_main:
-            tqdm.write(f"step {step}: non-finite loss or gradient norm; update skipped ({bad_streak} in a row)")
 
         if step % cfg.log_every == 0 or step == max_steps:
-            elapsed = time.time() - t0
-            tok_s = tokens_seen * d.world_size / elapsed
             row = {"train/loss": (all_reduce_sum(loss_sum, d) / n_tokens).item(), "lr": lr,
-                   "grad_norm": grad_norm.item(), "tokens_per_s": tok_s, "epoch": step / steps_per_epoch,
-                   "train/skipped_steps": skipped_steps}
-            if peak:
-                row["mfu"] = fpt * tok_s / (peak * d.world_size)
+                   "grad_norm": grad_norm.item(), "epoch": step / steps_per_epoch, "train/skipped_steps": skipped_steps,
+                   **speed_metrics(tokens_seen, time.time() - t0, model, cfg.max_prompt_tokens + cfg.max_response_tokens, d)}
             metrics.log(step, row, echo=False)
             bar.set_postfix(loss=f"{row['train/loss']:.3f}")
         check_nonfinite_streak(bad_streak, cfg.max_nonfinite_steps, step, cfg.run_dir)  # before saving this state
         if step % cfg.eval_every == 0 or step == max_steps:
-            metrics.log(step, evaluate(model, tok, eval_pairs, eval_records, cfg, d, step))
-        stopping = cfg.stop_after and step - start_step >= cfg.stop_after
-        if step % cfg.save_every == 0 or step == max_steps or stopping:
-            path = save_checkpoint(cfg.run_dir, step, {"policy": model}, {"policy": (model, optimizer)},
-                                   {"skipped_steps": skipped_steps}, cfg, d)
-            if step == max_steps:
-                publish_final(cfg.run_dir, path if d.is_main else "", d)
-        if stopping:
-            break
+            metrics.log(step, eval_metrics(model, tok, eval_pairs, eval_records, cfg, d, step))
+        if step % cfg.save_every == 0 or step == stop_at:
+            save_checkpoint(cfg.run_dir, step, {"policy": model}, {"policy": (model, optimizer)},
+                            {"skipped_steps": skipped_steps}, cfg, d, final=step == max_steps)
     bar.close()
-    if step == max_steps:
-        publish_missing_final(cfg.run_dir, d)
-    if d.is_main and step == max_steps:
+    if step == max_steps and d.is_main:
         print(f"sft: done, {step} steps in {time.time() - t0:.0f}s; policy in {cfg.run_dir}/final/policy")
     shutdown_distributed()
-
 
 if __name__ == "__main__":
     main()

@@ -32,9 +32,10 @@ def main(ckpts, out):
     trainable = torch.nn.ModuleDict({"policy": policy, "critic": critic})
     for m in (policy, critic, ref, rm):
         shard_model(m, d)
-    optimizer = torch.optim.AdamW(trainable.parameters(), lr=cfg.lr)
+    optimizer = ppo.make_optimizer(policy, critic, cfg)
     exp = ppo.make_experience(policy, critic, ref, rm, qr[rows], mask[rows], logp[rows], cfg.kl_coef, tok, cfg, d)
-    ppo.ppo_update(policy, critic, trainable, optimizer, [cfg.lr], exp, 0, 10, cfg, d)
+    ppo.ppo_update(policy, critic, trainable, optimizer, [g["lr"] for g in optimizer.param_groups], exp, 0, 10,
+                   cfg, d)
     weights = {f"policy.{k}": v for k, v in full_state_dict(policy).items()}
     weights.update({f"critic.{k}": v for k, v in full_state_dict(critic).items()})
     if d.rank == 0:

@@ -13,7 +13,8 @@ import torch
 import data
 import ppo
 from model import GPT, config_for
-from reward_model import collate_comparisons, last_token_index, sequence_rewards
+from evaluate import last_token_index, sequence_rewards
+from reward_model import collate_comparisons
 from runtime import Dist
 
 TOK = data.get_tokenizer("char")
@@ -64,9 +65,9 @@ def _experience(models, monkeypatch, **overrides):
     read = {}
     real = ppo.reward_scores
 
-    def spy(model, query_response, attention_mask, last_index):
-        read["index"], read["mask"] = last_index.clone(), attention_mask.clone()
-        return real(model, query_response, attention_mask, last_index)
+    def spy(model, query_response, attention_mask):
+        read["index"], read["mask"] = last_token_index(attention_mask), attention_mask.clone()
+        return real(model, query_response, attention_mask)
     monkeypatch.setattr(ppo, "reward_scores", spy)
     exp = ppo.make_experience(policy, critic, ref, rm, qr, query_mask, torch.zeros(3, 6), 0.1, TOK, cfg, Dist())
     return exp, read, query.size(1), qr

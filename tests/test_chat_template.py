@@ -118,9 +118,9 @@ def test_prompt_rendering_and_masks_cover_exactly_the_response(tok_dir):
     whole = tok.hf.apply_chat_template(convo, tokenize=False)
     assert tok.encode(whole)[:P + R + 1] == ids
     # The reward model scores the last real token: the EOS that ends the answer.
-    import reward_model
+    import evaluate
     pair = data.collate_pairs([(prompt_ids, response_ids, tok.encode("No.") + [tok.eos_id])], tok.pad_id)
-    last = reward_model.last_token_index(pair["attention_mask"])
+    last = evaluate.last_token_index(pair["attention_mask"])
     assert pair["input_ids"][torch.arange(2), last].tolist() == [tok.eos_id, tok.eos_id]
     assert last.tolist() == [P + R, P + len(tok.encode("No."))]
 

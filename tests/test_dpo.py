@@ -298,7 +298,7 @@ def test_evaluation_of_the_untrained_policy():
     cfg = dpo.Config(eval_prompts=8, device="cpu")
     d = dpo.init_distributed("cpu")
     records = dpo.load_pairs("default", "test", 12, cfg)
-    out = dpo.evaluate(policy, ref, TOK, dpo.encode_pairs(records, TOK, cfg, data.TruncationStats()),
+    out = dpo.eval_metrics(policy, ref, TOK, dpo.encode_pairs(records, TOK, cfg, data.TruncationStats()),
                        dpo.heldout_prompts(records, cfg), cfg, d, step=0)
     assert out["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert out["eval/rewards/margins"] == 0.0 and out["eval/kl"] == 0.0

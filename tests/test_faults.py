@@ -508,24 +508,27 @@ def test_full_disk_during_a_save_names_the_path_and_keeps_the_previous_checkpoin
     assert not (run_dir / "final").exists()
 
 
-def test_full_disk_while_publishing_final(tmp_path, monkeypatch):
+def test_full_disk_while_publishing_final(tmp_path, monkeypatch, capsys):
+    """final/ is assembled beside (final.tmp) and renamed: a failure leaves no final/ and no final.tmp, names the
+    path, keeps the last checkpoint, and a resume of the finished run publishes final/ from that checkpoint."""
     run_dir = tmp_path / "run"
-    real_copytree, copied = shutil.copytree, []
+    real_link_or_copy, placed = runtime._link_or_copy, []
 
-    def copy_then_fail(src, dst, **kwargs):  # the first file fits, then the disk is full
-        if copied:
+    def place_then_fail(src, dst):  # the first file fits, then the disk is full
+        if placed:
             enospc()
-        copied.append(shutil.copy2(src, dst, **kwargs))
+        placed.append(real_link_or_copy(src, dst))
 
-    def copytree(src, dst, *args, **kwargs):  # the recursive calls for subdirectories pass copy_function on
-        return real_copytree(src, dst, *args, **kwargs) if args else real_copytree(src, dst, copy_function=copy_then_fail, **kwargs)
-
-    monkeypatch.setattr(shutil, "copytree", copytree)
+    monkeypatch.setattr(runtime, "_link_or_copy", place_then_fail)
     with pytest.raises(SystemExit) as err:
         run_sft(str(run_dir), max_steps=2, eval_every=1000)
     assert str(run_dir / "final") in str(err.value) and "No space left on device" in str(err.value)
-    assert not (run_dir / "final.tmp").exists() and not (run_dir / "final").exists()
+    assert len(placed) == 1 and not (run_dir / "final.tmp").exists() and not (run_dir / "final").exists()
     assert assert_loadable(latest_checkpoint(str(run_dir)))["step"] == 2
+    monkeypatch.setattr(runtime, "_link_or_copy", real_link_or_copy)
+    run_sft(str(run_dir), max_steps=2, eval_every=1000, resume=True)  # finds the run at its last step
+    assert "resumed from" in capsys.readouterr().out
+    GPT.from_pretrained(str(run_dir / "final" / "policy"))
 
 
 # -----------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def setup(checkpoints, **overrides):
     d = Dist()
     policy, ref, rm, critic = ppo.build_models(cfg, d)
     trainable = torch.nn.ModuleDict({"policy": policy} | ({"critic": critic} if critic is not None else {}))
-    optimizer = torch.optim.AdamW(trainable.parameters(), lr=cfg.lr)
+    optimizer = ppo.make_optimizer(policy, critic, cfg)
     return cfg, d, policy, ref, rm, critic, trainable, optimizer
 
 
@@ -62,7 +62,7 @@ def first_update_stats(checkpoints, bf16=False, **overrides):
         if bf16:  # bf16 autocast on CPU for every forward pass of make_experience and ppo_update
             mp.setattr(ppo, "autocast", bf16_cpu)
         exp = ppo.make_experience(policy, critic, ref, rm, qr, mask, logp, cfg.kl_coef, tok, cfg, d)
-        stats = ppo.ppo_update(policy, critic, trainable, optimizer, [cfg.lr], exp, 0, 10, cfg, d)
+        stats = ppo.ppo_update(policy, critic, trainable, optimizer, [g["lr"] for g in optimizer.param_groups], exp, 0, 10, cfg, d)
     return exp, stats
 
 
@@ -87,10 +87,17 @@ def test_first_ratio_is_exactly_one_with_recomputed_logprobs(checkpoints, bf16):
 
 
 def test_bf16_sampling_logprobs_differ_and_are_reported(checkpoints):
-    """Under bf16 the KV-cache sampling log-probs and a full recompute differ (TRL has the same issue);
-    make_experience exposes both so the run logs val/logprob_recompute_maxdiff."""
-    exp, _ = first_update_stats(checkpoints, bf16=True, old_logprobs="sampling")
-    assert torch.isfinite(exp["recomputed_logp"]).all()
+    """Under bf16 the sampling log-probs (here from float32 generation) and the update's bf16 recompute differ
+    (TRL has the same issue); make_experience exposes both, and their gap is what ppo.main logs as
+    val/logprob_recompute_maxdiff. In float32 the gap is rounding; in bf16 it is large enough to move the ratio."""
+    fp32, _ = first_update_stats(checkpoints, old_logprobs="sampling")
+    bf16, stats = first_update_stats(checkpoints, bf16=True, old_logprobs="sampling")
+    maxdiff = lambda e: ((e["recomputed_logp"] - e["logp"]) * e["action_mask"]).abs().max().item()  # as ppo.main
+    assert torch.equal(fp32["logp"], bf16["logp"])  # the same sampled log-probs: only the recompute changed
+    assert maxdiff(fp32) < 1e-5  # measured 4.8e-7
+    assert 1e-4 < maxdiff(bf16) < 5e-2  # measured 2.0e-3: bf16 rounding of the recompute, reported
+    assert abs(stats["first_ratio"].item() - 1) > 1e-6  # measured 3.1e-5: the first ratio is no longer 1
+    assert (bf16["recomputed_logp"][~bf16["action_mask"]] == 0).all()  # padding stays out of the logged gap
 
 
 def test_score_on_eos_and_missing_eos_penalty(checkpoints):

@@ -15,7 +15,7 @@ import torch
 from model import GPT, config_for, token_logprobs
 from ppo import (AdaptiveKLController, aggregate, apply_missing_eos_penalty, compute_gae, compute_rewards,
                  entropy_from_logits, first_true_indices, kl_penalty, masked_mean, masked_var, masked_whiten,
-                 policy_loss, response_logprobs, score_indices, value_loss, whiten_advantages)
+                 policy_loss, response_logprobs, response_masks, score_indices, value_loss, whiten_advantages)
 from runtime import Dist
 
 
@@ -407,17 +407,20 @@ def test_first_true_indices_hand_and_trl(trl):
         torch.testing.assert_close(first_true_indices(bools), trl.first_true_indices(bools))
 
 
-def masks_as_ppo_main(response, stop_id, score_position):
-    """The mask lines of ppo.main (step 1 of the loop), on a (B, N) response."""
-    N = response.size(1)
-    is_stop = response == stop_id
-    ended = is_stop.any(1)
-    eos_index = torch.where(ended, first_true_indices(is_stop), torch.full_like(ended, N - 1, dtype=torch.long))
-    positions = torch.arange(N)[None, :]
-    action_mask = positions <= eos_index[:, None]
-    score_idx = score_indices(eos_index, N, score_position)
-    value_mask = positions <= score_idx[:, None]
-    return ended, eos_index, action_mask, score_idx, value_mask
+def test_response_masks_hand_worked_with_an_extra_stop_token():
+    # EOS 9, extra stop token 7. Row 0 stops at its first EOS (index 1), row 1 at the stop token (index 2),
+    # row 2 never stops (eos_index N - 1 = 3), row 3 stops on its first token.
+    response = t([4, 9, 9, 9], [4, 4, 7, 9], [4, 4, 4, 4], [7, 4, 4, 4], dtype=torch.long)
+    ended, eos_index, action_mask, score_idx, value_mask = response_masks(response, 9, 7, "after_eos")
+    assert ended.tolist() == [True, True, False, True]
+    assert eos_index.tolist() == [1, 2, 3, 0]
+    assert action_mask.int().tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert score_idx.tolist() == [2, 3, 3, 1]  # one slot after the stop token, clipped to N - 1
+    assert value_mask.int().tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]]
+    ended, eos_index, action_mask, score_idx, value_mask = response_masks(response, 9, -1, "eos")
+    assert ended.tolist() == [True, True, False, False]  # without the extra stop token, rows 1 and 3 run on
+    assert eos_index.tolist() == [1, 3, 3, 3] and torch.equal(score_idx, eos_index)
+    assert torch.equal(value_mask, action_mask)
 
 
 def test_masks_match_trl_truncate_response(trl):
@@ -431,7 +434,7 @@ def test_masks_match_trl_truncate_response(trl):
     response[1, -1] = stop  # stops on the last token
     response[1, :-1] = 6
     response[2, 0] = stop  # stops on the first token
-    ended, eos_index, action_mask, score_idx, value_mask = masks_as_ppo_main(response, stop, "after_eos")
+    ended, eos_index, action_mask, score_idx, value_mask = response_masks(response, stop, -1, "after_eos")
     post = trl.truncate_response(stop, pad, response)
     sequence_lengths = trl.first_true_indices(post == pad) - 1
     idx = torch.arange(N).repeat(response.size(0), 1)
@@ -476,7 +479,7 @@ def test_rewards_and_advantages_match_trl_pipeline(trl):
     trl_adv = trl.masked_whiten(trl_adv, ~padding_mask).masked_fill(padding_mask, 0)
 
     # Ours, as ppo.main composes the functions
-    ended, eos_index, action_mask, score_idx, value_mask = masks_as_ppo_main(response, stop, "after_eos")
+    ended, eos_index, action_mask, score_idx, value_mask = response_masks(response, stop, -1, "after_eos")
     our_scores = apply_missing_eos_penalty(scores, ended, -1.0, "subtract")
     kl = kl_penalty(logp, ref_logp, "k1") * action_mask
     rewards, _ = compute_rewards(kl, our_scores, score_idx, beta)

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import data
+import evaluate
 import reward_model as rm
 from model import GPT, config_for
 
@@ -122,8 +123,8 @@ def test_ranked_pair_differences_order():
 def test_last_token_index_both_paddings():
     right = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
     left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
-    assert rm.last_token_index(right).tolist() == [2, 4, 0]
-    assert rm.last_token_index(left).tolist() == [4, 4, 4]
+    assert evaluate.last_token_index(right).tolist() == [2, 4, 0]
+    assert evaluate.last_token_index(left).tolist() == [4, 4, 4]
 
 
 def tiny_reward_model(vocab_size=30, seed=0):
@@ -139,8 +140,8 @@ def test_reward_is_the_same_for_left_and_right_padding():
     with torch.no_grad():
         right_ids, right_mask = data.pad_right(seqs, pad_id=29)
         left_ids, left_mask = data.pad_left(seqs, pad_id=29)
-        right = rm.sequence_rewards(model(right_ids, attention_mask=right_mask, head="score"), right_mask)
-        left = rm.sequence_rewards(model(left_ids, attention_mask=left_mask, head="score"), left_mask)
+        right = evaluate.sequence_rewards(model(right_ids, attention_mask=right_mask, head="score"), right_mask)
+        left = evaluate.sequence_rewards(model(left_ids, attention_mask=left_mask, head="score"), left_mask)
         alone = torch.stack([model(torch.tensor([s]), head="score")[0, -1] for s in seqs])
     assert torch.allclose(right, left, atol=1e-5), (right, left)
     assert torch.allclose(right, alone, atol=1e-5)
@@ -222,7 +223,7 @@ def test_bt_loss_and_accuracy_match_trl_reward_trainer(tmp_path):
     with torch.no_grad():
         trl_loss, outputs = trl_reward.RewardTrainer.compute_loss(stand_in, hf, dict(inputs), return_outputs=True)
         scalars = ours(inputs["input_ids"], attention_mask=inputs["attention_mask"], head="score")
-    mine = rm.sequence_rewards(scalars, inputs["attention_mask"])
+    mine = evaluate.sequence_rewards(scalars, inputs["attention_mask"])
     B = len(examples)
     assert torch.allclose(mine, outputs.logits.squeeze(-1), atol=1e-6)  # same reward, read at the same token
     chosen, rejected = mine[:B], mine[B:]
@@ -266,9 +267,14 @@ def test_end_to_end_writes_a_normalized_reward_model(tmp_path, extra):
     tok = data.get_tokenizer("char")
     reward = GPT.from_pretrained(str(tmp_path / "rm/final/reward"))
     assert reward.config.reward_bias == hf_cfg["rlhf_reward_bias"]
-    normalized = reward.config.reward_gain * rm.score_sequences(reward, rm.normalization_set(cfg, tok, d), tok.eos_id,
-                                                                cfg, d) + reward.config.reward_bias
+    norm_set = rm.normalization_set(cfg, tok, d)
+    normalized = reward.config.reward_gain * rm.score_sequences(reward, norm_set, tok.eos_id, cfg, d) \
+        + reward.config.reward_bias
     assert len(normalized) == 24
+    # ppo.py's own read-out (evaluate.reward_scores) on the same sequences, left-padded as PPO pads prompts.
+    ids, mask = data.pad_left([p + r for p, r in norm_set], tok.eos_id)
+    with torch.no_grad():
+        torch.testing.assert_close(evaluate.reward_scores(reward, ids, mask), normalized, atol=1e-5, rtol=0)
     assert normalized.mean().item() == pytest.approx(0.0, abs=1e-4)
     if "--normalize_gain" in extra:
         assert normalized.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)

@@ -272,9 +272,7 @@ def run_ours(dirs: dict, trl: dict, cfg: ppo.Config, freeze_critic_bias: bool = 
 
     # The optimizer as ppo.main builds it: one AdamW over policy and critic (TRL: one over its wrapper).
     trainable = nn.ModuleDict({"policy": policy, "critic": critic})
-    groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.lr},
-              {"params": [p for p in critic.parameters() if p.requires_grad], "lr": cfg.critic_lr or cfg.lr}]
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=cfg.adam_eps, weight_decay=0.0)
+    optimizer = ppo.make_optimizer(policy, critic, cfg)  # a frozen critic bias gets no grad: AdamW skips it
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     total_steps = cfg.num_updates * cfg.num_ppo_epochs * cfg.num_minibatches  # as ppo.main
 
