@@ -404,7 +404,7 @@ def grpo_advantages(rewards: torch.Tensor, n: int, std_scaling: str = "group", e
         std = rewards.std() if batch_std is None else batch_std
     else:
         raise ValueError(f"unknown group_std_scaling {std_scaling!r}: group, batch or none")
-    return centered / (std + eps)
+    return torch.where(centered == 0, centered, centered / (std + eps))  # 0, not 0 / 0, for a zero-std group
 
 
 def rloo_advantages(rewards: torch.Tensor, n: int) -> torch.Tensor:
