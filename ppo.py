@@ -530,6 +530,19 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return loss, masked_mean((losses2 > losses1).float(), mask).detach()
 
 
+def loss_side_kl(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str, clamp: float = 0.0,
+                 is_weight: bool = False) -> torch.Tensor:
+    """The per-token KL term of kl_location=loss, (B, N), differentiated through logp (the policy's current
+    log-probs). is_weight multiplies it by the ratio pi / pi_old = exp(logp - old_logp), old a constant: its
+    value is the plain estimate on-policy, but its gradient becomes r * (logp - ref) * grad logp for k3 (and
+    r * (logp - ref + 1) * grad logp for k1), whose expectation over the sampled tokens is grad KL(pi || ref)
+    (TRL `use_bias_correction_kl`, grpo_trainer.py L3187-3194 and PR #6503; OpenRLHF PR #1309; verl PR #2953
+    derives the bias of plain k3). Without it, k2 is unbiased only on-policy, k3 descends KL(ref || pi) and k1
+    has zero expected gradient (tests/test_bug03_kl_gradient.py enumerates every case)."""
+    kl = kl_penalty(logp, ref_logp, estimator, clamp)
+    return kl * torch.exp(logp - old_logp) if is_weight else kl
+
+
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of softmax(logits) per position, float32: logsumexp(z) - sum(p * z)."""
     logits = logits.float()
@@ -779,9 +792,8 @@ def ppo_update(policy, critic, trainable, optimizer, base_lrs, exp: dict, update
                     vf_loss = vf_clipfrac = torch.zeros((), device=new_logp.device)
                 loss = pg_loss + cfg.vf_coef * vf_loss
                 if cfg.kl_location == "loss":  # GRPO-style: the KL is a loss term, aggregated as the policy loss
-                    kl = kl_penalty(new_logp, exp["ref_logp"][idx], cfg.kl_estimator, cfg.kl_clamp)
-                    if cfg.kl_is_weight:  # the ratio pi / pi_old, differentiable (old is a constant): unbiased gradient
-                        kl = kl * torch.exp(new_logp - exp["logp"][idx])
+                    kl = loss_side_kl(new_logp, exp["logp"][idx], exp["ref_logp"][idx], cfg.kl_estimator, cfg.kl_clamp,
+                                      cfg.kl_is_weight)
                     # The current beta (adaptive, or restored on resume), as the reward-side KL uses.
                     loss = loss + exp["kl_coef"] * aggregate(kl, a_mask, cfg.loss_aggregation, **a_norm)
                 # Terms that are means of this micro-batch alone (TRL adds its entropy bonus this way too).
