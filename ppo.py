@@ -377,49 +377,61 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
 # prompt; each response has one scalar reward r (its score plus its summed per-token KL reward, if any).
 
 
-def group_centered(rewards: torch.Tensor, n: int) -> torch.Tensor:
-    """r - mean(r of its group), (B,) -> (B,), groups of n consecutive rows. A group whose rewards are all equal
-    gets exactly 0: its float mean need not equal the rewards (8 x 0.35 sums with rounding), and that residue,
-    divided by a ~0 std, became advantages of 1e3-1e4 (NeMo-RL PR #4161; tests/test_bug09_group_stats.py)."""
+def group_centered(rewards: torch.Tensor, n: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """r - mean(r of its group), (B,) -> (B,), groups of n consecutive rows. valid (B,) bool leaves responses out
+    of their group's statistics (a non-finite score: TRL's unscorable completions, grpo_trainer.py L2777-2786);
+    they get 0. A group whose valid rewards are all equal, or that has fewer than 2, gets exactly 0: the float
+    mean need not equal the rewards (8 x 0.35 sums with rounding), and that residue over a ~0 std became
+    advantages of 1e3-1e4 (NeMo-RL PR #4161); one valid reward made TRL's nanstd NaN (PR #5773)."""
     g = rewards.view(-1, n)
-    centered = g - g.mean(1, keepdim=True)
-    identical = (g == g[:, :1]).all(1, keepdim=True)
-    return torch.where(identical, torch.zeros_like(centered), centered).view(-1)
+    v = torch.ones_like(g, dtype=torch.bool) if valid is None else valid.view(-1, n)
+    count = v.sum(1, keepdim=True)
+    mean = torch.where(v, g, 0).sum(1, keepdim=True) / count.clamp(min=1)
+    spread = g.masked_fill(~v, -torch.inf).amax(1, keepdim=True) - g.masked_fill(~v, torch.inf).amin(1, keepdim=True)
+    degenerate = (count < 2) | (spread == 0)
+    return torch.where(v & ~degenerate, g - mean, torch.zeros_like(g)).view(-1)
 
 
 def grpo_advantages(rewards: torch.Tensor, n: int, std_scaling: str = "group", eps: float = 1e-6,
-                    batch_std: torch.Tensor | None = None) -> torch.Tensor:
+                    batch_std: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
     """GRPO (Shao et al. 2024): A = (r - group mean) / (std + eps), (B,) -> (B,).
 
     std_scaling "group": the group's Bessel-corrected std (verl `compute_grpo_outcome_advantage` L268-331 with
     eps 1e-6; TRL GRPOTrainer `scale_rewards="group"` with eps 1e-4, grpo_trainer.py L2787-2809); "batch": the
     std of all rewards of the rollout (TRL "batch"; pass batch_std when the rollout spans ranks); "none": no
-    division (Dr. GRPO, Liu et al. 2025; verl norm_adv_by_std_in_grpo=False, OpenRLHF dr_grpo)."""
-    centered = group_centered(rewards, n)
+    division (Dr. GRPO, Liu et al. 2025; verl norm_adv_by_std_in_grpo=False, OpenRLHF dr_grpo). valid: see
+    group_centered; invalid responses are left out of every statistic."""
+    centered = group_centered(rewards, n, valid)
     if std_scaling == "none":
         return centered
+    v = torch.ones_like(rewards, dtype=torch.bool) if valid is None else valid
     if std_scaling == "group":
-        std = rewards.view(-1, n).std(1, keepdim=True).expand(-1, n).reshape(-1)
+        count = v.view(-1, n).sum(1, keepdim=True)
+        var = (centered.view(-1, n) ** 2).sum(1, keepdim=True) / (count - 1).clamp(min=1)
+        std = var.sqrt().expand(-1, n).reshape(-1)
     elif std_scaling == "batch":
-        std = rewards.std() if batch_std is None else batch_std
+        std = rewards[v].std() if batch_std is None else batch_std
     else:
         raise ValueError(f"unknown group_std_scaling {std_scaling!r}: group, batch or none")
     return torch.where(centered == 0, centered, centered / (std + eps))  # 0, not 0 / 0, for a zero-std group
 
 
-def rloo_advantages(rewards: torch.Tensor, n: int) -> torch.Tensor:
+def rloo_advantages(rewards: torch.Tensor, n: int, valid: torch.Tensor | None = None) -> torch.Tensor:
     """RLOO (Kool et al. 2019; Ahmadian et al. 2024): A_i = r_i - mean of the other n - 1 rewards of its group,
     = n / (n - 1) * (r_i - group mean). (B,) -> (B,). verl `compute_rloo_outcome_advantage` (L588-636), TRL
-    RLOOTrainer (rloo_trainer.py L1582-1597), OpenRLHF `rloo` (experience_maker.py L268-270)."""
-    return group_centered(rewards, n) * n / (n - 1)
+    RLOOTrainer (rloo_trainer.py L1582-1597), OpenRLHF `rloo` (experience_maker.py L268-270). With valid, n is
+    each group's count of valid responses (TRL's scorable count)."""
+    v = torch.ones_like(rewards, dtype=torch.bool) if valid is None else valid
+    count = v.view(-1, n).sum(1, keepdim=True).expand(-1, n).reshape(-1).to(rewards.dtype)
+    return group_centered(rewards, n, valid) * count / (count - 1).clamp(min=1)
 
 
-def reinforce_pp_baseline(scores: torch.Tensor, n: int) -> torch.Tensor:
+def reinforce_pp_baseline(scores: torch.Tensor, n: int, valid: torch.Tensor | None = None) -> torch.Tensor:
     """REINFORCE++-baseline (Hu et al. 2025): the group's mean score is subtracted from each score before the
     per-token KL reward joins it; then returns and whitening as reinforce_pp_returns. (B,) -> (B,). OpenRLHF
     `reinforce_baseline` (experience_maker.py L271-272). verl's version (L536-584) subtracts the mean of the
     summed token rewards and skips the per-token KL; the two agree when the KL is not in the reward."""
-    return group_centered(scores, n)
+    return group_centered(scores, n, valid)
 
 
 def reinforce_pp_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -704,7 +716,8 @@ def make_experience(policy, critic, ref, reward_model, query_response, query_mas
     kl = kl_penalty(logp, ref_logp, cfg.kl_estimator, cfg.kl_clamp) * action_mask
     n = cfg.samples_per_prompt
     # REINFORCE++-baseline (OpenRLHF): the group mean leaves the score before the per-token KL joins it.
-    baselined = reinforce_pp_baseline(scores, n) if cfg.advantage_estimator == "reinforce_pp_baseline" else scores
+    scored = ~nonfinite  # a response without a score takes no part in its group's statistics either
+    baselined = reinforce_pp_baseline(scores, n, scored) if cfg.advantage_estimator == "reinforce_pp_baseline" else scores
     rewards, non_score_reward = compute_rewards(kl, baselined, score_idx,
                                                 kl_coef if cfg.kl_location == "reward" else 0.0)
     values = values * value_mask
@@ -721,14 +734,14 @@ def make_experience(policy, critic, ref, reward_model, query_response, query_mas
         # TRL RLOOTrainer subtracts beta * the summed k1), the same advantage on each of its tokens.
         seq_reward = rewards.sum(1)
         if cfg.advantage_estimator == "rloo":
-            seq_adv = rloo_advantages(seq_reward, n)
+            seq_adv = rloo_advantages(seq_reward, n, scored)
         else:
             batch_std = None
             if cfg.group_std_scaling == "batch" and d.distributed:  # the std of the whole rollout, all ranks
-                count = all_reduce_sum(torch.tensor(float(seq_reward.numel()), device=seq_reward.device), d)
-                mean = all_reduce_sum(seq_reward.sum(), d) / count
-                batch_std = (all_reduce_sum(((seq_reward - mean) ** 2).sum(), d) / (count - 1)).sqrt()
-            seq_adv = grpo_advantages(seq_reward, n, cfg.group_std_scaling, cfg.group_std_eps, batch_std)
+                count = all_reduce_sum(scored.sum().float(), d)
+                mean = all_reduce_sum(seq_reward[scored].sum(), d) / count
+                batch_std = (all_reduce_sum(((seq_reward[scored] - mean) ** 2).sum(), d) / (count - 1)).sqrt()
+            seq_adv = grpo_advantages(seq_reward, n, cfg.group_std_scaling, cfg.group_std_eps, batch_std, scored)
         advantages = returns = seq_adv[:, None] * action_mask
     advantages = whiten_advantages(advantages, action_mask, cfg.advantage_whitening, cfg.unbiased_variance, d)
     return dict(query_response=query_response, attention_mask=attention_mask, context_length=P,

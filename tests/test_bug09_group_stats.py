@@ -68,3 +68,20 @@ def test_tiny_split_is_not_blown_up_beyond_the_z_bound():
     r = torch.tensor([0.35] * 7 + [0.35 + 1e-7])
     adv = ppo.grpo_advantages(r, N_GEN, "group", 1e-6)
     assert torch.isfinite(adv).all() and adv.abs().max() < 1.0, adv
+
+
+def test_unscored_response_is_left_out_of_its_group():
+    """A response with a non-finite score (make_experience masks it) must not pull its siblings' baseline: their
+    advantages equal those of the group without it (TRL's unscorable completions); it gets 0, and a group left
+    with one scored response gets 0, not NaN (TRL PR #5773)."""
+    r = torch.tensor([1.0, 0.0, 2.0, 4.0, 0.5, 0.0, 0.0, 0.0])  # row 1's 0 stands for a NaN score; group 1: one valid
+    valid = torch.tensor([True, False, True, True, True, False, False, False])
+    kept = torch.tensor([1.0, 2.0, 4.0])
+    for scaling in ("group", "none"):
+        adv = ppo.grpo_advantages(r, 4, scaling, 1e-6, valid=valid)
+        torch.testing.assert_close(adv[[0, 2, 3]], ppo.grpo_advantages(kept, 3, scaling, 1e-6))
+        assert adv[1] == 0 and torch.equal(adv[4:], torch.zeros(4))
+    adv = ppo.rloo_advantages(r, 4, valid=valid)
+    torch.testing.assert_close(adv[[0, 2, 3]], ppo.rloo_advantages(kept, 3))  # mean of the other 2 valid ones
+    assert adv[1] == 0 and torch.equal(adv[4:], torch.zeros(4))
+    assert torch.isfinite(ppo.grpo_advantages(r, 4, "batch", 1e-6, valid=valid)).all()
