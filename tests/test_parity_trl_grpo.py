@@ -41,8 +41,8 @@ G = 4
 L = 6  # max_completion_length = our response_length
 COMPLETIONS = [  # per prompt, G completions (lists end at EOS, as TRL's generate path truncates them)
     [[4, 9, EOS], [1, 2, 3, 4, 5, 6], [EOS], [7, 8, 9, 10, 11, EOS]],
-    [[6, EOS], [2, 2, 2, 2, EOS], [11, 12, 13, 14, 15, 16], [3, 4, EOS]],
-]
+    [[6, EOS], [2, 2, EOS], [11, 12, 13, 14, 15, 16], [3, 4, EOS]],
+]  # 16 and 14 tokens: the two micro-batches differ in size, so bnpo and dapo differ
 REWARDS = [[0.7, -0.2, 0.35, 1.3], [0.1, 0.9, -1.1, 0.35]]
 LR, ADAM_EPS = 1e-3, 1e-5
 TOL = dict(atol=1e-6, rtol=1e-5)
