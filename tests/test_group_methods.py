@@ -4,6 +4,7 @@ Parity with verl's and TRL's own code is in tests/test_parity_verl_group.py and 
 the bug classes of issue #16 that these methods raise are in tests/test_bug0*.py.
 """
 
+import json
 import math
 
 import pytest
@@ -262,3 +263,28 @@ def test_loss_side_kl_uses_the_current_beta_not_cfg(checkpoints):
     c = weights_after(0.0, cfg_kl_coef=0.5)
     assert torch.equal(a, b)  # cfg.kl_coef is not read by the update
     assert not torch.allclose(a, c)  # the beta handed in is
+
+
+def test_grpo_main_runs_resumes_exactly_and_saves_no_critic(checkpoints, tmp_path):
+    """ppo.main with a group estimator: samples_per_prompt rows per prompt, no critic saved, resume exact (the
+    adaptive beta, which the loss-side KL now reads, is restored with the rest)."""
+    from safetensors.torch import load_file
+
+    def args(run_dir, *extra):
+        return [f"--sft={checkpoints / 'sft'}", f"--reward_model={checkpoints / 'rm'}", f"--run_dir={run_dir}",
+                "--advantage_estimator=grpo", "--samples_per_prompt=3", "--rollout_batch_size=4",
+                "--micro_batch_size=6", "--num_minibatches=2", "--num_updates=4", "--response_length=6",
+                "--eval_prompts=8", "--eval_every=2", "--save_every=100", "--adaptive_kl", "--kl_location=loss",
+                "--kl_estimator=k3", "--kl_is_weight", "--loss_aggregation=seq_mean_token_mean",
+                "--missing_eos_mode=none", *extra]
+    ppo.main(args(tmp_path / "a"))
+    ppo.main(args(tmp_path / "b", "--stop_after=2"))
+    ppo.main(args(tmp_path / "b", "--resume"))
+    assert not (tmp_path / "a" / "final" / "critic").exists()
+    a = load_file(str(tmp_path / "a" / "final" / "policy" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "final" / "policy" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
+    episodes = [r["episode"] for r in rows if "episode" in r]
+    assert episodes and episodes[-1] == 4 * 4 * 3  # updates x prompts x samples per prompt
+    assert any("beta" in r and r["beta"] != 0.1 for r in rows)  # the adaptive beta moved
