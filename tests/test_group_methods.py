@@ -288,3 +288,20 @@ def test_grpo_main_runs_resumes_exactly_and_saves_no_critic(checkpoints, tmp_pat
     episodes = [r["episode"] for r in rows if "episode" in r]
     assert episodes and episodes[-1] == 4 * 4 * 3  # updates x prompts x samples per prompt
     assert any("beta" in r and r["beta"] != 0.1 for r in rows)  # the adaptive beta moved
+
+
+@pytest.mark.slow
+def test_launch_grpo_and_rloo_modes(tmp_path):
+    """`bash launch.sh grpo` then `rloo` (tiny sizes) train from the pipeline's SFT and RM and add report rows."""
+    from test_pipeline import TINY, run_launch
+    group = "--num_updates=2 --eval_every=2 --save_every=2 --micro_batch_size=16 --eval_prompts=32 --rollout_batch_size=8"
+    for mode in ("grpo", "rloo"):
+        out = run_launch(tmp_path, mode, extra_env={"GROUP_ARGS": group})
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        runs = tmp_path / "runs"
+        assert (runs / mode / "final" / "policy" / "model.safetensors").exists()
+        assert not (runs / mode / "final" / "critic").exists()
+        cfg = json.load(open(runs / mode / "final" / "run_config.json"))
+        assert cfg["sft"] == str(runs / "sft" / "final") and cfg["advantage_estimator"] == mode
+    report = json.load(open(tmp_path / "runs" / "report" / "report.json"))
+    assert {"sft", "grpo", "rloo"} <= set(report["policies"])
