@@ -4,6 +4,8 @@
 #   bash launch.sh                 # the built-in default task, small models, CPU, no download
 #   bash launch.sh ablate-kl       # PPO from the same SFT and RM with several KL coefficients, incl. 0
 #   bash launch.sh dpo             # DPO from the same SFT checkpoint and preference data, into the report
+#   bash launch.sh grpo            # GRPO (critic-free, 4 samples per prompt) from the same SFT and RM, into the report
+#   bash launch.sh rloo            # RLOO (leave-one-out baseline) from the same SFT and RM, into the report
 #
 # What each stage costs on a 2-core CPU and what it prints is in README.md ("Quick start"), measured.
 # Each stage writes $RUN_DIR/<stage>/final/ and a marker $RUN_DIR/<stage>/DONE; re-running skips
@@ -38,6 +40,7 @@ SFT_ARGS=${SFT_ARGS:-}
 RM_ARGS=${RM_ARGS:-}
 PPO_ARGS=${PPO_ARGS:-}
 DPO_ARGS=${DPO_ARGS:-}
+GROUP_ARGS=${GROUP_ARGS:-}
 ABLATE_BETAS=${ABLATE_BETAS:-"0 0.01 0.03 0.1 0.3"}
 mkdir -p "$RUN_DIR"
 TIMES="$RUN_DIR/stage_times.json"
@@ -101,6 +104,25 @@ case "$MODE" in
     python evaluate.py --policies="$POLICIES" --reference="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" \
       --dataset="$PROMPT_DATA" --stage_times="$TIMES" --out="$RUN_DIR/report"
     ;;
+  grpo|rloo)
+    # A critic-free group method on the same SFT and RM as PPO: 16 prompts x 4 samples = 64 sequences per update,
+    # PPO's default batch, with PPO's learning rate, epochs and updates; three models in memory (no critic).
+    # grpo: GRPO advantages, the KL as a loss term (k3, IS-weighted as TRL's default), global token mean (TRL "dapo").
+    # rloo: leave-one-out baseline, per-token k1 in the reward summed per response (TRL RLOOTrainer's convention).
+    if [ "$MODE" = grpo ]; then
+      METHOD=(--advantage_estimator=grpo --kl_location=loss --kl_estimator=k3 --kl_is_weight --loss_aggregation=global_token_mean)
+    else
+      METHOD=(--advantage_estimator=rloo --kl_location=reward --kl_estimator=k1 --loss_aggregation=global_token_mean)
+    fi
+    run_stage "$MODE" ppo.py --sft="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" --dataset="$PROMPT_DATA" \
+      "${METHOD[@]}" --samples_per_prompt=4 --rollout_batch_size=16 --advantage_whitening=none $GROUP_ARGS
+    POLICIES="sft:$RUN_DIR/sft/final"
+    for other in ppo dpo grpo rloo; do
+      [ -f "$RUN_DIR/$other/DONE" ] && POLICIES="$POLICIES,$other:$RUN_DIR/$other/final"
+    done
+    python evaluate.py --policies="$POLICIES" --reference="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" \
+      --dataset="$PROMPT_DATA" --stage_times="$TIMES" --out="$RUN_DIR/report"
+    ;;
   ablate-kl)
     # PPO with each beta from the same SFT and RM; the report shows learned vs gold reward and KL.
     POLICIES="sft:$RUN_DIR/sft/final"
@@ -113,7 +135,7 @@ case "$MODE" in
       --dataset="$PROMPT_DATA" --stage_times="$TIMES" --out="$RUN_DIR/ablate_kl"
     ;;
   *)
-    echo "usage: bash launch.sh [pipeline|ablate-kl|dpo]" >&2
+    echo "usage: bash launch.sh [pipeline|ablate-kl|dpo|grpo|rloo]" >&2
     exit 2
     ;;
 esac

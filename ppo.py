@@ -11,8 +11,13 @@ and the reward model (frozen). Each update:
     5. update      PPO epochs x minibatches: clipped surrogate + clipped value loss (+ PPO-ptx)
     6. log/eval    TRL's metric names; gold reward on held-out prompts on the default task
 
-The math lives in small pure functions (`compute_gae`, `masked_whiten`, `kl_penalty`, `policy_loss`,
-`value_loss`, `AdaptiveKLController`, ...), each citing the convention it follows; tests import them.
+The critic-free group methods run the same loop with `--advantage_estimator=grpo|rloo|reinforce_pp|
+reinforce_pp_baseline` and `--samples_per_prompt=n`: no critic is built, and step 4 compares the n responses
+to each prompt instead of asking a critic (presets verl_grpo, trl_grpo, trl_rloo, openrlhf_reinforce_pp).
+
+The math lives in small pure functions (`compute_gae`, `grpo_advantages`, `rloo_advantages`, `aggregate`,
+`masked_whiten`, `kl_penalty`, `policy_loss`, `value_loss`, `AdaptiveKLController`, ...), each citing the
+convention it follows; tests import them.
 Every convention on which frameworks differ is a config field, and `--preset=trl|openrlhf|verl|...`
 sets them all at once (PRESETS below; README has the table). The defaults follow the N+
 implementation details (Huang et al. 2024) and TRL, except where a comment says otherwise.
@@ -63,12 +68,24 @@ class Config:
     stop_token_id: int = -1
     """an extra stop token besides EOS (-1 = none)"""
     # --- the RL problem
+    advantage_estimator: str = "gae"
+    """"gae": critic + GAE (PPO); critic-free, no critic built: "grpo" (group mean/std), "rloo" (leave-one-out),
+    "reinforce_pp" (discounted returns, then whitening; OpenRLHF/verl REINFORCE++), "reinforce_pp_baseline" (group mean subtracted first) (verl adv_estimator names)"""
+    samples_per_prompt: int = 1
+    """responses sampled per prompt in one rollout, one group (GRPO G, TRL num_generations, verl rollout.n, OpenRLHF n_samples_per_prompt)"""
+    group_std_scaling: str = "group"
+    """grpo only: divide by the group's std ("group", TRL scale_rewards, verl norm_adv_by_std_in_grpo), the whole batch's ("batch", TRL), or not ("none": Dr. GRPO); std is Bessel-corrected as in TRL and verl"""
+    group_std_eps: float = 1e-6
+    """grpo: A = (r - mean) / (std + eps); verl 1e-6, TRL 1e-4"""
     kl_coef: float = 0.1
     """beta, the KL penalty coefficient (initial value when adaptive); TRL and N+ use 0.05 (--preset=trl)"""
     kl_estimator: str = "k1"
-    """"k1": logp - ref (unbiased, default of OAI/TRL/OpenRLHF); "k3": exp(ref - logp) - 1 - (ref - logp)"""
+    """per-token KL(pi || ref) estimate, x = logp - ref: "k1" = x (OAI/TRL/OpenRLHF default); "k2" = x^2 / 2 (verl mse); "k3" = exp(-x) - 1 + x (verl low_var_kl, TRL GRPO)"""
     kl_location: str = "reward"
-    """"reward": -beta*KL per token in the reward (PPO); "loss": beta*KL added to the loss (GRPO, verl use_kl_loss); "none" """
+    """"reward": -beta*KL per token in the reward (PPO); "loss": beta*KL added to the loss (GRPO, verl use_kl_loss); "none".
+    "loss" with k1 is refused unless kl_is_weight: its expected gradient is zero (OpenRLHF PR #1309)"""
+    kl_is_weight: bool = False
+    """kl_location=loss: multiply the per-token KL by the ratio pi/pi_old, differentiable, so its expected gradient is that of KL(pi || ref) for k1 and k3 (TRL use_bias_correction_kl, default True since #6503; OpenRLHF unbiased_gradient PR #1309; DeepSeek-V3.2)"""
     kl_clamp: float = 0.0
     """clamp the per-token KL estimate to +-this (OpenRLHF and verl: 10); 0 = off"""
     adaptive_kl: bool = False
@@ -99,7 +116,11 @@ class Config:
     """GAE lambda (OpenRLHF and verl: 1.0)"""
     # --- the PPO update
     cliprange: float = 0.2
-    """policy ratio clip epsilon"""
+    """policy ratio clip epsilon (the lower one when clip_high is set: TRL epsilon, verl clip_ratio_low)"""
+    clip_high: float = 0.0
+    """upper clip epsilon, clip(ratio, 1 - cliprange, 1 + clip_high) (DAPO clip-higher 0.28; TRL epsilon_high, verl clip_ratio_high); 0 = cliprange"""
+    importance_sampling_level: str = "token"
+    """the ratio: per "token"; "sequence" = exp(mean of the log-ratios of the response) (GSPO; TRL importance_sampling_level); "sequence_sum" = exp(sum), TRL RLOOTrainer's"""
     cliprange_value: float = 0.2
     """value clip around the old values (OpenRLHF and verl: 0.5); 0 = no value clipping"""
     dual_clip: float = 0.0
@@ -109,15 +130,20 @@ class Config:
     entropy_coef: float = 0.0
     """entropy bonus coefficient"""
     loss_aggregation: str = "token_mean"
-    """"token_mean": mean over valid tokens of the micro-batch (TRL, N+); "seq_mean_token_mean": mean per sequence, then over sequences"""
+    """how per-token losses become one number (verl agg_loss names; TRL loss_type in brackets): "token_mean": mean over the valid tokens of
+    each micro-batch (TRL PPO, N+; bnpo); "global_token_mean": sum / valid tokens of the whole minibatch over all micro-batches and ranks
+    (OpenRLHF, verl token-mean; dapo); "seq_mean_token_mean": each response's mean, averaged over the minibatch's responses (grpo);
+    "seq_mean_token_sum": each response's sum, averaged; "seq_mean_token_sum_norm": that / response_length (Dr. GRPO; dr_grpo).
+    All but token_mean are normalized over the whole minibatch, so micro_batch_size and the process count do not change the gradient"""
     old_logprobs: str = "sampling"
     """"sampling": log-probs recorded while generating (N+, TRL, torchtune); "recompute": a fresh forward pass (OpenRLHF, verl, DS-Chat)"""
     rollout_batch_size: int = 64
-    """prompts per update, over all processes"""
+    """PROMPTS per update, over all processes; each is sampled samples_per_prompt times, so an update trains on
+    rollout_batch_size x samples_per_prompt sequences whatever the number of processes (groups never straddle ranks)"""
     num_ppo_epochs: int = 4
-    """passes over each rollout"""
+    """passes over each rollout (TRL GRPO num_iterations, verl ppo_epochs)"""
     num_minibatches: int = 1
-    """optimizer steps per epoch"""
+    """optimizer steps per epoch; the rollout's sequences are split evenly among them"""
     micro_batch_size: int = 64
     """sequences per forward/backward per process (gradient accumulation makes up the minibatch)"""
     num_updates: int = 150
@@ -224,6 +250,50 @@ PRESETS = {
         lam=0.95, cliprange=0.2, cliprange_value=0.2, dual_clip=0.0, vf_coef=0.1,
         loss_aggregation="token_mean", critic="reward", old_logprobs="sampling", temperature=0.7,
         divide_logits_by_temperature=True, num_ppo_epochs=1, num_minibatches=1, lr=3e-6, lr_schedule="cosine"),
+    # The group methods: no critic, n samples per prompt. Every knob that matters to them is listed.
+    "verl_grpo": dict(  # verl examples/grpo_trainer/run_qwen2-7b.sh (n=5, use_kl_loss, kl_loss_coef 0.001,
+        # low_var_kl, mini-batch 256 of 1024 prompts), core_algos.py (GRPO eps 1e-6, unbiased std, dual clip c=3,
+        # k3 clamp 10), _generated_ppo_trainer.yaml (token-mean over the global batch, clip 0.2, ppo_epochs 1)
+        advantage_estimator="grpo", samples_per_prompt=5, group_std_scaling="group", group_std_eps=1e-6,
+        kl_estimator="k3", kl_location="loss", kl_is_weight=False, kl_clamp=10.0, adaptive_kl=False, kl_coef=0.001,
+        score_position="eos", missing_eos_mode="none", reward_clip=0.0, whiten_rewards=False,
+        advantage_whitening="none", unbiased_variance=True, gamma=1.0, lam=1.0, cliprange=0.2, clip_high=0.0,
+        importance_sampling_level="token", dual_clip=3.0, loss_aggregation="global_token_mean",
+        old_logprobs="recompute", temperature=1.0, divide_logits_by_temperature=True, num_ppo_epochs=1,
+        num_minibatches=4, lr=1e-6, lr_schedule="constant"),
+    "trl_grpo": dict(  # trl/trainer/grpo_config.py (trl 1.12.0): num_generations 8, beta 0 (KL off; a --kl_coef
+        # turns on TRL's k3-in-loss with use_bias_correction_kl=True), scale_rewards "group" (eps 1e-4 in
+        # grpo_trainer.py L2809), loss_type "dapo", epsilon 0.2, epsilon_high None, importance_sampling_level
+        # "token", num_iterations 1, lr 1e-6, temperature 1.0; HF TrainingArguments: linear schedule, adam eps
+        # 1e-8, max_grad_norm 1.0. One generation batch = one optimizer step (steps_per_generation = GA).
+        advantage_estimator="grpo", samples_per_prompt=8, group_std_scaling="group", group_std_eps=1e-4,
+        kl_estimator="k3", kl_location="loss", kl_is_weight=True, kl_clamp=0.0, adaptive_kl=False, kl_coef=0.0,
+        score_position="eos", missing_eos_mode="none", reward_clip=0.0, whiten_rewards=False,
+        advantage_whitening="none", unbiased_variance=True, gamma=1.0, lam=1.0, cliprange=0.2, clip_high=0.0,
+        importance_sampling_level="token", dual_clip=0.0, loss_aggregation="global_token_mean",
+        old_logprobs="recompute", temperature=1.0, divide_logits_by_temperature=True, num_ppo_epochs=1,
+        num_minibatches=1, lr=1e-6, lr_schedule="linear", adam_eps=1e-8, grad_clip=1.0),
+    "trl_rloo": dict(  # trl/trainer/rloo_config.py + rloo_trainer.py (trl 1.12.0): num_generations 2, beta 0.05
+        # as sequence-summed k1 subtracted from the reward (L1571-1580), leave-one-out baseline, normalize_advantages
+        # False, one ratio per sequence exp(sum of log-ratios) clipped at 0.2, loss = mean over sequences (L1728-1737)
+        advantage_estimator="rloo", samples_per_prompt=2, kl_estimator="k1", kl_location="reward", kl_is_weight=False,
+        kl_clamp=0.0, adaptive_kl=False, kl_coef=0.05, score_position="eos", missing_eos_mode="none",
+        reward_clip=0.0, whiten_rewards=False, advantage_whitening="none", unbiased_variance=True, gamma=1.0,
+        lam=1.0, cliprange=0.2, clip_high=0.0, importance_sampling_level="sequence_sum", dual_clip=0.0,
+        loss_aggregation="seq_mean_token_mean", old_logprobs="recompute", temperature=1.0,
+        divide_logits_by_temperature=True, num_ppo_epochs=1, num_minibatches=1, lr=1e-6, lr_schedule="linear",
+        adam_eps=1e-8, grad_clip=1.0),
+    "openrlhf_reinforce_pp": dict(  # openrlhf/cli/train_ppo_ray.py (0.11.2): --algo.advantage.estimator reinforce,
+        # n_samples_per_prompt 1, k1 in the reward with init_coef 0.01, gamma 1, eps_clip 0.2, token-mean over the
+        # optimizer step, rollout 1024 / train batch 128 = 8 steps, max_epochs 1, reward clip 10;
+        # experience_maker.py: cumulative returns, then global whitening with the population variance
+        advantage_estimator="reinforce_pp", samples_per_prompt=1, kl_estimator="k1", kl_location="reward",
+        kl_is_weight=False, kl_clamp=10.0, adaptive_kl=False, kl_coef=0.01, kl_signal="token_mean",
+        score_position="eos", missing_eos_mode="none", reward_clip=10.0, whiten_rewards=False,
+        advantage_whitening="global", unbiased_variance=False, gamma=1.0, lam=1.0, cliprange=0.2, clip_high=0.0,
+        importance_sampling_level="token", dual_clip=0.0, loss_aggregation="global_token_mean",
+        old_logprobs="recompute", temperature=1.0, divide_logits_by_temperature=True, num_ppo_epochs=1,
+        num_minibatches=8, lr=1e-6, lr_schedule="cosine"),
 }
 
 
@@ -270,18 +340,23 @@ def first_true_indices(bools: torch.Tensor) -> torch.Tensor:
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1", clamp: float = 0.0) -> torch.Tensor:
     """Per-token estimate of KL(pi || ref) from the sampled tokens' log-probs (Schulman, "Approximating
-    KL divergence", 2020).
+    KL divergence", 2020), x = logp - ref; verl `kl_penalty_forward` (core_algos.py L2216-2251) names them.
 
-    k1 = logp - ref: unbiased, can be negative per token (OpenAI 2019, TRL/OpenRLHF default).
-    k3 = exp(ref - logp) - 1 - (ref - logp): unbiased, always >= 0, lower variance (TRL `kl_estimator=k3`,
-    verl `low_var_kl`). clamp > 0 clips the estimate to [-clamp, clamp] (OpenRLHF `compute_approx_kl`)."""
+    k1 = x: unbiased, can be negative per token (OpenAI 2019, TRL/OpenRLHF default; verl "kl").
+    k2 = x^2 / 2: biased value, >= 0; as a loss its on-policy gradient is that of KL (verl "mse").
+    k3 = exp(-x) - 1 + x: unbiased, >= 0, lower variance (TRL GRPO, verl "low_var_kl"). Computed as
+    expm1(-x) + x: exp(-x) - 1 cancels catastrophically for tiny x and came out negative in float32.
+    Which of them give the right *gradient* in the loss or the reward: tests/test_bug03_kl_gradient.py.
+    clamp > 0 clips the estimate to [-clamp, clamp] (OpenRLHF `compute_approx_kl`, verl k3: 10)."""
     log_ratio = logp.float() - ref_logp.float()
     if estimator == "k1":
         kl = log_ratio
+    elif estimator == "k2":
+        kl = 0.5 * log_ratio ** 2
     elif estimator == "k3":
-        kl = torch.exp(-log_ratio) - 1 + log_ratio
+        kl = torch.expm1(-log_ratio) + log_ratio
     else:
-        raise ValueError(f"unknown KL estimator {estimator!r}: k1 or k3")
+        raise ValueError(f"unknown KL estimator {estimator!r}: k1, k2 or k3")
     return kl.clamp(-clamp, clamp) if clamp > 0 else kl
 
 
@@ -304,34 +379,154 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
     return advantages, (advantages + values) * mask
 
 
-def aggregate(losses: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """Reduce per-token losses: "token_mean" over all valid tokens (TRL, N+, OpenRLHF, verl default), or
-    "seq_mean_token_mean": per-sequence mean, then mean over sequences (verl `agg_loss`)."""
+# The critic-free estimators. A rollout holds groups of samples_per_prompt = n consecutive responses to one
+# prompt; each response has one scalar reward r (its score plus its summed per-token KL reward, if any).
+
+
+def group_centered(rewards: torch.Tensor, n: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """r - mean(r of its group), (B,) -> (B,), groups of n consecutive rows. valid (B,) bool leaves responses out
+    of their group's statistics (a non-finite score: TRL's unscorable completions, grpo_trainer.py L2777-2786);
+    they get 0. A group whose valid rewards are all equal, or that has fewer than 2, gets exactly 0: the float
+    mean need not equal the rewards (8 x 0.35 sums with rounding), and that residue over a ~0 std became
+    advantages of 1e3-1e4 (NeMo-RL PR #4161); one valid reward made TRL's nanstd NaN (PR #5773)."""
+    g = rewards.view(-1, n)
+    v = torch.ones_like(g, dtype=torch.bool) if valid is None else valid.view(-1, n)
+    count = v.sum(1, keepdim=True)
+    mean = torch.where(v, g, 0).sum(1, keepdim=True) / count.clamp(min=1)
+    spread = g.masked_fill(~v, -torch.inf).amax(1, keepdim=True) - g.masked_fill(~v, torch.inf).amin(1, keepdim=True)
+    degenerate = (count < 2) | (spread == 0)
+    return torch.where(v & ~degenerate, g - mean, torch.zeros_like(g)).view(-1)
+
+
+def grpo_advantages(rewards: torch.Tensor, n: int, std_scaling: str = "group", eps: float = 1e-6,
+                    batch_std: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """GRPO (Shao et al. 2024): A = (r - group mean) / (std + eps), (B,) -> (B,).
+
+    std_scaling "group": the group's Bessel-corrected std (verl `compute_grpo_outcome_advantage` L268-331 with
+    eps 1e-6; TRL GRPOTrainer `scale_rewards="group"` with eps 1e-4, grpo_trainer.py L2787-2809); "batch": the
+    std of all rewards of the rollout (TRL "batch"; pass batch_std when the rollout spans ranks); "none": no
+    division (Dr. GRPO, Liu et al. 2025; verl norm_adv_by_std_in_grpo=False, OpenRLHF dr_grpo). valid: see
+    group_centered; invalid responses are left out of every statistic."""
+    centered = group_centered(rewards, n, valid)
+    if std_scaling == "none":
+        return centered
+    v = torch.ones_like(rewards, dtype=torch.bool) if valid is None else valid
+    if std_scaling == "group":
+        count = v.view(-1, n).sum(1, keepdim=True)
+        var = (centered.view(-1, n) ** 2).sum(1, keepdim=True) / (count - 1).clamp(min=1)
+        std = var.sqrt().expand(-1, n).reshape(-1)
+    elif std_scaling == "batch":
+        std = rewards[v].std() if batch_std is None else batch_std
+    else:
+        raise ValueError(f"unknown group_std_scaling {std_scaling!r}: group, batch or none")
+    return torch.where(centered == 0, centered, centered / (std + eps))  # 0, not 0 / 0, for a zero-std group
+
+
+def rloo_advantages(rewards: torch.Tensor, n: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """RLOO (Kool et al. 2019; Ahmadian et al. 2024): A_i = r_i - mean of the other n - 1 rewards of its group,
+    = n / (n - 1) * (r_i - group mean). (B,) -> (B,). verl `compute_rloo_outcome_advantage` (L588-636), TRL
+    RLOOTrainer (rloo_trainer.py L1582-1597), OpenRLHF `rloo` (experience_maker.py L268-270). With valid, n is
+    each group's count of valid responses (TRL's scorable count)."""
+    v = torch.ones_like(rewards, dtype=torch.bool) if valid is None else valid
+    count = v.view(-1, n).sum(1, keepdim=True).expand(-1, n).reshape(-1).to(rewards.dtype)
+    return group_centered(rewards, n, valid) * count / (count - 1).clamp(min=1)
+
+
+def reinforce_pp_baseline(scores: torch.Tensor, n: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """REINFORCE++-baseline (Hu et al. 2025): the group's mean score is subtracted from each score before the
+    per-token KL reward joins it; then returns and whitening as reinforce_pp_returns. (B,) -> (B,). OpenRLHF
+    `reinforce_baseline` (experience_maker.py L271-272). verl's version (L536-584) subtracts the mean of the
+    summed token rewards and skips the per-token KL; the two agree when the KL is not in the reward."""
+    return group_centered(scores, n, valid)
+
+
+def reinforce_pp_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """REINFORCE++ (Hu et al. 2025): the advantage is the discounted return of the per-token rewards (score at the
+    end, -beta * KL on every token), G_t = r_t + gamma * G_{t+1}, then whitened over the batch by the caller
+    (advantage_whitening). rewards, mask: (B, N) -> (B, N), zero outside the mask. OpenRLHF
+    `get_cumulative_returns` (experience_maker.py L390-421), verl `compute_reinforce_plus_plus_outcome_advantage`
+    (L694-731; it also whitens)."""
+    mask = mask.to(rewards.dtype)
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.size(1))):
+        running = (rewards[:, t] + gamma * running) * mask[:, t]
+        returns[:, t] = running
+    return returns
+
+
+def aggregate(losses: torch.Tensor, mask: torch.Tensor, mode: str, batch_tokens=None, batch_seqs=None,
+              horizon: int | None = None, world_size: int = 1) -> torch.Tensor:
+    """Reduce (B, N) per-token losses of one micro-batch to the scalar this rank backpropagates (verl `agg_loss`,
+    core_algos.py L1140-1207, whose mode names these are with _ for -).
+
+    "token_mean": mean over this micro-batch's valid tokens (TRL PPO, N+; TRL GRPO "bnpo"); ppo_update averages
+    it over micro-batches, so a micro-batch with few tokens weighs as much as one with many.
+    The others are normalized over the whole minibatch: batch_tokens / batch_seqs are the valid tokens / non-empty
+    responses of the minibatch summed over all its micro-batches and all ranks (ppo_update all-reduces them), and
+    the result is scaled by world_size because data-parallel training averages gradients over ranks. Summing the
+    returned values over micro-batches and averaging over ranks then gives the same number, and gradient, for any
+    micro_batch_size and process count (TRL PR #6024, verl #5625; tests/test_bug02_grad_accum_norm.py).
+    None means this micro-batch is the whole minibatch.
+      "global_token_mean": sum / batch_tokens (OpenRLHF, verl "token-mean"; TRL "dapo").
+      "seq_mean_token_mean": sum over responses of their token mean / batch_seqs (TRL "grpo").
+      "seq_mean_token_sum": sum over responses of their token sum / batch_seqs.
+      "seq_mean_token_sum_norm": that / horizon, a constant (response_length) (Dr. GRPO; TRL "dr_grpo").
+    Responses with no valid token (a non-finite score clears their mask) count nowhere and get zero gradient."""
+    mask = mask.to(losses.dtype)
+    masked = losses * mask
     if mode == "token_mean":
-        return masked_mean(losses, mask)
+        return masked.sum() / mask.sum().clamp(min=1)
+    if mode == "global_token_mean":
+        n_tokens = mask.sum() if batch_tokens is None else batch_tokens
+        return masked.sum() / n_tokens * world_size
+    lengths = mask.sum(1)
+    n_seqs = (lengths > 0).sum() if batch_seqs is None else batch_seqs
     if mode == "seq_mean_token_mean":
-        per_seq = masked_mean(losses, mask, dim=1)
-        return per_seq[mask.any(1)].mean()
-    raise ValueError(f"unknown loss aggregation {mode!r}")
+        per_seq = masked.sum(1) / lengths.clamp(min=1)  # clamp: an empty response is 0 / 1, not 0 / 0 = NaN
+    elif mode in ("seq_mean_token_sum", "seq_mean_token_sum_norm"):
+        per_seq = masked.sum(1)
+    else:
+        raise ValueError(f"unknown loss aggregation {mode!r}")
+    loss = per_seq.sum() / n_seqs * world_size
+    if mode == "seq_mean_token_sum_norm":
+        loss = loss / (horizon or mask.size(1))
+    return loss
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                cliprange: float = 0.2, dual_clip: float = 0.0, aggregation: str = "token_mean"):
+                cliprange: float = 0.2, dual_clip: float = 0.0, aggregation: str = "token_mean",
+                clip_high: float = 0.0, importance_sampling_level: str = "token", **normalizers):
     """PPO's clipped surrogate (Schulman et al. 2017), as a loss to minimize:
-    max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)) per token, aggregated over the mask.
+    max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps_high)) per token, aggregated over the mask (`aggregate`,
+    which takes the minibatch `normalizers`).
 
+    clip_high > 0 sets eps_high apart from eps (DAPO clip-higher; TRL epsilon_high, verl clip_ratio_high).
+    importance_sampling_level "sequence": one ratio per response, exp(mean over its tokens of the log-ratio),
+    broadcast to its tokens (GSPO, Zheng et al. 2025; TRL grpo_trainer.py L3173-3180; with seq_mean_token_mean
+    this equals verl `compute_policy_loss_gspo`); "sequence_sum": exp(sum), the response's probability ratio
+    (TRL RLOOTrainer, rloo_trainer.py L1728-1737). Advantages must then be constant over each response.
     dual_clip = c > 1 additionally caps the loss at -A * c where A < 0 (Ye et al. 2020; verl
     `compute_policy_loss_vanilla`, always on with c = 3). Returns (loss, stats) with clipfrac (fraction
     of tokens where the clipped term is the max, TRL's definition) and approxkl = 0.5 * mean(diff^2)
     (OpenAI 2019, TRL)."""
     log_ratio = logp - old_logp
-    ratio = torch.exp(log_ratio)
+    if importance_sampling_level == "token":
+        log_weight = log_ratio
+    elif importance_sampling_level in ("sequence", "sequence_sum"):
+        per_seq = (log_ratio * mask).sum(1)
+        if importance_sampling_level == "sequence":
+            per_seq = per_seq / mask.sum(1).clamp(min=1)
+        log_weight = per_seq[:, None].expand_as(log_ratio)
+    else:
+        raise ValueError(f"unknown importance_sampling_level {importance_sampling_level!r}")
+    ratio = torch.exp(log_weight)
     losses1 = -advantages * ratio
-    losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + (clip_high or cliprange))
     losses = torch.max(losses1, losses2)
     if dual_clip > 0:
         losses = torch.where(advantages < 0, torch.min(losses, -advantages * dual_clip), losses)
-    loss = aggregate(losses, mask, aggregation)
+    loss = aggregate(losses, mask, aggregation, **normalizers)
     with torch.no_grad():
         stats = {"clipfrac": masked_mean((losses2 > losses1).float(), mask),
                  "approxkl": 0.5 * masked_mean(log_ratio ** 2, mask),
@@ -380,7 +575,7 @@ def check_truncated_recompute(sample_logp: torch.Tensor, recomputed_logp: torch.
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               cliprange_value: float = 0.2, aggregation: str = "token_mean"):
+               cliprange_value: float = 0.2, aggregation: str = "token_mean", **normalizers):
     """Clipped value loss: 0.5 * max((V - R)^2, (clip(V, V_old +- eps) - R)^2) over the mask (OpenAI 2019,
     TRL, OpenRLHF `ValueLoss`). cliprange_value = 0 turns clipping off. Returns (loss, clipfrac)."""
     losses1 = (values - returns) ** 2
@@ -389,8 +584,21 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
         losses2 = (clipped - returns) ** 2
     else:
         losses2 = losses1
-    loss = 0.5 * aggregate(torch.max(losses1, losses2), mask, aggregation)
+    loss = 0.5 * aggregate(torch.max(losses1, losses2), mask, aggregation, **normalizers)
     return loss, masked_mean((losses2 > losses1).float(), mask).detach()
+
+
+def loss_side_kl(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str, clamp: float = 0.0,
+                 is_weight: bool = False) -> torch.Tensor:
+    """The per-token KL term of kl_location=loss, (B, N), differentiated through logp (the policy's current
+    log-probs). is_weight multiplies it by the ratio pi / pi_old = exp(logp - old_logp), old a constant: its
+    value is the plain estimate on-policy, but its gradient becomes r * (logp - ref) * grad logp for k3 (and
+    r * (logp - ref + 1) * grad logp for k1), whose expectation over the sampled tokens is grad KL(pi || ref)
+    (TRL `use_bias_correction_kl`, grpo_trainer.py L3187-3194 and PR #6503; OpenRLHF PR #1309; verl PR #2953
+    derives the bias of plain k3). Without it, k2 is unbiased only on-policy, k3 descends KL(ref || pi) and k1
+    has zero expected gradient (tests/test_bug03_kl_gradient.py enumerates every case)."""
+    kl = kl_penalty(logp, ref_logp, estimator, clamp)
+    return kl * torch.exp(logp - old_logp) if is_weight else kl
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -520,9 +728,11 @@ def response_masks(response: torch.Tensor, eos_id: int, stop_token_id: int, scor
 @torch.no_grad()
 def make_experience(policy, critic, ref, reward_model, query_response, query_mask, sample_logp, kl_coef, tok,
                     cfg: Config, d: Dist) -> dict:
-    """Steps 2-4 on one rollout: score, KL and per-token rewards, values, GAE advantages and returns.
+    """Steps 2-4 on one rollout: score, KL and per-token rewards, values, advantages (GAE or a critic-free
+    estimator) and returns.
 
-    query_response (B, P + N): left-padded prompts then responses, padded after the stop token;
+    query_response (B, P + N): left-padded prompts then responses, padded after the stop token; with
+    samples_per_prompt = n, rows n*i .. n*i + n - 1 answer the same prompt (one group);
     sample_logp (B, N): the sampling log-probs from `generate`. Returns a dict of (B, N) float32
     tensors and masks, everything the PPO update needs."""
     P = query_mask.size(1)
@@ -547,11 +757,14 @@ def make_experience(policy, critic, ref, reward_model, query_response, query_mas
     # 3. Log-probs of policy and reference (logits / T, float32), values, KL, per-token rewards.
     with offloaded(ref, cfg, d), autocast(d, cfg.bf16):
         ref_logp, _, _ = response_logprobs(ref, query_response, attention_mask, P, T_lp)
+    uses_critic = cfg.advantage_estimator == "gae"  # the group estimators need no values (no critic is built)
     with autocast(d, cfg.bf16):
         recomputed_logp, values, _ = response_logprobs(policy, query_response, attention_mask, P, T_lp,
-                                                       "both" if critic is None else "lm", cfg.top_k, cfg.top_p)
+                                                       "both" if critic is None and uses_critic else "lm", cfg.top_k, cfg.top_p)
         if critic is not None:
             values = critic_values(critic, query_response, attention_mask, P)
+        if values is None:
+            values = torch.zeros_like(recomputed_logp)
     # Old log-probs: the sampling ones (N+, TRL) or a fresh forward (OpenRLHF, verl). They should agree
     # (logged as val/logprob_recompute_maxdiff); bf16 or a KV-cache bug would make them differ.
     logp = sample_logp.float() * action_mask if cfg.old_logprobs == "sampling" else recomputed_logp * action_mask
@@ -562,31 +775,59 @@ def make_experience(policy, critic, ref, reward_model, query_response, query_mas
     tis_weight = truncated_is_weight(recomputed_logp, sample_logp, cfg.tis_cap) if tis else torch.ones_like(logp)
     ref_logp = ref_logp * action_mask
     kl = kl_penalty(logp, ref_logp, cfg.kl_estimator, cfg.kl_clamp) * action_mask
-    rewards, non_score_reward = compute_rewards(kl, scores, score_idx, kl_coef if cfg.kl_location == "reward" else 0.0)
+    n = cfg.samples_per_prompt
+    # REINFORCE++-baseline (OpenRLHF): the group mean leaves the score before the per-token KL joins it.
+    scored = ~nonfinite  # a response without a score takes no part in its group's statistics either
+    baselined = reinforce_pp_baseline(scores, n, scored) if cfg.advantage_estimator == "reinforce_pp_baseline" else scores
+    rewards, non_score_reward = compute_rewards(kl, baselined, score_idx,
+                                                kl_coef if cfg.kl_location == "reward" else 0.0)
     values = values * value_mask
     if cfg.whiten_rewards:
         rewards = masked_whiten(rewards, value_mask, shift_mean=False, unbiased=cfg.unbiased_variance) * value_mask
 
-    # 4. Advantages (GAE) and returns; whitening per the chosen convention.
-    advantages, returns = compute_gae(rewards, values, value_mask, cfg.gamma, cfg.lam)
+    # 4. Advantages and returns; whitening per the chosen convention (the group presets turn it off).
+    if cfg.advantage_estimator == "gae":
+        advantages, returns = compute_gae(rewards, values, value_mask, cfg.gamma, cfg.lam)
+    elif cfg.advantage_estimator in ("reinforce_pp", "reinforce_pp_baseline"):
+        # value_mask: with score_position=after_eos the score sits one slot past the last action token.
+        advantages = returns = reinforce_pp_returns(rewards, value_mask, cfg.gamma) * action_mask
+    else:  # grpo, rloo: one number per response, its score plus its summed KL reward (verl: token rewards summed;
+        # TRL RLOOTrainer subtracts beta * the summed k1), the same advantage on each of its tokens.
+        seq_reward = rewards.sum(1)
+        if cfg.advantage_estimator == "rloo":
+            seq_adv = rloo_advantages(seq_reward, n, scored)
+        else:
+            batch_std = None
+            if cfg.group_std_scaling == "batch" and d.distributed:  # the std of the whole rollout, all ranks
+                count = all_reduce_sum(scored.sum().float(), d)
+                mean = all_reduce_sum(seq_reward[scored].sum(), d) / count
+                batch_std = (all_reduce_sum(((seq_reward[scored] - mean) ** 2).sum(), d) / (count - 1)).sqrt()
+            seq_adv = grpo_advantages(seq_reward, n, cfg.group_std_scaling, cfg.group_std_eps, batch_std, scored)
+        advantages = returns = seq_adv[:, None] * action_mask
     advantages = whiten_advantages(advantages, action_mask, cfg.advantage_whitening, cfg.unbiased_variance, d)
     return dict(query_response=query_response, attention_mask=attention_mask, context_length=P,
                 action_mask=action_mask, value_mask=value_mask, ended=ended, scores=scores, logp=logp,
                 recomputed_logp=recomputed_logp * action_mask, ref_logp=ref_logp, values=values, rewards=rewards,
                 non_score_reward=non_score_reward, advantages=advantages, returns=returns,
                 nonfinite_scores=nonfinite.sum(), tis_weight=tis_weight * action_mask,
-                mismatch_kl=mismatch_kl(sample_logp.float() * action_mask, recomputed_logp * action_mask, action_mask))
+                mismatch_kl=mismatch_kl(sample_logp.float() * action_mask, recomputed_logp * action_mask, action_mask),
+                kl_coef=kl_coef)  # the beta of this update, for a loss-side KL
 
 
 def ppo_update(policy, critic, trainable, optimizer, base_lrs, exp: dict, update: int, num_updates: int,
                cfg: Config, d: Dist, ptx_batch=None) -> dict:
     """Step 5: num_ppo_epochs passes over the rollout in num_minibatches optimizer steps, each
-    accumulated over micro-batches. Returns the mean of each statistic and all token ratios."""
+    accumulated over micro-batches. Returns the mean of each statistic and all token ratios.
+
+    Loss normalization: token_mean averages per-micro-batch means (divided by the number of micro-batches);
+    every other aggregation divides by counts of the whole minibatch over all ranks (`minibatch_normalizers`),
+    so each micro-batch's loss is already its share of the minibatch's and is not divided again."""
     local_batch = exp["query_response"].size(0)
     local_minibatch = local_batch // cfg.num_minibatches
     micro = min(cfg.micro_batch_size, local_minibatch)
     P, T_lp = exp["context_length"], cfg.temperature if cfg.divide_logits_by_temperature else 1.0
     stats = {k: [] for k in ("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "ratio", "entropy")}
+    uses_critic = cfg.advantage_estimator == "gae"
     ratios, skipped_steps = [], 0
     # The learning rate is annealed once per update, constant through its epochs and minibatches
     # (OpenAI 2019, N+, TRL's scheduler step per update).
@@ -603,35 +844,51 @@ def ppo_update(policy, critic, trainable, optimizer, base_lrs, exp: dict, update
                 mb_mask = exp["action_mask"][mb_idx]
                 mb_adv = masked_whiten(mb_adv, mb_mask, unbiased=cfg.unbiased_variance) * mb_mask
             n_micro = len(mb_idx) // micro
+            accumulation = n_micro if cfg.loss_aggregation == "token_mean" else 1
+            # Dr. GRPO's constant is the maximum response length, not this rollout's (TRL max_completion_length).
+            a_norm = minibatch_normalizers(exp["action_mask"][mb_idx], cfg.response_length, d)
+            v_norm = minibatch_normalizers(exp["value_mask"][mb_idx], cfg.response_length, d)
             for i in range(n_micro):
                 idx = mb_idx[i * micro:(i + 1) * micro]
                 a_mask, v_mask = exp["action_mask"][idx], exp["value_mask"][idx]
                 qr, attn = exp["query_response"][idx], exp["attention_mask"][idx]
                 with autocast(d, cfg.bf16):
-                    if critic is None:
+                    if critic is None and uses_critic:
                         new_logp, new_values, logits = response_logprobs(policy, qr, attn, P, T_lp, "both", cfg.top_k, cfg.top_p)
                     else:
                         new_logp, _, logits = response_logprobs(policy, qr, attn, P, T_lp, "lm", cfg.top_k, cfg.top_p)
-                        new_values = critic_values(critic, qr, attn, P)
+                        new_values = critic_values(critic, qr, attn, P) if critic is not None else None
                 # TIS scales A by a positive weight, which scales each token's clipped loss by it (1 when off).
                 adv = mb_adv[i * micro:(i + 1) * micro] * exp["tis_weight"][idx]
                 pg_loss, pg_stats = policy_loss(new_logp, exp["logp"][idx], adv, a_mask,
-                                                cfg.cliprange, cfg.dual_clip, cfg.loss_aggregation)
-                vf_loss, vf_clipfrac = value_loss(new_values * v_mask, exp["values"][idx], exp["returns"][idx], v_mask,
-                                                  cfg.cliprange_value, cfg.loss_aggregation)
+                                                cfg.cliprange, cfg.dual_clip, cfg.loss_aggregation, cfg.clip_high,
+                                                cfg.importance_sampling_level, **a_norm)
+                if new_values is not None:
+                    vf_loss, vf_clipfrac = value_loss(new_values * v_mask, exp["values"][idx], exp["returns"][idx],
+                                                      v_mask, cfg.cliprange_value, cfg.loss_aggregation, **v_norm)
+                else:  # critic-free: no value loss
+                    vf_loss = vf_clipfrac = torch.zeros((), device=new_logp.device)
                 loss = pg_loss + cfg.vf_coef * vf_loss
+                if cfg.kl_location == "loss":  # GRPO-style: the KL is a loss term, aggregated as the policy loss
+                    kl = loss_side_kl(new_logp, exp["logp"][idx], exp["ref_logp"][idx], cfg.kl_estimator, cfg.kl_clamp,
+                                      cfg.kl_is_weight)
+                    # The current beta (adaptive, or restored on resume), as the reward-side KL uses.
+                    loss = loss + exp["kl_coef"] * aggregate(kl, a_mask, cfg.loss_aggregation, **a_norm)
+                # Terms that are means of this micro-batch alone (TRL adds its entropy bonus this way too).
+                per_micro = torch.zeros((), device=new_logp.device)
                 entropy = masked_mean(entropy_from_logits(logits), a_mask)  # logits are already / T
                 if cfg.entropy_coef > 0:
-                    loss = loss - cfg.entropy_coef * entropy
-                if cfg.kl_location == "loss":  # GRPO-style: the KL is a loss term, not a reward
-                    kl = kl_penalty(new_logp, exp["ref_logp"][idx], cfg.kl_estimator, cfg.kl_clamp)
-                    loss = loss + cfg.kl_coef * masked_mean(kl, a_mask)
+                    per_micro = per_micro - cfg.entropy_coef * entropy
                 if ptx_batch is not None:  # PPO-ptx (InstructGPT eq. 2): the SFT loss on demonstrations
-                    loss = loss + cfg.ptx_coef * ptx_batch(micro, (update, ppo_epoch, mb, i))
-                (loss / n_micro).backward()
+                    per_micro = per_micro + cfg.ptx_coef * ptx_batch(micro, (update, ppo_epoch, mb, i))
+                loss = loss / accumulation + per_micro / n_micro
+                loss.backward()
+                # Logged losses are per-micro-batch means or, for the global modes, this micro-batch's share x n_micro,
+                # so that their mean over micro-batches (and all_reduce_mean over ranks) is the minibatch's loss.
+                share = n_micro / accumulation
                 for key, value in (("approxkl", pg_stats["approxkl"]), ("clipfrac", pg_stats["clipfrac"]),
-                                   ("pg_loss", pg_loss), ("vf_loss", vf_loss), ("vf_clipfrac", vf_clipfrac),
-                                   ("ratio", pg_stats["ratio"]), ("entropy", entropy)):
+                                   ("pg_loss", pg_loss * share), ("vf_loss", vf_loss * share),
+                                   ("vf_clipfrac", vf_clipfrac), ("ratio", pg_stats["ratio"]), ("entropy", entropy)):
                     stats[key].append(value.detach().float())
                 ratios.append(torch.exp(new_logp - exp["logp"][idx]).detach()[a_mask])
             grad_norm = clip_grad_norm(trainable, cfg.grad_clip)  # grad_clip 0: the norm only
@@ -641,6 +898,13 @@ def ppo_update(policy, critic, trainable, optimizer, base_lrs, exp: dict, update
     out["ratios"] = torch.cat(ratios)
     out["first_ratio"] = stats["ratio"][0]
     return out
+
+
+def minibatch_normalizers(mask: torch.Tensor, horizon: int, d: Dist) -> dict:
+    """What `aggregate`'s minibatch-wide modes divide by: the valid tokens and the non-empty responses of this
+    rank's minibatch mask (B_mb, N), summed over all ranks, the constant horizon, and the world size."""
+    return dict(batch_tokens=all_reduce_sum(mask.sum().float(), d), batch_seqs=all_reduce_sum(mask.any(1).sum().float(), d),
+                horizon=horizon, world_size=d.world_size)
 
 
 def ptx_batch(policy, pairs, n, key, tok, cfg: Config, d: Dist):
@@ -671,11 +935,22 @@ def offloaded(model, cfg: Config, d: Dist):
 # -----------------------------------------------------------------------------
 
 
-CHOICES = {"critic": ("reward", "sft", "shared"), "kl_estimator": ("k1", "k3"), "kl_location": ("reward", "loss", "none"),
+CHOICES = {"critic": ("reward", "sft", "shared"), "kl_estimator": ("k1", "k2", "k3"), "kl_location": ("reward", "loss", "none"),
            "kl_signal": ("sequence_sum", "token_mean"), "score_position": ("eos", "after_eos"),
-           "missing_eos_mode": ("replace", "subtract", "none"), "loss_aggregation": ("token_mean", "seq_mean_token_mean"),
+           "missing_eos_mode": ("replace", "subtract", "none"),
+           "loss_aggregation": ("token_mean", "global_token_mean", "seq_mean_token_mean", "seq_mean_token_sum",
+                                "seq_mean_token_sum_norm"),
            "advantage_whitening": ("rollout", "global", "minibatch", "mean_preserving", "none"),
-           "old_logprobs": ("sampling", "recompute"), "lr_schedule": ("linear", "cosine", "constant")}
+           "old_logprobs": ("sampling", "recompute"), "lr_schedule": ("linear", "cosine", "constant"),
+           "advantage_estimator": ("gae", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"),
+           "group_std_scaling": ("group", "batch", "none"), "importance_sampling_level": ("token", "sequence", "sequence_sum")}
+
+# TRL GRPOConfig.loss_type -> loss_aggregation (trl/trainer/grpo_trainer.py L3241-3263; tests/test_parity_trl_grpo.py
+# runs each). "bnpo" divides by the tokens of the local micro-batch; "dapo" by those of the whole accumulated batch
+# over all processes (num_items_in_batch); "dr_grpo" by micro-batch size x max_completion_length, which summed over
+# equal micro-batches is the minibatch's responses x that constant; "grpo" averages each response's token mean.
+TRL_LOSS_TYPES = {"grpo": "seq_mean_token_mean", "bnpo": "token_mean", "dr_grpo": "seq_mean_token_sum_norm",
+                  "dapo": "global_token_mean"}
 
 
 def validate(cfg: Config):
@@ -692,6 +967,17 @@ def validate(cfg: Config):
                          "it needs --old_logprobs=recompute (with sampling log-probs every weight is 1)")
     if cfg.old_logprobs == "sampling" and not cfg.divide_logits_by_temperature and cfg.temperature != 1.0:
         raise SystemExit("old_logprobs=sampling needs divide_logits_by_temperature: the sampling log-probs are of logits / T")
+    if cfg.samples_per_prompt < 1:
+        raise SystemExit(f"--samples_per_prompt={cfg.samples_per_prompt}: at least 1")
+    if cfg.advantage_estimator in ("grpo", "rloo", "reinforce_pp_baseline") and cfg.samples_per_prompt < 2:
+        raise SystemExit(f"--advantage_estimator={cfg.advantage_estimator} compares the responses to one prompt: "
+                         f"set --samples_per_prompt to 2 or more (it is {cfg.samples_per_prompt})")
+    if cfg.kl_location == "loss" and cfg.kl_estimator == "k1" and not cfg.kl_is_weight:
+        raise SystemExit("--kl_location=loss --kl_estimator=k1 regularizes nothing: the gradient of logp - ref is the score "
+                         "function, whose expectation is zero (OpenRLHF PR #1309). Use --kl_estimator=k2 or k3, "
+                         "--kl_is_weight (the IS-weighted form, unbiased; TRL #6503), or --kl_location=reward")
+    if cfg.kl_is_weight and cfg.kl_location != "loss":
+        raise SystemExit("--kl_is_weight weights the loss-side KL; it needs --kl_location=loss")
 
 
 def apply_preset(argv):
@@ -703,9 +989,11 @@ def apply_preset(argv):
 
 
 def build_models(cfg: Config, d: Dist):
-    """Policy and reference from SFT, reward model, critic; frozen ones in eval mode, no grads."""
-    policy = load_model(cfg.sft, "policy", d, trainable=True, scalar_head=(cfg.critic == "shared"))
-    if cfg.critic == "shared":  # OpenAI 2019: value head on the policy trunk, zero-init
+    """Policy and reference from SFT, reward model, critic; frozen ones in eval mode, no grads. The critic-free
+    estimators get no critic and no value head (critic None): three models, not four."""
+    uses_critic = cfg.advantage_estimator == "gae"
+    policy = load_model(cfg.sft, "policy", d, trainable=True, scalar_head=(cfg.critic == "shared" and uses_critic))
+    if cfg.critic == "shared" and uses_critic:  # OpenAI 2019: value head on the policy trunk, zero-init
         nn.init.zeros_(policy.score.weight)
         nn.init.zeros_(policy.score.bias)
     ref = load_model(cfg.sft, "policy", d, trainable=False)
@@ -713,12 +1001,12 @@ def build_models(cfg: Config, d: Dist):
     if not reward_model.config.scalar_head:
         raise SystemExit(f"{cfg.reward_model} has no scalar head: is it a reward model checkpoint?")
     critic = None
-    if cfg.critic in ("reward", "sft"):
+    if cfg.critic not in ("reward", "sft", "shared"):
+        raise SystemExit(f"unknown critic {cfg.critic!r}: reward, sft or shared")
+    if cfg.critic in ("reward", "sft") and uses_critic:
         source, name = (cfg.reward_model, "reward") if cfg.critic == "reward" else (cfg.sft, "policy")
         critic = load_model(source, name, d, trainable=True, scalar_head=True)
         critic.config.reward_gain, critic.config.reward_bias = 1.0, 0.0  # a critic, not a reward model
-    elif cfg.critic != "shared":
-        raise SystemExit(f"unknown critic {cfg.critic!r}: reward, sft or shared")
     for m in [policy, critic] if critic is not None else [policy]:
         m.gradient_checkpointing = cfg.gradient_checkpointing
     return policy, ref, reward_model, critic
@@ -755,9 +1043,13 @@ def main(argv=None):
     d = init_distributed(cfg.device)
     seed_all(cfg.seed)
     check_writable(cfg.run_dir)
-    if cfg.rollout_batch_size % (d.world_size * cfg.num_minibatches):
-        raise SystemExit("rollout_batch_size must divide into world_size x num_minibatches")
-    local_batch = cfg.rollout_batch_size // d.world_size
+    # rollout_batch_size counts prompts; each rank samples samples_per_prompt responses to each of its prompts.
+    if cfg.rollout_batch_size % d.world_size:
+        raise SystemExit(f"rollout_batch_size {cfg.rollout_batch_size} (prompts) must divide among {d.world_size} processes")
+    local_prompts = cfg.rollout_batch_size // d.world_size
+    local_batch = local_prompts * cfg.samples_per_prompt  # sequences on this rank
+    if local_batch % cfg.num_minibatches:
+        raise SystemExit(f"per-process rollout of {local_batch} sequences must split into num_minibatches={cfg.num_minibatches}")
     local_minibatch = local_batch // cfg.num_minibatches
     if local_minibatch % min(cfg.micro_batch_size, local_minibatch):
         raise SystemExit(f"per-process minibatch {local_minibatch} must be a multiple of micro_batch_size")
@@ -799,8 +1091,10 @@ def main(argv=None):
     while update < cfg.num_updates:
         t_start = time.time()
         epoch, index = divmod(update, updates_per_epoch)
-        batch_prompts = batch_at(prompt_ids, local_batch, cfg.seed, epoch, index, d.rank, d.world_size)
+        batch_prompts = batch_at(prompt_ids, local_prompts, cfg.seed, epoch, index, d.rank, d.world_size)
         query, query_mask = data.pad_left(batch_prompts, tok.eos_id)
+        # Groups: each prompt repeated samples_per_prompt times in consecutive rows.
+        query, query_mask = query.repeat_interleave(cfg.samples_per_prompt, 0), query_mask.repeat_interleave(cfg.samples_per_prompt, 0)
         query, query_mask = query.to(d.device), query_mask.to(d.device)
 
         # 1. Rollout. Seeded by (seed, update, rank): a resumed run samples the same responses.
@@ -842,7 +1136,7 @@ def main(argv=None):
                 "val/mismatch_kl": all_reduce_mean(exp["mismatch_kl"], d),  # verl rollout_corr/k3_kl
                 "val/tis_weight_mean": all_reduce_mean(masked_mean(exp["tis_weight"], action_mask), d),
                 "beta": kl_ctl.value, "lr": optimizer.param_groups[0]["lr"],
-                "episode": (update + 1) * cfg.rollout_batch_size,
+                "episode": (update + 1) * cfg.rollout_batch_size * cfg.samples_per_prompt,
                 "time/rollout": t_rollout - t_start, "time/score": t_score - t_rollout, "time/update": t_update - t_score,
                 "time/tokens_per_s": float(action_mask.sum()) * d.world_size / (t_update - t_start),
                 "val/nonfinite_scores": all_reduce_sum(exp["nonfinite_scores"].float(), d),

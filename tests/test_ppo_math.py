@@ -97,7 +97,7 @@ def test_kl_clamp():
     torch.testing.assert_close(kl_penalty(logp, ref, "k3", clamp=10.0)[1], torch.tensor(10.0))
     torch.testing.assert_close(kl_penalty(logp, ref, "k1", clamp=0.0), t(29.0, -29.0))
     with pytest.raises(ValueError):
-        kl_penalty(logp, ref, "k2")
+        kl_penalty(logp, ref, "k4")  # k2 exists since issue #15
 
 
 def test_kl_is_exactly_zero_when_policy_equals_reference():
