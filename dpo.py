@@ -29,7 +29,6 @@ gold reward drops below the SFT policy's while the KL to the reference jumps fro
 """
 
 import os
-import random
 import time
 from dataclasses import dataclass
 
@@ -279,15 +278,10 @@ def main(argv=None):
     tok = data.get_tokenizer(policy.config.tokenizer)
 
     # 2. Data: preference pairs, tokenized once; truncation counted, ties made by truncation dropped.
-    hold_out = os.path.isfile(cfg.dataset) and not cfg.eval_dataset
-    records = load_pairs(cfg.dataset, "train", None if hold_out else cfg.max_train_examples or None, cfg)
-    if hold_out:  # a file has no test split: hold out eval_examples of its pairs, chosen by the seed
-        random.Random(cfg.seed).shuffle(records)
-        eval_records, records = records[:cfg.eval_examples], records[cfg.eval_examples:]
-        records = records[:cfg.max_train_examples or None]
-    else:
-        eval_source, eval_split = (cfg.eval_dataset, "train") if cfg.eval_dataset else (cfg.dataset, "test")
-        eval_records = load_pairs(eval_source, eval_split, cfg.eval_examples, cfg)
+    train_split, eval_source, eval_split = data.heldout_sources(cfg.dataset, cfg.eval_dataset)
+    records = load_pairs(cfg.dataset, train_split, cfg.max_train_examples or None, cfg)
+    eval_records = load_pairs(eval_source, eval_split, cfg.eval_examples, cfg)
+    data.warn_if_leaked(records, eval_records, "dpo")
     stats = data.TruncationStats()
     items = encode_pairs(records, tok, cfg, stats)
     eval_items = encode_pairs(eval_records, tok, cfg, data.TruncationStats())

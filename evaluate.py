@@ -91,13 +91,16 @@ class Config:
     reward_model: str = "runs/rm/final"
     """the learned reward model (its run directory's metrics.jsonl gives the RM accuracy)"""
     dataset: str = "default"
-    """held-out prompts: the test split of this dataset"""
+    """held-out prompts: the test split of this dataset (the prompts every stage held out)"""
+    eval_dataset: str = ""
+    """held-out prompts read whole from here instead (the stages' --eval_dataset)"""
     num_prompts: int = 500
     """held-out prompts to evaluate"""
-    max_prompt_tokens: int = 12
-    """prompts cut from the left to this many tokens"""
-    response_length: int = 16
-    """maximum new tokens"""
+    max_prompt_tokens: int = 0
+    """prompts cut from the left to this many tokens; 0 = the limit the policies were trained with, read from
+    their checkpoints' run_config.json (all must agree)"""
+    response_length: int = 0
+    """maximum new tokens; 0 = read from the checkpoints like max_prompt_tokens"""
     temperature: float = 1.0
     """sampling temperature, the same for every policy"""
     seed: int = 1234
@@ -190,13 +193,43 @@ def plot_ppo(metrics_path: str, out_png: str) -> str:
     return f"![PPO curves]({os.path.basename(out_png)})"
 
 
+def trained_limits(checkpoint: str) -> tuple[int, int] | None:
+    """(max prompt tokens, max response tokens) a stage trained with, from its final/run_config.json, or None."""
+    path = os.path.join(checkpoint, "run_config.json")
+    if not os.path.exists(path):
+        return None
+    run = json.load(open(path))
+    return run["max_prompt_tokens"], run.get("response_length", run.get("max_response_tokens"))
+
+
+def resolve_limits(cfg: Config):
+    """Fill limits left at 0 from the checkpoints, so the report scores the prompts the stages saw (an RM's
+    learned reward is only normalized, mean 0 on SFT samples, at the lengths it was normalized at)."""
+    found = {}
+    for item in cfg.policies.split(",") + [f"reference:{cfg.reference}"]:
+        name, path = item.split(":", 1)
+        if (limits := trained_limits(path)) is not None:
+            found[name] = limits
+    for i, flag in enumerate(("max_prompt_tokens", "response_length")):
+        if getattr(cfg, flag):
+            continue
+        values = {limits[i] for limits in found.values()}
+        if len(values) != 1:
+            raise SystemExit(f"evaluate: --{flag} not given and the checkpoints disagree or say nothing "
+                             f"({ {n: l[i] for n, l in found.items()} }); pass --{flag}")
+        setattr(cfg, flag, values.pop())
+    print(f"evaluate: prompts cut to {cfg.max_prompt_tokens} tokens, up to {cfg.response_length} new tokens")
+
+
 def main(argv=None):
     cfg = parse_config(Config, argv)
     d = init_distributed(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
     ref = load_model(cfg.reference, "policy", d, trainable=False)
     reward_model = load_model(cfg.reward_model, "reward", d, trainable=False)
-    prompts = [r["prompt"] for r in data.load_records(cfg.dataset, "prompt", split="test", max_records=cfg.num_prompts, seed=0)]
+    resolve_limits(cfg)
+    _, source, split = data.heldout_sources(cfg.dataset, cfg.eval_dataset)
+    prompts = [r["prompt"] for r in data.load_records(source, "prompt", split, max_records=cfg.num_prompts, seed=0)]
     report = {"num_prompts": len(prompts), "temperature": cfg.temperature, "seed": cfg.seed, "policies": {}, "samples": []}
     all_samples = {}
     for item in cfg.policies.split(","):

@@ -53,6 +53,8 @@ class Config:
     """checkpoints, metrics.jsonl, final/"""
     dataset: str = "default"
     """prompts: "default", a local file or a hub name (prompts of any record shape are used)"""
+    eval_dataset: str = ""
+    """held-out prompts; empty = the test split of `dataset` (data.heldout_sources: the split of every stage)"""
     max_prompt_tokens: int = 12
     """prompts are cut from the left to this many tokens"""
     response_length: int = 16
@@ -685,9 +687,11 @@ def main(argv=None):
         ref.to("cpu"), reward_model.to("cpu")
 
     try:
-        prompts = [r["prompt"] for r in data.load_records(cfg.dataset, "prompt", split="train", seed=cfg.seed)]
-        eval_prompts = [r["prompt"] for r in data.load_records(cfg.dataset, "prompt", split="test",
-                                                                max_records=cfg.eval_prompts, seed=cfg.seed)]
+        train_split, eval_source, eval_split = data.heldout_sources(cfg.dataset, cfg.eval_dataset)
+        records = data.load_records(cfg.dataset, "prompt", train_split, seed=cfg.seed)
+        eval_records = data.load_records(eval_source, "prompt", eval_split, max_records=cfg.eval_prompts, seed=cfg.seed)
+        data.warn_if_leaked(records, eval_records, "ppo")
+        prompts, eval_prompts = [r["prompt"] for r in records], [r["prompt"] for r in eval_records]
     except data.DataError as e:
         raise SystemExit(f"ppo: {e}")
     prompt_ids = [tok.encode(p)[-cfg.max_prompt_tokens:] for p in prompts]

@@ -18,7 +18,6 @@ applies them (`reward_scores`). The output, run_dir/final/reward/, is what ppo.p
 """
 
 import os
-import random
 import time
 from dataclasses import dataclass
 
@@ -179,6 +178,7 @@ def normalization_gain_bias(raw: torch.Tensor, with_gain: bool) -> tuple[float, 
 def load_comparisons(source: str, split: str, max_records: int | None, cfg: Config) -> list[dict]:
     if source == "default" and cfg.data_format == "ranked":
         # load_records cannot ask the default task for K > 2 responses, so ask it directly.
+        split = "train" if split == "all" else split
         n = max_records or data.DEFAULT_SIZES[split]
         return data.make_default_records("ranked", split, n, cfg.seed, k=cfg.k)
     return data.load_records(source, cfg.data_format, split=split, max_records=max_records, seed=cfg.seed)
@@ -334,16 +334,11 @@ def main(argv=None):
     tok = data.get_tokenizer(model.config.tokenizer)
 
     # 2. Data: comparisons, tokenized once; truncation counted, ties made by truncation dropped.
-    hold_out = os.path.isfile(cfg.dataset) and not cfg.eval_dataset
+    train_split, eval_source, eval_split = data.heldout_sources(cfg.dataset, cfg.eval_dataset)
     try:
-        records = load_comparisons(cfg.dataset, "train", None if hold_out else cfg.max_train_examples or None, cfg)
-        if hold_out:  # a file has no test split: hold out eval_examples of its comparisons, chosen by the seed
-            random.Random(cfg.seed).shuffle(records)
-            eval_records, records = records[:cfg.eval_examples], records[cfg.eval_examples:]
-            records = records[:cfg.max_train_examples or None]
-        else:
-            eval_source, eval_split = (cfg.eval_dataset, "train") if cfg.eval_dataset else (cfg.dataset, "test")
-            eval_records = load_comparisons(eval_source, eval_split, cfg.eval_examples, cfg)
+        records = load_comparisons(cfg.dataset, train_split, cfg.max_train_examples or None, cfg)
+        eval_records = load_comparisons(eval_source, eval_split, cfg.eval_examples, cfg)
+        data.warn_if_leaked(records, eval_records, "rm")
         stats = data.TruncationStats()
         items = encode_comparisons(records, tok, cfg, stats)
         eval_items = encode_comparisons(eval_records, tok, cfg, data.TruncationStats())

@@ -163,15 +163,13 @@ def main(argv=None):
 
     # 1. Data: demonstrations, tokenized once, truncation counted and reported.
     model, tok = build_policy(cfg, d)
-    eval_source, eval_split = (cfg.eval_dataset, "train") if cfg.eval_dataset else (cfg.dataset, "test")
-    if os.path.isfile(cfg.dataset) and not cfg.eval_dataset and d.is_main:
-        print(f"sft: warning: {cfg.dataset} is a file with no test split, so 'held-out' examples come from the "
-              f"training data; pass --eval_dataset for a real held-out loss")
+    train_split, eval_source, eval_split = data.heldout_sources(cfg.dataset, cfg.eval_dataset)
     try:
-        records = data.load_records(cfg.dataset, "sft", split="train", max_records=cfg.max_train_examples or None, seed=cfg.seed)
-        eval_records = data.load_records(eval_source, "sft", split=eval_split, max_records=cfg.eval_examples, seed=cfg.seed)
+        records = data.load_records(cfg.dataset, "sft", train_split, max_records=cfg.max_train_examples or None, seed=cfg.seed)
+        eval_records = data.load_records(eval_source, "sft", eval_split, max_records=cfg.eval_examples, seed=cfg.seed)
     except data.DataError as e:
         raise SystemExit(f"sft: {e}")
+    data.warn_if_leaked(records, eval_records, "sft")
     pairs, stats = encode_all(records, tok, cfg)
     eval_pairs, _ = encode_all(eval_records, tok, cfg)
     if len(pairs) < cfg.batch_size:
