@@ -55,7 +55,9 @@ class CharTokenizer:
         for pos, c in enumerate(text):
             if c not in self.stoi:
                 raise DataError(f"character {c!r} at position {pos} of {text[:60]!r} is not in the "
-                                f"char tokenizer's alphabet {self.alphabet!r}")
+                                f"char tokenizer's alphabet {self.alphabet!r}, which only fits the built-in task; "
+                                f"for real text pass --tokenizer=gpt2 (with --init_from=scratch; a checkpoint "
+                                f"brings its own tokenizer)")
         return [self.stoi[c] for c in text]
 
     def decode(self, ids) -> str:

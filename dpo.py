@@ -44,6 +44,7 @@ from runtime import (Dist, Metrics, all_reduce_sum, autocast, check_nonfinite_st
                      load_full_optimizer_state, load_full_state_dict, load_model, load_train_state, lr_at,
                      make_adamw, parse_config, peak_flops, publish_final, publish_missing_final, save_checkpoint,
                      seed_all, set_lr, shard_model, shutdown_distributed, step_if_finite)
+from runtime import check_context
 
 
 @dataclass
@@ -276,6 +277,7 @@ def main(argv=None):
     policy = load_model(cfg.sft, "policy", d, trainable=True, dropout=cfg.dropout)
     ref = load_model(cfg.sft, "policy", d, trainable=False)
     tok = data.get_tokenizer(policy.config.tokenizer)
+    check_context(policy, cfg.max_prompt_tokens, cfg.max_response_tokens, "dpo", "--max_prompt_tokens + --max_response_tokens")
 
     # 2. Data: preference pairs, tokenized once; truncation counted, ties made by truncation dropped.
     train_split, eval_source, eval_split = data.heldout_sources(cfg.dataset, cfg.eval_dataset)

@@ -38,6 +38,7 @@ from runtime import (Dist, Metrics, all_reduce_mean, all_reduce_sum, autocast, c
                      load_full_optimizer_state, load_full_state_dict, load_model, load_train_state, lr_at,
                      parse_config, publish_final, publish_missing_final, save_checkpoint, seed_all, shard_model,
                      shutdown_distributed, step_if_finite, unsharded)
+from runtime import check_context
 
 
 @dataclass
@@ -675,6 +676,8 @@ def main(argv=None):
     # policy and critic together (TRL's PolicyAndValueWrapper; N+).
     policy, ref, reward_model, critic = build_models(cfg, d)
     tok = data.get_tokenizer(policy.config.tokenizer)
+    for m, name in ((policy, "policy"), (reward_model, "reward model")):
+        check_context(m, cfg.max_prompt_tokens, cfg.response_length, f"ppo ({name})", "--max_prompt_tokens + --response_length")
     trainable = nn.ModuleDict({"policy": policy} | ({"critic": critic} if critic is not None else {}))
     for m in list(trainable.values()) + [ref, reward_model]:
         shard_model(m, d)

@@ -33,6 +33,7 @@ from runtime import (Dist, Metrics, all_reduce_sum, autocast, check_nonfinite_st
                      load_full_optimizer_state, load_full_state_dict, load_model, load_train_state, lr_at,
                      make_adamw, parse_config, peak_flops, publish_final, publish_missing_final, save_checkpoint,
                      seed_all, set_lr, shard_model, shutdown_distributed, step_if_finite)
+from runtime import check_context
 
 
 @dataclass
@@ -332,6 +333,7 @@ def main(argv=None):
     # would blow up into lr-sized random steps. Frozen at 0; the normalization sets the offset.
     model.score.bias.requires_grad_(False)
     tok = data.get_tokenizer(model.config.tokenizer)
+    check_context(model, cfg.max_prompt_tokens, cfg.max_response_tokens, "rm", "--max_prompt_tokens + --max_response_tokens")
 
     # 2. Data: comparisons, tokenized once; truncation counted, ties made by truncation dropped.
     train_split, eval_source, eval_split = data.heldout_sources(cfg.dataset, cfg.eval_dataset)

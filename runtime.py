@@ -245,6 +245,15 @@ def load_model(path: str, name: str, d: Dist, trainable: bool, **overrides):
 # Optimizer and schedule
 
 
+def check_context(model, prompt_tokens: int, response_tokens: int, where: str, flags: str):
+    """Refuse, before any work, limits the model's context cannot hold (they used to fail as an assertion in
+    the middle of the first forward pass)."""
+    context = model.config.block_size
+    if prompt_tokens + response_tokens > context:
+        raise SystemExit(f"{where}: {flags} = {prompt_tokens} + {response_tokens} tokens do not fit the model's "
+                         f"context of {context} tokens; lower them, or use a model with a longer context")
+
+
 def make_adamw(model, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95), eps: float = 1e-8):
     """AdamW with weight decay on 2-D weights only (matrices and embeddings), not on biases or
     LayerNorm gains (nanoGPT's `configure_optimizers`)."""

@@ -25,6 +25,7 @@ from runtime import (Dist, Metrics, all_reduce_sum, autocast, check_nonfinite_st
                      load_full_optimizer_state, load_full_state_dict, load_model, load_train_state, lr_at, make_adamw, parse_config,
                      peak_flops, publish_final, publish_missing_final, save_checkpoint, seed_all, set_lr,
                      shard_model, shutdown_distributed, step_if_finite)
+from runtime import check_context
 
 
 @dataclass
@@ -35,6 +36,14 @@ class Config:
     """"scratch" (random init, model_size), a hub name such as "gpt2", or a local HF-format directory (e.g. another run's final/)"""
     model_size: str = "cpu-small"
     """model.GPT_SIZES name, used when init_from=scratch"""
+    n_layer: int = 0
+    """from scratch: layers (0 = model_size's)"""
+    n_head: int = 0
+    """from scratch: attention heads (0 = model_size's)"""
+    n_embd: int = 0
+    """from scratch: width (0 = model_size's)"""
+    block_size: int = 0
+    """from scratch: context length in tokens (0 = model_size's; cpu-small has 64)"""
     tokenizer: str = "char"
     """"char" for the default task, "gpt2" for real data (taken from the checkpoint when init_from is one)"""
     dataset: str = "default"
@@ -111,7 +120,8 @@ def build_policy(cfg: Config, d: Dist):
     """Scratch (random init), a hub name, or a local HF-format directory."""
     if cfg.init_from == "scratch":
         tok = data.get_tokenizer(cfg.tokenizer)
-        model = GPT(config_for(cfg.model_size, vocab_size=tok.vocab_size, dropout=cfg.dropout, tokenizer=tok.name))
+        sizes = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(cfg, k)}
+        model = GPT(config_for(cfg.model_size, vocab_size=tok.vocab_size, dropout=cfg.dropout, tokenizer=tok.name, **sizes))
         model.init_weights(seed=cfg.seed)
         return model.to(d.device), tok
     model = load_model(cfg.init_from, "policy", d, trainable=True, dropout=cfg.dropout)
@@ -163,6 +173,7 @@ def main(argv=None):
 
     # 1. Data: demonstrations, tokenized once, truncation counted and reported.
     model, tok = build_policy(cfg, d)
+    check_context(model, cfg.max_prompt_tokens, cfg.max_response_tokens, "sft", "--max_prompt_tokens + --max_response_tokens")
     train_split, eval_source, eval_split = data.heldout_sources(cfg.dataset, cfg.eval_dataset)
     try:
         records = data.load_records(cfg.dataset, "sft", train_split, max_records=cfg.max_train_examples or None, seed=cfg.seed)

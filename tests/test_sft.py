@@ -244,3 +244,22 @@ def test_resume_at_the_last_step_republishes_a_missing_final(tmp_path):
     run_sft(run_dir, max_steps=3, resume=True)
     again = load_file(f"{run_dir}/final/policy/model.safetensors")
     assert all(torch.equal(expected[k], again[k]) for k in expected)
+
+
+def test_limits_beyond_the_context_are_refused_before_any_work(tmp_path):
+    # README's GPU flags on cpu-small (block_size 64) used to fail with an AssertionError in the first forward.
+    with pytest.raises(SystemExit, match=r"--max_prompt_tokens \+ --max_response_tokens = 384 \+ 128 tokens do not fit "
+                                         r"the model's context of 64"):
+        run_sft(str(tmp_path / "run"), max_prompt_tokens=384, max_response_tokens=128)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_scratch_model_is_sized_by_flags(tmp_path):
+    run_sft(str(tmp_path / "run"), n_layer=3, n_head=3, n_embd=24, block_size=40, max_steps=1)
+    config = json.load(open(tmp_path / "run" / "final" / "policy" / "config.json"))
+    assert (config["n_layer"], config["n_head"], config["n_embd"], config["n_positions"]) == (3, 3, 24, 40)
+
+
+def test_char_tokenizer_on_real_text_says_how_to_choose_another():
+    with pytest.raises(data.DataError, match="--tokenizer=gpt2"):
+        data.get_tokenizer("char").encode("Human: hi\n")
