@@ -296,7 +296,7 @@ def _adapt(rec: dict, where: str) -> tuple[str, list[str] | None]:
         instruction, output = _text(rec, ("instruction",), where), _text(rec, ("output",), where)
         extra = _text(rec, ("input",), where) if "input" in rec else ""
         prompt = f"Instruction: {instruction}" + (f"\n\nInput: {extra}" if extra.strip() else "") + "\n\nResponse:"
-        return prompt, [output]
+        return prompt, [" " + output.lstrip()]  # "Response: I'm", as HH's "Assistant: ..." (BPE tokens carry the space)
     if any(key in rec for key in RESPONSE_KEYS):  # canonical sft, TRL prompt-completion, TL;DR sft
         return _text(rec, PROMPT_KEYS, where), [_text(rec, RESPONSE_KEYS, where)]
     return _text(rec, PROMPT_KEYS, where), None

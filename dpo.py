@@ -44,7 +44,7 @@ from runtime import (Dist, Metrics, all_reduce_sum, autocast, check_nonfinite_st
                      load_full_optimizer_state, load_full_state_dict, load_model, load_train_state, lr_at,
                      make_adamw, parse_config, peak_flops, publish_final, publish_missing_final, save_checkpoint,
                      seed_all, set_lr, shard_model, shutdown_distributed, step_if_finite)
-from runtime import check_context
+from runtime import check_context, progress_bar
 
 
 @dataclass
@@ -116,6 +116,8 @@ class Config:
     """bf16 autocast on CUDA (ignored on CPU); log-probs and the loss are float32 either way"""
     log_every: int = 10
     """steps between metric lines"""
+    report_to: str = ""
+    """also log metrics to "tensorboard" (run_dir/tensorboard) and/or "wandb", comma-separated (TRL's report_to)"""
 
 
 # -----------------------------------------------------------------------------
@@ -318,7 +320,7 @@ def main(argv=None):
         step, skipped_steps = state["step"], state["state"].get("skipped_steps", 0)
         if d.is_main:
             print(f"dpo: resumed from {ckpt} at step {step}")
-    metrics = Metrics(cfg.run_dir, d, resume_step=step if ckpt else None)
+    metrics = Metrics(cfg.run_dir, d, resume_step=step if ckpt else None, report_to=cfg.report_to, config=cfg)
     n_params = sum(p.numel() for p in policy.parameters())
     peak = peak_flops(d)
     # The policy's forward + backward, plus the reference's forward (a third of that), per token.
@@ -327,7 +329,7 @@ def main(argv=None):
 
     # 5. The loop. Data order depends only on (seed, epoch), so a resumed run sees the same batches.
     start_step, t0, tokens_seen, last_eval = step, time.time(), 0, {}
-    bar = tqdm(total=max_steps, initial=step, desc="dpo", disable=not d.is_main)
+    bar = progress_bar(max_steps, step, "dpo", d)
     while step < max_steps:
         epoch, index = divmod(step, steps_per_epoch)
         batch_items = list(data.batches(items, per_rank, seed=cfg.seed, epoch=epoch, rank=d.rank,

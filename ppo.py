@@ -38,7 +38,7 @@ from runtime import (Dist, Metrics, all_reduce_mean, all_reduce_sum, autocast, c
                      load_full_optimizer_state, load_full_state_dict, load_model, load_train_state, lr_at,
                      parse_config, publish_final, publish_missing_final, save_checkpoint, seed_all, shard_model,
                      shutdown_distributed, step_if_finite, unsharded)
-from runtime import check_context
+from runtime import check_context, progress_bar
 
 
 @dataclass
@@ -160,6 +160,8 @@ class Config:
     """samples printed at each evaluation"""
     log_every: int = 5
     """updates between metric lines"""
+    report_to: str = ""
+    """also log metrics to "tensorboard" (run_dir/tensorboard) and/or "wandb", comma-separated (TRL's report_to)"""
     save_every: int = 50
     """updates between checkpoints (and one at the end)"""
     resume: bool = False
@@ -718,9 +720,9 @@ def main(argv=None):
         kl_ctl.value, update = state["state"]["kl_coef"], state["step"]
         if d.is_main:
             print(f"ppo: resumed from {ckpt} at update {update}")
-    metrics_log = Metrics(cfg.run_dir, d, resume_step=update if ckpt else None)
+    metrics_log = Metrics(cfg.run_dir, d, resume_step=update if ckpt else None, report_to=cfg.report_to, config=cfg)
     start_update, bad_streak = update, 0
-    bar = tqdm(total=cfg.num_updates, initial=update, desc="ppo", disable=not d.is_main)
+    bar = progress_bar(cfg.num_updates, update, "ppo", d)
 
     while update < cfg.num_updates:
         t_start = time.time()

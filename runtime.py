@@ -490,9 +490,10 @@ class Metrics:
     """Appends {"step": ..., **metrics} to run_dir/metrics.jsonl on rank 0. On resume, lines past the
     checkpoint's step are dropped so the file equals that of an uninterrupted run."""
 
-    def __init__(self, run_dir: str, d: Dist, resume_step: int | None = None):
+    def __init__(self, run_dir: str, d: Dist, resume_step: int | None = None, report_to: str = "", config=None):
         self.path, self.main = os.path.join(run_dir, "metrics.jsonl"), d.is_main
         self.start = time.time()
+        self.trackers = open_trackers(report_to, run_dir, config) if self.main else []
         if self.main and resume_step is None and os.path.exists(self.path):
             os.remove(self.path)
         if self.main and resume_step is not None and os.path.exists(self.path):
@@ -506,10 +507,51 @@ class Metrics:
         clean = {k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **clean}) + "\n")
+        for log in self.trackers:
+            log(step, {k: v for k, v in clean.items() if isinstance(v, (int, float))})
         if echo:
             from tqdm import tqdm
             shown = " ".join(f"{k}={_fmt(v)}" for k, v in clean.items())
             tqdm.write(f"step {step}: {shown}")
+
+
+REPORT_TO = ("tensorboard", "wandb")
+
+
+def open_trackers(report_to: str, run_dir: str, config=None) -> list:
+    """Loggers besides metrics.jsonl, named as TRL's `report_to`: "tensorboard" writes run_dir/tensorboard
+    (torch.utils.tensorboard), "wandb" logs to Weights & Biases (WANDB_MODE=offline works without a network).
+    Each is a function (step, {name: number}); the metric names are the JSONL ones, which overlay on TRL's."""
+    trackers = []
+    for name in filter(None, report_to.split(",")):
+        if name == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+
+            def log_tb(step, values, writer=writer):
+                for k, v in values.items():
+                    writer.add_scalar(k, v, step)
+                writer.flush()
+            trackers.append(log_tb)
+        elif name == "wandb":
+            try:
+                import wandb
+            except ImportError:
+                raise SystemExit("--report_to=wandb: wandb is not installed (pip install wandb)") from None
+            run = wandb.init(dir=run_dir, config=dataclasses.asdict(config) if config is not None else None,
+                             name=os.path.basename(os.path.normpath(run_dir)))
+            trackers.append(lambda step, values, run=run: run.log(values, step=step))
+        else:
+            raise SystemExit(f"--report_to={report_to!r}: choose from {REPORT_TO}, comma-separated, or leave empty")
+    return trackers
+
+
+def progress_bar(total: int, initial: int, desc: str, d: Dist):
+    """tqdm on the main process of an interactive terminal; elsewhere (a log file, CI) no bar, whose \r
+    redraws would flood the log: the metric lines are printed as plain lines either way."""
+    import sys
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc=desc, disable=not (d.is_main and sys.stderr.isatty()))
 
 
 def _row_step(line: str) -> int | None:

@@ -25,7 +25,7 @@ from runtime import (Dist, Metrics, all_reduce_sum, autocast, check_nonfinite_st
                      load_full_optimizer_state, load_full_state_dict, load_model, load_train_state, lr_at, make_adamw, parse_config,
                      peak_flops, publish_final, publish_missing_final, save_checkpoint, seed_all, set_lr,
                      shard_model, shutdown_distributed, step_if_finite)
-from runtime import check_context
+from runtime import check_context, progress_bar
 
 
 @dataclass
@@ -102,6 +102,8 @@ class Config:
     """bf16 autocast on CUDA (ignored on CPU)"""
     log_every: int = 20
     """steps between metric lines"""
+    report_to: str = ""
+    """also log metrics to "tensorboard" (run_dir/tensorboard) and/or "wandb", comma-separated (TRL's report_to)"""
 
 
 def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor):
@@ -211,7 +213,7 @@ def main(argv=None):
         step, skipped_steps = state["step"], state["state"].get("skipped_steps", 0)
         if d.is_main:
             print(f"sft: resumed from {ckpt} at step {step}")
-    metrics = Metrics(cfg.run_dir, d, resume_step=step if ckpt else None)
+    metrics = Metrics(cfg.run_dir, d, resume_step=step if ckpt else None, report_to=cfg.report_to, config=cfg)
     n_params = sum(p.numel() for p in model.parameters())
     peak = peak_flops(d)
     fpt = flops_per_token(n_params, model.config.n_layer, model.config.n_head,
@@ -219,7 +221,7 @@ def main(argv=None):
 
     # 4. The loop. Data order depends only on (seed, epoch), so a resumed run sees the same batches.
     start_step, t0, tokens_seen = step, time.time(), 0
-    bar = tqdm(total=max_steps, initial=step, desc="sft", disable=not d.is_main)
+    bar = progress_bar(max_steps, step, "sft", d)
     while step < max_steps:
         epoch, index = divmod(step, steps_per_epoch)
         batch_items = list(data.batches(pairs, per_rank, seed=cfg.seed, epoch=epoch, rank=d.rank,

@@ -204,7 +204,7 @@ def test_fixture_ranked_json_and_conversions():
 def test_fixture_alpaca():
     records = load_records(str(FIXTURES / "alpaca.jsonl"), "sft")
     assert records[0] == {"prompt": "Instruction: Give three tips for staying healthy.\n\nResponse:",
-                          "response": "Eat well, sleep enough, move every day."}
+                          "response": " Eat well, sleep enough, move every day."}  # a space after "Response:"
     assert records[1]["prompt"] == ("Instruction: Translate the sentence to German.\n\nInput: Good morning."
                                     "\n\nResponse:")
 

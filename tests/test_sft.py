@@ -263,3 +263,29 @@ def test_scratch_model_is_sized_by_flags(tmp_path):
 def test_char_tokenizer_on_real_text_says_how_to_choose_another():
     with pytest.raises(data.DataError, match="--tokenizer=gpt2"):
         data.get_tokenizer("char").encode("Human: hi\n")
+
+
+def test_report_to_tensorboard_writes_the_metrics(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is a dev dependency (requirements-dev.txt)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run_sft(str(tmp_path / "run"), max_steps=3, report_to="tensorboard")
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("train/loss")]
+    jsonl = [r["train/loss"] for r in metric_rows(str(tmp_path / "run")) if "train/loss" in r]
+    assert losses == pytest.approx(jsonl, rel=1e-6) and len(losses) == 3
+
+
+def test_report_to_typo_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="--report_to='tensorbord'"):
+        run_sft(str(tmp_path / "run"), report_to="tensorbord")
+
+
+def test_report_to_wandb_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="wandb is a dev dependency (requirements-dev.txt)")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_sft(str(tmp_path / "run"), max_steps=2, report_to="wandb")
+    import wandb
+    wandb.finish()
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))  # the offline run's log file
