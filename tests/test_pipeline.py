@@ -56,6 +56,10 @@ def test_pipeline_end_to_end(tmp_path):
     again = run_launch(tmp_path)
     assert again.returncode == 0
     assert again.stdout.count("already done") == 3
+    # ... but not one whose arguments changed: that is refused, naming both, unless REDO=1.
+    changed = run_launch(tmp_path, extra_env={"PPO_ARGS": TINY["PPO_ARGS"] + " --kl_coef=0.2"})
+    assert changed.returncode == 1 and "stage 'ppo' finished with other arguments" in changed.stderr
+    assert "--kl_coef=0.2" in changed.stderr and (runs / "ppo" / "DONE").exists()
 
 
 @pytest.mark.slow
@@ -65,3 +69,9 @@ def test_failing_stage_stops_pipeline_and_names_it(tmp_path):
     assert "stage 'rm' failed" in out.stderr
     assert (tmp_path / "runs" / "sft" / "DONE").exists()  # kept for the re-run
     assert not (tmp_path / "runs" / "ppo").exists()
+
+
+def test_mistyped_mode_is_refused_before_any_stage(tmp_path):
+    out = run_launch(tmp_path, "dpp")
+    assert out.returncode == 2 and "unknown mode 'dpp'" in out.stderr
+    assert not (tmp_path / "runs" / "sft").exists()  # before: SFT and the RM trained first, then usage
