@@ -477,6 +477,20 @@ def warn_if_leaked(train: list[dict], heldout: list[dict], stage: str) -> int:
     return leaked
 
 
+def prompt_digest(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode()).hexdigest()[:16]
+
+
+def save_prompt_manifest(path: str, train: list[dict], heldout: list[dict]):
+    """Write which prompts a stage trained on and which it held out, as short sha256 digests (no text), so
+    anyone can check that no stage evaluates on a prompt another stage trained on (tests/test_pipeline.py)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    digests = {name: sorted({prompt_digest(r["prompt"]) for r in records})
+               for name, records in (("train", train), ("heldout", heldout))}
+    with open(path, "w") as f:
+        json.dump(digests, f)
+
+
 # -----------------------------------------------------------------------------
 # Tokenization and batching
 

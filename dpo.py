@@ -286,6 +286,8 @@ def main(argv=None):
     records = load_pairs(cfg.dataset, train_split, cfg.max_train_examples or None, cfg)
     eval_records = load_pairs(eval_source, eval_split, cfg.eval_examples, cfg)
     data.warn_if_leaked(records, eval_records, "dpo")
+    if d.is_main:
+        data.save_prompt_manifest(os.path.join(cfg.run_dir, "prompts.json"), records, eval_records)
     stats = data.TruncationStats()
     items = encode_pairs(records, tok, cfg, stats)
     eval_items = encode_pairs(eval_records, tok, cfg, data.TruncationStats())

@@ -124,7 +124,9 @@ def evaluate_policy(name, path, ref, reward_model, prompts, cfg, d):
                                max_prompt_tokens=cfg.max_prompt_tokens)
     learned, kls = score_samples(samples, policy, ref, reward_model, tok, cfg.temperature, d)
     n = len(samples)
-    row = {"learned_reward": sum(learned) / n, "kl_to_reference": sum(kls) / n,
+    mean = sum(learned) / n
+    standard_error = (sum((r - mean) ** 2 for r in learned) / max(n - 1, 1) / n) ** 0.5
+    row = {"learned_reward": mean, "learned_reward_se": standard_error, "kl_to_reference": sum(kls) / n,
            "response_length": sum(s["length"] for s in samples) / n, "eos_fraction": sum(s["ended"] for s in samples) / n}
     if cfg.dataset == "default":
         golds = [data.gold_reward(s["prompt"], s["response"]) for s in samples]
@@ -229,7 +231,9 @@ def main(argv=None):
     reward_model = load_model(cfg.reward_model, "reward", d, trainable=False)
     resolve_limits(cfg)
     _, source, split = data.heldout_sources(cfg.dataset, cfg.eval_dataset)
-    prompts = [r["prompt"] for r in data.load_records(source, "prompt", split, max_records=cfg.num_prompts, seed=0)]
+    records = data.load_records(source, "prompt", split, max_records=cfg.num_prompts, seed=0)
+    data.save_prompt_manifest(os.path.join(cfg.out, "prompts.json"), [], records)
+    prompts = [r["prompt"] for r in records]
     report = {"num_prompts": len(prompts), "temperature": cfg.temperature, "seed": cfg.seed, "policies": {}, "samples": []}
     all_samples = {}
     for item in cfg.policies.split(","):

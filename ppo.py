@@ -696,6 +696,8 @@ def main(argv=None):
         records = data.load_records(cfg.dataset, "prompt", train_split, seed=cfg.seed)
         eval_records = data.load_records(eval_source, "prompt", eval_split, max_records=cfg.eval_prompts, seed=cfg.seed)
         data.warn_if_leaked(records, eval_records, "ppo")
+        if d.is_main:
+            data.save_prompt_manifest(os.path.join(cfg.run_dir, "prompts.json"), records, eval_records)
         prompts, eval_prompts = [r["prompt"] for r in records], [r["prompt"] for r in eval_records]
     except data.DataError as e:
         raise SystemExit(f"ppo: {e}")

@@ -343,6 +343,8 @@ def main(argv=None):
         records = load_comparisons(cfg.dataset, train_split, cfg.max_train_examples or None, cfg)
         eval_records = load_comparisons(eval_source, eval_split, cfg.eval_examples, cfg)
         data.warn_if_leaked(records, eval_records, "rm")
+        if d.is_main:
+            data.save_prompt_manifest(os.path.join(cfg.run_dir, "prompts.json"), records, eval_records)
         stats = data.TruncationStats()
         items = encode_comparisons(records, tok, cfg, stats)
         eval_items = encode_comparisons(eval_records, tok, cfg, data.TruncationStats())

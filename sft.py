@@ -183,6 +183,8 @@ def main(argv=None):
     except data.DataError as e:
         raise SystemExit(f"sft: {e}")
     data.warn_if_leaked(records, eval_records, "sft")
+    if d.is_main:
+        data.save_prompt_manifest(os.path.join(cfg.run_dir, "prompts.json"), records, eval_records)
     pairs, stats = encode_all(records, tok, cfg)
     eval_pairs, _ = encode_all(eval_records, tok, cfg)
     if len(pairs) < cfg.batch_size:
