@@ -413,6 +413,9 @@ def _read_hub(name: str, split: str):
     return [(f"{name} {split} row {i}", dict(rec)) for i, rec in enumerate(dataset, 1)]
 
 
+_WARNED: set[str] = set()
+
+
 def load_records(source: str, kind: str, split: str = "all", max_records: int | None = None,
                  seed: int = 0) -> list[dict]:
     """Canonical records of `kind` from "default" (the built-in task), a local .jsonl/.json file, gzipped or not,
@@ -444,7 +447,10 @@ def load_records(source: str, kind: str, split: str = "all", max_records: int | 
         except _Skip as skip:
             skipped[str(skip)] += 1
     for reason, count in skipped.items():
-        warnings.warn(f"{source}: skipped {count} of {len(rows)} records: {reason}", stacklevel=2)
+        message = f"{source}: skipped {count} of {len(rows)} records: {reason}"
+        if message not in _WARNED:  # a stage reads a file more than once (train and test split): say it once
+            _WARNED.add(message)
+            warnings.warn(message, stacklevel=2)
     if not records:
         why = "; ".join(f"{count} skipped: {reason}" for reason, count in skipped.items()) or "no records"
         raise DataError(f"{source}: nothing usable for kind {kind!r} ({len(rows)} records read; {why})")

@@ -253,7 +253,7 @@ def evaluate(policy, ref, tok, eval_items: list[tuple], prompts: list[str], cfg:
     if d.is_main:
         for s in samples[:cfg.num_samples_shown]:
             gold = f" gold={data.gold_reward(s['prompt'], s['response']):.3f}" if cfg.dataset == "default" else ""
-            tqdm.write(f"  [step {step}] {s['prompt']!r} -> {s['response']!r}{'' if s['ended'] else ' (no EOS)'}{gold}")
+            tqdm.write(f"  [step {step}] {s['prompt_shown']!r} -> {s['response']!r}{'' if s['ended'] else ' (no EOS)'}{gold}")
     policy.train()
     return metrics
 

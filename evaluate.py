@@ -26,7 +26,8 @@ from runtime import autocast, init_distributed, load_model, parse_config, unshar
 def sample_responses(model, tok, prompts: list[str], d, max_new_tokens: int, temperature: float, seed: int,
                      batch_size: int = 64, max_prompt_tokens: int = 512) -> list[dict]:
     """Generate one response per prompt. Returns dicts with the prompt, the response text (EOS
-    stripped), whether it ended with EOS, its length in tokens, and the token ids (for scoring).
+    stripped), whether it ended with EOS, its length in tokens, the token ids (for scoring), and
+    prompt_shown: the end of the prompt as the model saw it, at most 160 characters, for printing.
 
     Every rank generates for every prompt (the model may be sharded, so all ranks take part in each
     forward); the generator is seeded per batch, so results do not depend on the world size."""
@@ -45,8 +46,10 @@ def sample_responses(model, tok, prompts: list[str], d, max_new_tokens: int, tem
                 ended = tok.eos_id in row
                 resp = row[:row.index(tok.eos_id) + 1] if ended else row
                 text = tok.decode(resp[:-1] if ended else resp)
+                seen = tok.decode(p_ids)  # what the model saw: the prompt cut to max_prompt_tokens
                 out.append({"prompt": p, "response": text, "ended": ended, "length": len(resp),
-                            "prompt_ids": p_ids, "response_ids": resp})
+                            "prompt_ids": p_ids, "response_ids": resp,
+                            "prompt_shown": seen if len(seen) <= 160 else "..." + seen[-157:]})
     model.train(was_training)
     return out
 

@@ -826,7 +826,7 @@ def evaluate(policy, ref, reward_model, tok, prompts, cfg: Config, d: Dist, upda
         out["eval/gold_reward"] = sum(data.gold_reward(s["prompt"], s["response"]) for s in samples) / len(samples)
     if d.is_main:
         for s, r in list(zip(samples, learned))[:cfg.num_samples_shown]:
-            tqdm.write(f"  [update {update}] {s['prompt']!r} -> {s['response']!r} learned={r:.3f}"
+            tqdm.write(f"  [update {update}] {s['prompt_shown']!r} -> {s['response']!r} learned={r:.3f}"
                        + (f" gold={data.gold_reward(s['prompt'], s['response']):.3f}" if cfg.dataset == "default" else ""))
     return out
 

@@ -163,7 +163,7 @@ def evaluate(model, tok, eval_pairs, eval_records, cfg: Config, d: Dist, step: i
         metrics["eval/gold_reward"] = sum(data.gold_reward(s["prompt"], s["response"]) for s in samples) / len(samples)
     if d.is_main:
         for s in samples[:cfg.num_samples_shown]:
-            tqdm.write(f"  [step {step}] {s['prompt']!r} -> {s['response']!r}{'' if s['ended'] else ' (no EOS)'}")
+            tqdm.write(f"  [step {step}] {s['prompt_shown']!r} -> {s['response']!r}{'' if s['ended'] else ' (no EOS)'}")
     return metrics
 
 

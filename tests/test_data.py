@@ -35,7 +35,8 @@ HH_TEST = ROOT.parent / "shared/data/hh-rlhf/harmless-base/test.jsonl.gz"
 
 
 def load_quietly(*args, **kwargs):
-    """load_records plus the warnings it raised, as strings."""
+    """load_records plus the warnings it raised, as strings (each one, even if this process said it before)."""
+    data._WARNED.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         records = load_records(*args, **kwargs)
@@ -608,3 +609,13 @@ def test_explicit_eval_dataset_overlap_is_reported(tmp_path):
 def test_bad_split_name_is_refused():
     with pytest.raises(ValueError, match="split must be"):
         load_records(str(FIXTURES / "sft.jsonl"), "sft", "validation")
+
+
+def test_a_files_skip_warning_is_said_once_per_process(tmp_path):
+    path = tmp_path / "skips.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "response": " " if i % 2 else "ok"}) + "\n" for i in range(400)))
+    data._WARNED.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_records(str(path), "sft", "train"), load_records(str(path), "sft", "test")  # as every stage does
+    assert [str(w.message) for w in caught] == [f"{path}: skipped 200 of 400 records: empty response"]
