@@ -12,6 +12,7 @@ few side-by-side samples. Written as report.md and report.json, and printed.
 
 import json
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -239,9 +240,13 @@ def main(argv=None):
     prompts = [r["prompt"] for r in records]
     report = {"num_prompts": len(prompts), "temperature": cfg.temperature, "seed": cfg.seed, "policies": {}, "samples": []}
     all_samples = {}
-    for item in cfg.policies.split(","):
+    policies = cfg.policies.split(",")
+    for i, item in enumerate(policies, 1):
         name, path = item.split(":", 1)
+        start = time.time()
+        print(f"evaluate: [{i}/{len(policies)}] {name} ({path}) on {len(prompts)} held-out prompts ...", flush=True)
         report["policies"][name], all_samples[name] = evaluate_policy(name, path, ref, reward_model, prompts, cfg, d)
+        print(f"evaluate: [{i}/{len(policies)}] {name} done in {time.time() - start:.0f}s", flush=True)
     for i in range(min(cfg.num_samples_shown, len(prompts))):
         keep = ("response", "ended", "learned", "gold")
         report["samples"].append({"prompt": prompts[i], "responses": {

@@ -701,13 +701,19 @@ def main(argv=None):
         prompts, eval_prompts = [r["prompt"] for r in records], [r["prompt"] for r in eval_records]
     except data.DataError as e:
         raise SystemExit(f"ppo: {e}")
-    prompt_ids = [tok.encode(p)[-cfg.max_prompt_tokens:] for p in prompts]
+    encoded = [tok.encode(p) for p in prompts]
+    prompt_ids = [ids[-cfg.max_prompt_tokens:] for ids in encoded]
     ptx_pairs = []
     if cfg.ptx_coef > 0:
         stats = data.TruncationStats()
         ptx_pairs = [data.encode_pair(tok, r["prompt"], r["response"], cfg.max_prompt_tokens, cfg.response_length, stats)
                      for r in data.load_records(cfg.ptx_dataset, "sft", split="train", seed=cfg.seed)]
     updates_per_epoch = len(prompt_ids) // cfg.rollout_batch_size
+    if d.is_main:
+        cut = sum(len(ids) > cfg.max_prompt_tokens for ids in encoded)
+        print(f"ppo: {len(prompts)} train / {len(eval_prompts)} held-out prompts from {cfg.dataset}; truncated "
+              f"{cut}/{len(prompts)} prompts (from the left) to {cfg.max_prompt_tokens} tokens; "
+              f"{updates_per_epoch} updates per epoch")
     if updates_per_epoch == 0:
         raise SystemExit(f"{len(prompt_ids)} prompts, fewer than one rollout batch of {cfg.rollout_batch_size}")
 
