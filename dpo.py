@@ -55,6 +55,9 @@ class Config:
     """the SFT checkpoint: the initial policy and the frozen reference; its tokenizer is used"""
     dataset: str = "default"
     """"default" (built-in task), a local .jsonl/.json(.gz) file, or a hub name (Anthropic/hh-rlhf:harmless-base, ...)"""
+    profile: str = "auto"
+    """"toy": the defaults below, tuned for the built-in task; "real": REAL_DATA (limits and learning rates for
+    real text and pretrained models); "auto": real unless dataset is "default". Explicit flags always win"""
     eval_dataset: str = ""
     """held-out data; empty = the test split of `dataset` (a local file has none: eval_examples of its pairs are held out)"""
     max_train_examples: int = 0
@@ -118,6 +121,12 @@ class Config:
     """steps between metric lines"""
     report_to: str = ""
     """also log metrics to "tensorboard" (run_dir/tensorboard) and/or "wandb", comma-separated (TRL's report_to)"""
+
+
+# --profile=real: limits as sft.py's; lr 1e-6 is TRL's DPOConfig default (trl/trainer/dpo_config.py L152) and
+# the DPO paper's; beta 0.1 as the DPO paper and TRL; one epoch.
+REAL_DATA = dict(max_prompt_tokens=384, max_response_tokens=128, lr=1e-6, beta=0.1, batch_size=64, micro_batch_size=8,
+                 max_steps=0, warmup_steps=10)
 
 
 # -----------------------------------------------------------------------------
@@ -263,7 +272,7 @@ def evaluate(policy, ref, tok, eval_items: list[tuple], prompts: list[str], cfg:
 
 
 def main(argv=None):
-    cfg = parse_config(Config, argv)
+    cfg = parse_config(Config, argv, {"real": REAL_DATA})
     if cfg.loss_type not in ("sigmoid", "ipo"):
         raise SystemExit(f"--loss_type={cfg.loss_type!r}: choose sigmoid or ipo")
     if not 0.0 <= cfg.label_smoothing < 0.5 or (cfg.label_smoothing and cfg.loss_type != "sigmoid"):

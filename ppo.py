@@ -54,6 +54,9 @@ class Config:
     """checkpoints, metrics.jsonl, final/"""
     dataset: str = "default"
     """prompts: "default", a local file or a hub name (prompts of any record shape are used)"""
+    profile: str = "auto"
+    """"toy": the defaults below, tuned for the built-in task; "real": REAL_DATA (limits and learning rates for
+    real text and pretrained models); "auto": real unless dataset is "default". Explicit flags always win"""
     eval_dataset: str = ""
     """held-out prompts; empty = the test split of `dataset` (data.heldout_sources: the split of every stage)"""
     max_prompt_tokens: int = 12
@@ -174,6 +177,11 @@ class Config:
     """auto, cpu or cuda"""
     bf16: bool = True
     """bf16 autocast on CUDA (ignored on CPU)"""
+
+
+# --profile=real: limits as sft.py's; lr 3e-6 and beta 0.05 are TRL's PPOConfig defaults
+# (trl/experimental/ppo/ppo_config.py L124; the N+ TL;DR runs use beta 0.05 too).
+REAL_DATA = dict(max_prompt_tokens=384, response_length=128, lr=3e-6, kl_coef=0.05, micro_batch_size=8)
 
 
 # Each framework's conventions, read from its source (REFERENCES.md section 2; README has the table
@@ -662,7 +670,7 @@ def build_models(cfg: Config, d: Dist):
 def main(argv=None):
     import sys
     argv = sys.argv[1:] if argv is None else list(argv)
-    cfg = parse_config(Config, [a for a in argv if not a.startswith("--preset=")], **apply_preset(argv))
+    cfg = parse_config(Config, [a for a in argv if not a.startswith("--preset=")], {"real": REAL_DATA}, **apply_preset(argv))
     validate(cfg)
     d = init_distributed(cfg.device)
     seed_all(cfg.seed)

@@ -44,6 +44,9 @@ class Config:
     """the SFT checkpoint the reward model starts from (its trunk; the scalar head is new); its tokenizer is used"""
     dataset: str = "default"
     """"default" (built-in task), a local .jsonl/.json(.gz) file, or a hub name (Anthropic/hh-rlhf:harmless-base, ...)"""
+    profile: str = "auto"
+    """"toy": the defaults below, tuned for the built-in task; "real": REAL_DATA (limits and learning rates for
+    real text and pretrained models); "auto": real unless dataset is "default". Explicit flags always win"""
     eval_dataset: str = ""
     """held-out data; empty = the test split of `dataset` (a local file has none: eval_examples of its records are held out)"""
     data_format: str = "preference"
@@ -108,6 +111,12 @@ class Config:
     """steps between metric lines"""
     report_to: str = ""
     """also log metrics to "tensorboard" (run_dir/tensorboard) and/or "wandb", comma-separated (TRL's report_to)"""
+
+
+# --profile=real: limits as sft.py's; lr 1e-5 near InstructGPT's 9e-6 for its 6B RM, one epoch (InstructGPT:
+# the RM overfits after one; the toy lr 5e-4 made HH's held-out loss rise during training).
+REAL_DATA = dict(max_prompt_tokens=384, max_response_tokens=128, lr=1e-5, batch_size=64, micro_batch_size=8,
+                 max_steps=0, warmup_steps=10)
 
 
 # -----------------------------------------------------------------------------
@@ -317,7 +326,7 @@ def score_sequences(model, seqs: list[tuple[list[int], list[int]]], pad_id: int,
 
 
 def main(argv=None):
-    cfg = parse_config(Config, argv)
+    cfg = parse_config(Config, argv, {"real": REAL_DATA})
     if cfg.data_format not in ("preference", "ranked"):
         raise SystemExit(f"--data_format={cfg.data_format!r}: choose preference or ranked")
     if cfg.normalize_on not in ("samples", "references", "none"):

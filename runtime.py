@@ -60,9 +60,13 @@ def _convert(value: str, annotation, name: str):
         raise SystemExit(f"--{name}: expected {annotation.__name__}, got {value!r}")
 
 
-def parse_config(cls, argv=None, **presets):
-    """Build `cls` from defaults, then `presets` (dict of field values), then `--config=file.json`,
+def parse_config(cls, argv=None, profiles: dict | None = None, **presets):
+    """Build `cls` from defaults, then a profile, then `presets` (dict of field values), then `--config=file.json`,
     then `--key=value` / `--key value` / `--flag` arguments, in that order. `--help` lists the fields.
+
+    profiles: {"real": {field: value}} for a cls with a `profile` field. The dataclass defaults are the "toy"
+    profile, tuned for the built-in task; "auto" picks "real" when --dataset is not "default", and the choice
+    is printed, so toy values are never applied silently to real data.
 
     Explicit flags always win. Unknown keys are an error that names them: a typo in `--kl_coef` must
     not silently train with the default.
@@ -102,7 +106,28 @@ def parse_config(cls, argv=None, **presets):
     unknown = [k for k in values if k not in fields]
     if unknown:
         raise SystemExit(f"unknown config keys {unknown}; see --help")
-    return cls(**{**values, **cli})
+    values.update(cli)
+    if profiles is not None:
+        values = {**resolve_profile(cls, values, profiles), **values}
+    return cls(**values)
+
+
+def resolve_profile(cls, values: dict, profiles: dict) -> dict:
+    """The values of the profile in force (see parse_config); sets values["profile"] to its name."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    name = values.get("profile", defaults["profile"])
+    if name == "auto":
+        name = "toy" if values.get("dataset", defaults["dataset"]) == "default" else "real"
+    if name != "toy" and name not in profiles:
+        raise SystemExit(f"--profile={name!r}: choose auto, toy or {', '.join(profiles)}")
+    chosen = {k: v for k, v in profiles.get(name, {}).items() if k not in values}
+    values["profile"] = name
+    if os.environ.get("RANK", "0") == "0":
+        shown = ", ".join(f"{k}={v}" for k, v in chosen.items()) or "none left to set"
+        stage = os.path.basename(sys.argv[0]).removesuffix(".py") if cls.__module__ == "__main__" else cls.__module__
+        print(f"{stage}: profile {name!r} in force" + (f" ({shown}; explicit flags win)" if name != "toy" else
+              " (defaults tuned for the built-in task; --profile=real for real text)"))
+    return chosen
 
 
 def config_dict(config) -> dict:

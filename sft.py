@@ -48,6 +48,9 @@ class Config:
     """"char" for the default task, "gpt2" for real data (taken from the checkpoint when init_from is one)"""
     dataset: str = "default"
     """"default" (built-in task), a local .jsonl/.json(.gz) file, or a hub name (Anthropic/hh-rlhf, ...)"""
+    profile: str = "auto"
+    """"toy": the defaults below, tuned for the built-in task; "real": REAL_DATA (limits and learning rates for
+    real text and pretrained models); "auto": real unless dataset is "default". Explicit flags always win"""
     eval_dataset: str = ""
     """held-out data; empty = the test split of `dataset`"""
     max_train_examples: int = 0
@@ -104,6 +107,13 @@ class Config:
     """steps between metric lines"""
     report_to: str = ""
     """also log metrics to "tensorboard" (run_dir/tensorboard) and/or "wandb", comma-separated (TRL's report_to)"""
+
+
+# --profile=real: what replaces the toy defaults on real data. Prompt/response limits fit HH-RLHF (median
+# prompt 97 GPT-2 tokens); lr 2e-5 is TRL's SFTConfig default (trl/trainer/sft_config.py L141); one epoch as
+# N+ and InstructGPT's SFT; micro-batch 8 keeps the (micro, T, 50257) logits near 1 GB.
+REAL_DATA = dict(max_prompt_tokens=384, max_response_tokens=128, block_size=512, lr=2e-5, batch_size=64,
+                 micro_batch_size=8, max_steps=0, warmup_steps=10)
 
 
 def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor):
@@ -168,7 +178,7 @@ def evaluate(model, tok, eval_pairs, eval_records, cfg: Config, d: Dist, step: i
 
 
 def main(argv=None):
-    cfg = parse_config(Config, argv)
+    cfg = parse_config(Config, argv, {"real": REAL_DATA})
     d = init_distributed(cfg.device)
     seed_all(cfg.seed)
     check_writable(cfg.run_dir)

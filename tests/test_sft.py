@@ -126,7 +126,7 @@ def write_jsonl(path, records):
 def run_sft(run_dir, **overrides):
     args = dict(run_dir=run_dir, model_size="tiny", dataset="default", max_train_examples=48, batch_size=8,
                 micro_batch_size=8, max_steps=12, lr=1e-2, warmup_steps=3, eval_every=1000, save_every=1000,
-                log_every=1, eval_examples=8, seed=0, device="cpu")
+                log_every=1, eval_examples=8, seed=0, device="cpu", profile="toy")
     args.update(overrides)
     sft.main([f"--{k}={v}" for k, v in args.items()])
 
@@ -289,3 +289,16 @@ def test_report_to_wandb_offline(tmp_path, monkeypatch):
     import wandb
     wandb.finish()
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))  # the offline run's log file
+
+
+def test_real_data_profile_replaces_toy_defaults_and_says_so(capsys):
+    from runtime import parse_config
+    toy = parse_config(sft.Config, [], {"real": sft.REAL_DATA})
+    assert (toy.profile, toy.lr, toy.max_prompt_tokens) == ("toy", 2e-3, 12)
+    real = parse_config(sft.Config, ["--dataset=hh.jsonl", "--lr=5e-5"], {"real": sft.REAL_DATA})
+    assert (real.profile, real.lr, real.max_prompt_tokens, real.max_response_tokens) == ("real", 5e-5, 384, 128)
+    assert "profile 'real' in force (max_prompt_tokens=384" in capsys.readouterr().out
+    forced = parse_config(sft.Config, ["--dataset=hh.jsonl", "--profile=toy"], {"real": sft.REAL_DATA})
+    assert (forced.profile, forced.lr) == ("toy", 2e-3)
+    with pytest.raises(SystemExit, match="--profile='rael'"):
+        parse_config(sft.Config, ["--profile=rael"], {"real": sft.REAL_DATA})
