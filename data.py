@@ -57,7 +57,9 @@ class CharTokenizer:
         for pos, c in enumerate(text):
             if c not in self.stoi:
                 raise DataError(f"character {c!r} at position {pos} of {text[:60]!r} is not in the "
-                                f"char tokenizer's alphabet {self.alphabet!r}")
+                                f"char tokenizer's alphabet {self.alphabet!r}, which only fits the built-in task; "
+                                f"for real text pass --tokenizer=gpt2 (with --init_from=scratch; a checkpoint "
+                                f"brings its own tokenizer)")
         return [self.stoi[c] for c in text]
 
     def decode(self, ids) -> str:
@@ -214,8 +216,10 @@ def noisy_response(prompt: str, rng: random.Random, noise: float) -> str:
     return "".join(letters)
 
 
-def _is_test_prompt(prompt: str) -> bool:
-    """A stable hash sends ~10% of all prompts to the test split, so train and test never share a prompt."""
+def is_heldout_prompt(prompt: str) -> bool:
+    """The one split rule of every stage and every local source: a stable hash of the prompt text sends ~10% of
+    prompts to the test split. So SFT, the reward model, DPO, PPO and the report hold out the same prompts, and a
+    prompt never lands on both sides (all pairs of a ranking go where their prompt goes)."""
     return hashlib.sha256(prompt.encode()).digest()[0] < 26  # 26/256 ~ 10%
 
 
@@ -253,7 +257,7 @@ def make_default_records(kind: str, split: str, n: int, seed: int, noise: float 
     records = []
     while len(records) < n:
         prompt = task_prompt(rng)
-        if _is_test_prompt(prompt) != (split == "test"):
+        if is_heldout_prompt(prompt) != (split == "test"):
             continue
         if kind == "prompt":
             records.append({"prompt": prompt})
@@ -330,7 +334,7 @@ def _adapt(rec: dict, where: str) -> tuple[str, list[str] | None]:
         instruction, output = _text(rec, ("instruction",), where), _text(rec, ("output",), where)
         extra = _text(rec, ("input",), where) if "input" in rec else ""
         prompt = f"Instruction: {instruction}" + (f"\n\nInput: {extra}" if extra.strip() else "") + "\n\nResponse:"
-        return prompt, [output]
+        return prompt, [" " + output.lstrip()]  # "Response: I'm", as HH's "Assistant: ..." (BPE tokens carry the space)
     if any(key in rec for key in RESPONSE_KEYS):  # canonical sft, TRL prompt-completion, TL;DR sft
         return _text(rec, PROMPT_KEYS, where), [_text(rec, RESPONSE_KEYS, where)]
     return _text(rec, PROMPT_KEYS, where), None
@@ -447,10 +451,16 @@ def _read_hub(name: str, split: str):
     return [(f"{name} {split} row {i}", dict(rec)) for i, rec in enumerate(dataset, 1)]
 
 
-def load_records(source: str, kind: str, split: str = "train", max_records: int | None = None,
+_WARNED: set[str] = set()
+
+
+def load_records(source: str, kind: str, split: str = "all", max_records: int | None = None,
                  seed: int = 0) -> list[dict]:
-    """Canonical records of `kind` from "default" (the built-in task), a local .jsonl/.json file, gzipped or not
-    (`split` is then ignored), or a hub dataset name. Formats: canonical; Anthropic HH {"chosen", "rejected"}
+    """Canonical records of `kind` from "default" (the built-in task), a local .jsonl/.json file, gzipped or not,
+    or a hub dataset name. split: "train" or "test"; for a local file these are the records whose prompt
+    is_heldout_prompt() sends there, so every stage holds out the same prompts of the same file; "all" (the
+    default) reads a file whole (an explicit --eval_dataset), and a hub dataset's or the default task's "train". A hub dataset's "train"/"test" are
+    its own splits. Formats: canonical; Anthropic HH {"chosen", "rejected"}
     conversations; TL;DR {"prompt"/"query", "summary"/"reference_response"} and {"prompt"/"query", "chosen",
     "rejected"}; Alpaca {"instruction", "input", "output"}; TRL {"prompt", "completion"}. Preference as sft gives
     the chosen side, as ranked [chosen, rejected]; a ranking as preference gives all K-choose-2 pairs. Unusable
@@ -460,11 +470,14 @@ def load_records(source: str, kind: str, split: str = "train", max_records: int 
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; choices: {KINDS}")
     if source == "default":
+        split = "train" if split == "all" else split
         if split not in DEFAULT_SIZES:
             raise ValueError(f"the default task has splits {tuple(DEFAULT_SIZES)}, not {split!r}")
         return make_default_records(kind, split, DEFAULT_SIZES[split] if max_records is None else max_records, seed)
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be 'train', 'test' or 'all', not {split!r}")
     is_file = Path(source).is_file() or source.endswith(FILE_SUFFIXES) or source.endswith(".gz")
-    rows = _read_file(Path(source)) if is_file else _read_hub(source, split)
+    rows = _read_file(Path(source)) if is_file else _read_hub(source, "train" if split == "all" else split)
     records, skipped = [], Counter()
     for where, rec in rows:
         try:
@@ -472,14 +485,68 @@ def load_records(source: str, kind: str, split: str = "train", max_records: int 
         except _Skip as skip:
             skipped[str(skip)] += 1
     for reason, count in skipped.items():
-        warnings.warn(f"{source}: skipped {count} of {len(rows)} records: {reason}", stacklevel=2)
+        message = f"{source}: skipped {count} of {len(rows)} records: {reason}"
+        if message not in _WARNED:  # a stage reads a file more than once (train and test split): say it once
+            _WARNED.add(message)
+            warnings.warn(message, stacklevel=2)
     if not records:
         why = "; ".join(f"{count} skipped: {reason}" for reason, count in skipped.items()) or "no records"
         raise DataError(f"{source}: nothing usable for kind {kind!r} ({len(rows)} records read; {why})")
+    if is_file and split != "all":
+        records = [r for r in records if is_heldout_prompt(r["prompt"]) == (split == "test")]
+        if not records:
+            raise DataError(f"{source}: no records in the {split!r} split (the prompt-hash split sends ~10% of prompts "
+                            f"to 'test'); with so few distinct prompts, pass a separate --eval_dataset")
     if max_records is not None:
         random.Random(seed).shuffle(records)
         records = records[:max_records]
     return records
+
+
+def heldout_sources(dataset: str, eval_dataset: str = "") -> tuple[str, str, str]:
+    """(training split, evaluation source, evaluation split) under the one split rule of every stage: without an
+    --eval_dataset, train on the "train" split of `dataset` and evaluate on its "test" split (prompt-hash for a
+    local file, see is_heldout_prompt); with one, train on all of `dataset` and evaluate on all of `eval_dataset`."""
+    return ("all", eval_dataset, "all") if eval_dataset else ("train", dataset, "test")
+
+
+def split_heldout(load, dataset: str, eval_dataset: str, max_train: int, eval_examples: int, stage: str,
+                  manifest: str | None = None) -> tuple[list[dict], list[dict]]:
+    """(training records, held-out records) of a stage under the one split rule (heldout_sources).
+    load(source, split, max_records) reads records. A held-out prompt that is also a training prompt (possible only
+    with an explicit eval_dataset) is warned about; `manifest` gets save_prompt_manifest's file (rank 0 passes it)."""
+    train_split, eval_source, eval_split = heldout_sources(dataset, eval_dataset)
+    records = load(dataset, train_split, max_train or None)
+    heldout = load(eval_source, eval_split, eval_examples)
+    warn_if_leaked(records, heldout, stage)
+    if manifest:
+        save_prompt_manifest(manifest, records, heldout)
+    return records, heldout
+
+
+def warn_if_leaked(train: list[dict], heldout: list[dict], stage: str) -> int:
+    """Count held-out records whose prompt is also a training prompt, and warn if any: their numbers are not
+    held-out numbers. Only an explicit --eval_dataset can overlap; the prompt-hash split cannot."""
+    seen = {r["prompt"] for r in train}
+    leaked = sum(r["prompt"] in seen for r in heldout)
+    if leaked:
+        warnings.warn(f"{stage}: {leaked} of {len(heldout)} held-out records share their prompt with the training "
+                      f"data, so the held-out numbers are not held out", stacklevel=2)
+    return leaked
+
+
+def prompt_digest(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode()).hexdigest()[:16]
+
+
+def save_prompt_manifest(path: str, train: list[dict], heldout: list[dict]):
+    """Write which prompts a stage trained on and which it held out, as short sha256 digests (no text), so
+    anyone can check that no stage evaluates on a prompt another stage trained on (tests/test_pipeline.py)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    digests = {name: sorted({prompt_digest(r["prompt"]) for r in records})
+               for name, records in (("train", train), ("heldout", heldout))}
+    with open(path, "w") as f:
+        json.dump(digests, f)
 
 
 # -----------------------------------------------------------------------------

@@ -33,15 +33,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import data
 from evaluate import sample_metrics, sample_responses, score_samples, show_samples
 from model import token_logprobs
-from runtime import (Dist, all_reduce_sum, autocast, batch_at, check_nonfinite_streak, check_writable,
-                     guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config,
-                     save_checkpoint, seed_all, set_lr, shard_model, start_or_resume,
-                     shutdown_distributed, speed_metrics, split_batch, split_heldout)
+from runtime import (Dist, all_reduce_sum, autocast, batch_at, check_context, check_nonfinite_streak, check_writable,
+                     guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config, progress_bar,
+                     save_checkpoint, seed_all, set_lr, shard_model, shutdown_distributed, speed_metrics,
+                     split_batch, start_or_resume)
 
 
 @dataclass
@@ -52,6 +51,9 @@ class Config:
     """the SFT checkpoint: the initial policy and the frozen reference; its tokenizer is used"""
     dataset: str = "default"
     """"default" (built-in task), a local .jsonl/.json(.gz) file, or a hub name (Anthropic/hh-rlhf:harmless-base, ...)"""
+    profile: str = "auto"
+    """"toy": the defaults below, tuned for the built-in task; "real": REAL_DATA (limits and learning rates for
+    real text and pretrained models); "auto": real unless dataset is "default". Explicit flags always win"""
     eval_dataset: str = ""
     """held-out data; empty = the test split of `dataset` (a local file has none: eval_examples of its pairs are held out)"""
     max_train_examples: int = 0
@@ -117,6 +119,14 @@ class Config:
     """bf16 autocast on CUDA (ignored on CPU); log-probs and the loss are float32 either way"""
     log_every: int = 10
     """steps between metric lines"""
+    report_to: str = ""
+    """also log metrics to "tensorboard" (run_dir/tensorboard) and/or "wandb", comma-separated (TRL's report_to)"""
+
+
+# --profile=real: limits as sft.py's; lr 1e-6 is TRL's DPOConfig default (trl/trainer/dpo_config.py L152) and
+# the DPO paper's; beta 0.1 as the DPO paper and TRL; one epoch.
+REAL_DATA = dict(max_prompt_tokens=384, max_response_tokens=128, lr=1e-6, beta=0.1, batch_size=64, micro_batch_size=8,
+                 max_steps=0, warmup_steps=10)
 
 
 # TRL 1.12 `trl/trainer/dpo_config.py` (beta 0.1) and `dpo_trainer.py` (ipo divides each log-ratio by the
@@ -266,7 +276,7 @@ def apply_preset(argv) -> dict:
 def main(argv=None):
     import sys
     argv = sys.argv[1:] if argv is None else list(argv)
-    cfg = parse_config(Config, [a for a in argv if not a.startswith("--preset=")], **apply_preset(argv))
+    cfg = parse_config(Config, [a for a in argv if not a.startswith("--preset=")], {"real": REAL_DATA}, **apply_preset(argv))
     if cfg.loss_type not in ("sigmoid", "ipo"):
         raise SystemExit(f"--loss_type={cfg.loss_type!r}: choose sigmoid or ipo")
     if not 0.0 <= cfg.label_smoothing < 0.5 or (cfg.label_smoothing and cfg.loss_type != "sigmoid"):
@@ -283,10 +293,12 @@ def main(argv=None):
     policy.gradient_checkpointing = cfg.gradient_checkpointing
     ref = load_model(cfg.sft, "policy", d, trainable=False)
     tok = data.get_tokenizer(policy.config.tokenizer)
+    check_context(policy, cfg.max_prompt_tokens, cfg.max_response_tokens, "dpo", "--max_prompt_tokens + --max_response_tokens")
 
     # 2. Data: preference pairs, tokenized once; truncation counted, ties made by truncation dropped.
-    records, eval_records = split_heldout(lambda source, split, n: load_pairs(source, split, n, cfg), cfg.dataset,
-                                          cfg.eval_dataset, cfg.max_train_examples, cfg.eval_examples, cfg.seed)
+    records, eval_records = data.split_heldout(lambda source, split, n: load_pairs(source, split, n, cfg), cfg.dataset,
+                                          cfg.eval_dataset, cfg.max_train_examples, cfg.eval_examples, "dpo",
+                                               f"{cfg.run_dir}/prompts.json" if d.is_main else None)
     stats = data.TruncationStats()
     items = encode_pairs(records, tok, cfg, stats)
     eval_items = encode_pairs(eval_records, tok, cfg, data.TruncationStats())
@@ -306,13 +318,13 @@ def main(argv=None):
     policy, ref = shard_model(policy, d), shard_model(ref, d)
     optimizer = make_adamw(policy, cfg.lr, cfg.weight_decay)
     step, state, metrics = start_or_resume(cfg.run_dir, cfg.resume, {"policy": policy}, {"policy": (policy, optimizer)},
-                                           max_steps, d, "dpo")
+                                           max_steps, d, "dpo", config=cfg)
     skipped_steps, bad_streak = state.get("skipped_steps", 0), 0
 
     # 5. The loop. Data order depends only on (seed, epoch), so a resumed run sees the same batches.
     stop_at = min(max_steps, step + cfg.stop_after) if cfg.stop_after else max_steps
     t0, tokens_seen, last_eval = time.time(), 0, {}
-    bar = tqdm(total=max_steps, initial=step, desc="dpo", disable=not d.is_main)
+    bar = progress_bar(max_steps, step, "dpo", d)
     while step < stop_at:
         epoch, index = divmod(step, steps_per_epoch)
         batch_items = batch_at(items, per_rank, cfg.seed, epoch, index, d.rank, d.world_size)

@@ -12,6 +12,7 @@ few side-by-side samples. Written as report.md and report.json, and printed.
 
 import json
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,8 @@ from runtime import autocast, init_distributed, load_model, parse_config, unshar
 def sample_responses(model, tok, prompts: list[str], d, max_new_tokens: int, temperature: float, seed: int,
                      batch_size: int = 64, max_prompt_tokens: int = 512) -> list[dict]:
     """Generate one response per prompt. Returns dicts with the prompt, the response text (EOS
-    stripped), whether it ended with EOS, its length in tokens, and the token ids (for scoring).
+    stripped), whether it ended with EOS, its length in tokens, the token ids (for scoring), and
+    prompt_shown: the end of the prompt as the model saw it, at most 160 characters, for printing.
 
     Every rank generates for every prompt (the model may be sharded, so all ranks take part in each
     forward); the generator is seeded per batch, so results do not depend on the world size."""
@@ -45,8 +47,10 @@ def sample_responses(model, tok, prompts: list[str], d, max_new_tokens: int, tem
                 ended = tok.eos_id in row
                 resp = row[:row.index(tok.eos_id) + 1] if ended else row
                 text = tok.decode(resp[:-1] if ended else resp)
+                seen = tok.decode(p_ids)  # what the model saw: the prompt cut to max_prompt_tokens
                 out.append({"prompt": p, "response": text, "ended": ended, "length": len(resp),
-                            "prompt_ids": p_ids, "response_ids": resp})
+                            "prompt_ids": p_ids, "response_ids": resp,
+                            "prompt_shown": seen if len(seen) <= 160 else "..." + seen[-157:]})
     model.train(was_training)
     return out
 
@@ -119,12 +123,13 @@ def sample_metrics(samples: list[dict], graded: bool) -> dict:
 
 
 def show_samples(samples: list[dict], n: int, label: str, graded: bool, learned: list[float] | None = None):
-    """Print the first n samples on the console (above the progress bar), with their learned and gold rewards."""
+    """Print the first n samples on the console (above the progress bar), with their learned and gold rewards; the
+    prompt as the model saw it (cut to its limit, at most 160 characters), not a multi-kilobyte original."""
     from tqdm import tqdm
     for i, s in enumerate(samples[:n]):
         scores = (f" learned={learned[i]:.3f}" if learned else "") + \
             (f" gold={data.gold_reward(s['prompt'], s['response']):.3f}" if graded else "")
-        tqdm.write(f"  [{label}] {s['prompt']!r} -> {s['response']!r}{'' if s['ended'] else ' (no EOS)'}{scores}")
+        tqdm.write(f"  [{label}] {s['prompt_shown']!r} -> {s['response']!r}{'' if s['ended'] else ' (no EOS)'}{scores}")
 
 
 # -----------------------------------------------------------------------------
@@ -140,13 +145,16 @@ class Config:
     reward_model: str = "runs/rm/final"
     """the learned reward model (its run directory's metrics.jsonl gives the RM accuracy)"""
     dataset: str = "default"
-    """held-out prompts: the test split of this dataset"""
+    """held-out prompts: the test split of this dataset (the prompts every stage held out)"""
+    eval_dataset: str = ""
+    """held-out prompts read whole from here instead (the stages' --eval_dataset)"""
     num_prompts: int = 500
     """held-out prompts to evaluate"""
-    max_prompt_tokens: int = 12
-    """prompts cut from the left to this many tokens"""
-    response_length: int = 16
-    """maximum new tokens"""
+    max_prompt_tokens: int = 0
+    """prompts cut from the left to this many tokens; 0 = the limit the policies were trained with, read from
+    their checkpoints' run_config.json (all must agree)"""
+    response_length: int = 0
+    """maximum new tokens; 0 = read from the checkpoints like max_prompt_tokens"""
     temperature: float = 1.0
     """sampling temperature, the same for every policy"""
     seed: int = 1234
@@ -170,7 +178,9 @@ def evaluate_policy(name, path, ref, reward_model, prompts, cfg, d):
                                max_prompt_tokens=cfg.max_prompt_tokens)
     learned, kls = score_samples(samples, policy, ref, reward_model, tok, cfg.temperature, d)
     n = len(samples)
-    row = {"learned_reward": sum(learned) / n, "kl_to_reference": sum(kls) / n,
+    mean = sum(learned) / n
+    standard_error = (sum((r - mean) ** 2 for r in learned) / max(n - 1, 1) / n) ** 0.5
+    row = {"learned_reward": mean, "learned_reward_se": standard_error, "kl_to_reference": sum(kls) / n,
            "response_length": sum(s["length"] for s in samples) / n, "eos_fraction": sum(s["ended"] for s in samples) / n}
     if cfg.dataset == "default":
         golds = [data.gold_reward(s["prompt"], s["response"]) for s in samples]
@@ -239,18 +249,54 @@ def plot_ppo(metrics_path: str, out_png: str) -> str:
     return f"![PPO curves]({os.path.basename(out_png)})"
 
 
+def trained_limits(checkpoint: str) -> tuple[int, int] | None:
+    """(max prompt tokens, max response tokens) a stage trained with, from its final/run_config.json, or None."""
+    path = os.path.join(checkpoint, "run_config.json")
+    if not os.path.exists(path):
+        return None
+    run = json.load(open(path))
+    return run["max_prompt_tokens"], run.get("response_length", run.get("max_response_tokens"))
+
+
+def resolve_limits(cfg: Config):
+    """Fill limits left at 0 from the checkpoints, so the report scores the prompts the stages saw (an RM's
+    learned reward is only normalized, mean 0 on SFT samples, at the lengths it was normalized at)."""
+    found = {}
+    for item in cfg.policies.split(",") + [f"reference:{cfg.reference}"]:
+        name, path = item.split(":", 1)
+        if (limits := trained_limits(path)) is not None:
+            found[name] = limits
+    for i, flag in enumerate(("max_prompt_tokens", "response_length")):
+        if getattr(cfg, flag):
+            continue
+        values = {limits[i] for limits in found.values()}
+        if len(values) != 1:
+            raise SystemExit(f"evaluate: --{flag} not given and the checkpoints disagree or say nothing "
+                             f"({ {n: l[i] for n, l in found.items()} }); pass --{flag}")
+        setattr(cfg, flag, values.pop())
+    print(f"evaluate: prompts cut to {cfg.max_prompt_tokens} tokens, up to {cfg.response_length} new tokens")
+
+
 def main(argv=None):
     cfg = parse_config(Config, argv)
     d = init_distributed(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
     ref = load_model(cfg.reference, "policy", d, trainable=False)
     reward_model = load_model(cfg.reward_model, "reward", d, trainable=False)
-    prompts = [r["prompt"] for r in data.load_records(cfg.dataset, "prompt", split="test", max_records=cfg.num_prompts, seed=0)]
+    resolve_limits(cfg)
+    _, source, split = data.heldout_sources(cfg.dataset, cfg.eval_dataset)
+    records = data.load_records(source, "prompt", split, max_records=cfg.num_prompts, seed=0)
+    data.save_prompt_manifest(os.path.join(cfg.out, "prompts.json"), [], records)
+    prompts = [r["prompt"] for r in records]
     report = {"num_prompts": len(prompts), "temperature": cfg.temperature, "seed": cfg.seed, "policies": {}, "samples": []}
     all_samples = {}
-    for item in cfg.policies.split(","):
+    policies = cfg.policies.split(",")
+    for i, item in enumerate(policies, 1):
         name, path = item.split(":", 1)
+        start = time.time()
+        print(f"evaluate: [{i}/{len(policies)}] {name} ({path}) on {len(prompts)} held-out prompts ...", flush=True)
         report["policies"][name], all_samples[name] = evaluate_policy(name, path, ref, reward_model, prompts, cfg, d)
+        print(f"evaluate: [{i}/{len(policies)}] {name} done in {time.time() - start:.0f}s", flush=True)
     for i in range(min(cfg.num_samples_shown, len(prompts))):
         keep = ("response", "ended", "learned", "gold")
         report["samples"].append({"prompt": prompts[i], "responses": {

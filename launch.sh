@@ -19,7 +19,8 @@
 #   SFT_DATA / PREF_DATA / PROMPT_DATA   dataset for each stage: "default", a local .jsonl(.gz) file,
 #                                    or a hub name such as Anthropic/hh-rlhf:harmless-base
 #   RUN_DIR=runs                     where everything goes
-#   SFT_ARGS / RM_ARGS / PPO_ARGS    extra flags for one stage, e.g. PPO_ARGS="--preset=trl --num_updates=1000"
+#   SFT_ARGS / RM_ARGS / PPO_ARGS / DPO_ARGS   extra flags for one stage, e.g. PPO_ARGS="--preset=trl --num_updates=1000"
+#   REDO=1                           re-run a finished stage whose arguments changed (else launch.sh refuses)
 #
 # Example: gpt2 on HH-RLHF, 8 GPUs
 #   NPROC=8 BASE_MODEL=gpt2 SFT_DATA=Anthropic/hh-rlhf:harmless-base PREF_DATA=Anthropic/hh-rlhf:harmless-base \
@@ -30,6 +31,11 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 MODE=${1:-pipeline}
+MODES="pipeline ablate-kl dpo grpo rloo"
+case " $MODES " in
+  *" $MODE "*) ;;
+  *) echo "launch.sh: unknown mode '$MODE'; usage: bash launch.sh [${MODES// /|}]" >&2; exit 2 ;;
+esac
 NPROC=${NPROC:-1}
 RUN_DIR=${RUN_DIR:-runs}
 BASE_MODEL=${BASE_MODEL:-scratch}
@@ -59,10 +65,22 @@ TOKENIZER=char
 # run_stage NAME SCRIPT ARGS...: skip if DONE, resume if a checkpoint exists, time it, name it on failure.
 run_stage() {
   local name=$1 script=$2; shift 2
-  local dir="$RUN_DIR/$name"
+  local dir="$RUN_DIR/$name" args="$script $*"
   if [ -f "$dir/DONE" ]; then
-    echo "== $name: already done ($dir/final), skipping"
-    return 0
+    # DONE holds the arguments the stage finished with: a re-run with other arguments must not be skipped.
+    if [ "$(cat "$dir/DONE")" = "$args" ]; then
+      echo "== $name: already done ($dir/final), skipping"
+      return 0
+    elif [ "${REDO:-0}" = 1 ]; then
+      echo "== $name: arguments changed, REDO=1: training it again from scratch"
+      rm -rf "$dir"
+    else
+      echo "launch.sh: stage '$name' finished with other arguments:" >&2
+      echo "  then: $(cat "$dir/DONE")" >&2
+      echo "  now:  $args" >&2
+      echo "re-run with REDO=1 to train it again, or use another RUN_DIR" >&2
+      exit 1
+    fi
   fi
   # --resume continues from the stage's latest checkpoint if it has one (an interrupted run, or a
   # torchrun restart), and starts fresh otherwise.
@@ -77,7 +95,7 @@ import json, sys
 path, name, secs = sys.argv[1], sys.argv[2], int(sys.argv[3])
 times = json.load(open(path)); times[name] = secs; json.dump(times, open(path, "w"), indent=2)
 EOF
-  touch "$dir/DONE"
+  echo "$args" > "$dir/DONE"
 }
 
 # 1. SFT (~1.5 min on 2 CPU cores): demonstrations -> policy. Prints held-out loss and gold reward.
@@ -133,9 +151,5 @@ case "$MODE" in
     done
     python evaluate.py --policies="$POLICIES" --reference="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" \
       --dataset="$PROMPT_DATA" --stage_times="$TIMES" --out="$RUN_DIR/ablate_kl"
-    ;;
-  *)
-    echo "usage: bash launch.sh [pipeline|ablate-kl|dpo|grpo|rloo]" >&2
-    exit 2
     ;;
 esac

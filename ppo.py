@@ -32,15 +32,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 import data
 from evaluate import reward_scores, sample_metrics, sample_responses, score_samples, sequence_kl, show_samples
 from model import generate, token_logprobs
-from runtime import (Dist, all_reduce_mean, all_reduce_sum, autocast, batch_at, check_nonfinite_streak,
-                     check_writable, clip_grad_norm, init_distributed, load_model, lr_at, parse_config,
-                     save_checkpoint, seed_all, shard_model, start_or_resume,
-                     shutdown_distributed, step_if_finite, unsharded)
+from runtime import (Dist, all_reduce_mean, all_reduce_sum, autocast, batch_at, check_context,
+                     check_nonfinite_streak, check_writable, clip_grad_norm, init_distributed, load_model, lr_at,
+                     parse_config, progress_bar, save_checkpoint, seed_all, shard_model, shutdown_distributed,
+                     start_or_resume, step_if_finite, unsharded)
 from sft import sft_loss
 
 
@@ -57,6 +56,11 @@ class Config:
     """checkpoints, metrics.jsonl, final/"""
     dataset: str = "default"
     """prompts: "default", a local file or a hub name (prompts of any record shape are used)"""
+    profile: str = "auto"
+    """"toy": the defaults below, tuned for the built-in task; "real": REAL_DATA (limits and learning rates for
+    real text and pretrained models); "auto": real unless dataset is "default". Explicit flags always win"""
+    eval_dataset: str = ""
+    """held-out prompts; empty = the test split of `dataset` (data.heldout_sources: the split of every stage)"""
     max_prompt_tokens: int = 12
     """prompts are cut from the left to this many tokens"""
     response_length: int = 16
@@ -182,6 +186,8 @@ class Config:
     """samples printed at each evaluation"""
     log_every: int = 5
     """updates between metric lines"""
+    report_to: str = ""
+    """also log metrics to "tensorboard" (run_dir/tensorboard) and/or "wandb", comma-separated (TRL's report_to)"""
     save_every: int = 50
     """updates between checkpoints (and one at the end)"""
     resume: bool = False
@@ -201,6 +207,11 @@ class Config:
     """nucleus sampling: the most likely tokens holding top_p of the mass (1 = off); log-probs as for top_k"""
     tis_cap: float = 0.0
     """truncated importance sampling, with old_logprobs=recompute: each token's policy loss x min(exp(old - sampling logp), tis_cap) (TRL vllm_importance_sampling_cap, OpenRLHF is_correction_mode=clip, verl rollout_is_threshold; 2.0 is verl's default); 0 = off"""
+
+
+# --profile=real: limits as sft.py's; lr 3e-6 and beta 0.05 are TRL's PPOConfig defaults
+# (trl/experimental/ppo/ppo_config.py L124; the N+ TL;DR runs use beta 0.05 too).
+REAL_DATA = dict(max_prompt_tokens=384, response_length=128, lr=3e-6, kl_coef=0.05, micro_batch_size=8)
 
 
 # Each framework's conventions, read from its source (REFERENCES.md section 2; README has the table
@@ -1038,7 +1049,7 @@ def rollout(policy, query, query_mask, update: int, tok, cfg: Config, d: Dist):
 def main(argv=None):
     import sys
     argv = sys.argv[1:] if argv is None else list(argv)
-    cfg = parse_config(Config, [a for a in argv if not a.startswith("--preset=")], **apply_preset(argv))
+    cfg = parse_config(Config, [a for a in argv if not a.startswith("--preset=")], {"real": REAL_DATA}, **apply_preset(argv))
     validate(cfg)
     d = init_distributed(cfg.device)
     seed_all(cfg.seed)
@@ -1058,6 +1069,8 @@ def main(argv=None):
     # policy and critic together (TRL's PolicyAndValueWrapper; N+).
     policy, ref, reward_model, critic = build_models(cfg, d)
     tok = data.get_tokenizer(policy.config.tokenizer)
+    for m, name in ((policy, "policy"), (reward_model, "reward model")):
+        check_context(m, cfg.max_prompt_tokens, cfg.response_length, f"ppo ({name})", "--max_prompt_tokens + --response_length")
     trainable = nn.ModuleDict({"policy": policy} | ({"critic": critic} if critic is not None else {}))
     for m in list(trainable.values()) + [ref, reward_model]:
         shard_model(m, d)
@@ -1067,26 +1080,33 @@ def main(argv=None):
         ref.to("cpu"), reward_model.to("cpu")
 
     try:
-        prompts = [r["prompt"] for r in data.load_records(cfg.dataset, "prompt", split="train", seed=cfg.seed)]
-        eval_prompts = [r["prompt"] for r in data.load_records(cfg.dataset, "prompt", split="test",
-                                                                max_records=cfg.eval_prompts, seed=cfg.seed)]
+        records, eval_records = data.split_heldout(
+            lambda source, split, n: data.load_records(source, "prompt", split, max_records=n, seed=cfg.seed),
+            cfg.dataset, cfg.eval_dataset, 0, cfg.eval_prompts, "ppo", f"{cfg.run_dir}/prompts.json" if d.is_main else None)
+        prompts, eval_prompts = [r["prompt"] for r in records], [r["prompt"] for r in eval_records]
     except data.DataError as e:
         raise SystemExit(f"ppo: {e}")
-    prompt_ids = [tok.encode(p)[-cfg.max_prompt_tokens:] for p in prompts]
+    encoded = [tok.encode(p) for p in prompts]
+    prompt_ids = [ids[-cfg.max_prompt_tokens:] for ids in encoded]
     ptx_pairs = []
     if cfg.ptx_coef > 0:
         stats = data.TruncationStats()
         ptx_pairs = [data.encode_pair(tok, r["prompt"], r["response"], cfg.max_prompt_tokens, cfg.response_length, stats)
                      for r in data.load_records(cfg.ptx_dataset, "sft", split="train", seed=cfg.seed)]
     updates_per_epoch = len(prompt_ids) // cfg.rollout_batch_size
+    if d.is_main:
+        cut = sum(len(ids) > cfg.max_prompt_tokens for ids in encoded)
+        print(f"ppo: {len(prompts)} train / {len(eval_prompts)} held-out prompts from {cfg.dataset}; truncated "
+              f"{cut}/{len(prompts)} prompts (from the left) to {cfg.max_prompt_tokens} tokens; "
+              f"{updates_per_epoch} updates per epoch")
     if updates_per_epoch == 0:
         raise SystemExit(f"{len(prompt_ids)} prompts, fewer than one rollout batch of {cfg.rollout_batch_size}")
 
     update, state, metrics_log = start_or_resume(cfg.run_dir, cfg.resume, dict(trainable.items()),
-                                                 {"ppo": (trainable, optimizer)}, cfg.num_updates, d, "ppo")
+                                                 {"ppo": (trainable, optimizer)}, cfg.num_updates, d, "ppo", config=cfg)
     kl_ctl = AdaptiveKLController(state.get("kl_coef", cfg.kl_coef), cfg.target_kl, cfg.kl_horizon)
     start_update, bad_streak = update, 0
-    bar = tqdm(total=cfg.num_updates, initial=update, desc="ppo", disable=not d.is_main)
+    bar = progress_bar(cfg.num_updates, update, "ppo", d)
 
     while update < cfg.num_updates:
         t_start = time.time()

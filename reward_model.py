@@ -22,14 +22,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import data
 from evaluate import sample_responses, sequence_rewards
-from runtime import (Dist, all_reduce_sum, autocast, batch_at, check_nonfinite_streak, check_writable,
-                     guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config,
-                     save_checkpoint, seed_all, set_lr, shard_model, start_or_resume,
-                     shutdown_distributed, speed_metrics, split_batch, split_heldout)
+from runtime import (Dist, all_reduce_sum, autocast, batch_at, check_context, check_nonfinite_streak, check_writable,
+                     guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config, progress_bar,
+                     save_checkpoint, seed_all, set_lr, shard_model, shutdown_distributed, speed_metrics,
+                     split_batch, start_or_resume)
 
 
 @dataclass
@@ -40,6 +39,9 @@ class Config:
     """the SFT checkpoint the reward model starts from (its trunk; the scalar head is new); its tokenizer is used"""
     dataset: str = "default"
     """"default" (built-in task), a local .jsonl/.json(.gz) file, or a hub name (Anthropic/hh-rlhf:harmless-base, ...)"""
+    profile: str = "auto"
+    """"toy": the defaults below, tuned for the built-in task; "real": REAL_DATA (limits and learning rates for
+    real text and pretrained models); "auto": real unless dataset is "default". Explicit flags always win"""
     eval_dataset: str = ""
     """held-out data; empty = the test split of `dataset` (a local file has none: eval_examples of its records are held out)"""
     data_format: str = "preference"
@@ -102,6 +104,14 @@ class Config:
     """bf16 autocast on CUDA (ignored on CPU)"""
     log_every: int = 10
     """steps between metric lines"""
+    report_to: str = ""
+    """also log metrics to "tensorboard" (run_dir/tensorboard) and/or "wandb", comma-separated (TRL's report_to)"""
+
+
+# --profile=real: limits as sft.py's; lr 1e-5 near InstructGPT's 9e-6 for its 6B RM, one epoch (InstructGPT:
+# the RM overfits after one; the toy lr 5e-4 made HH's held-out loss rise during training).
+REAL_DATA = dict(max_prompt_tokens=384, max_response_tokens=128, lr=1e-5, batch_size=64, micro_batch_size=8,
+                 max_steps=0, warmup_steps=10)
 
 
 # -----------------------------------------------------------------------------
@@ -160,6 +170,7 @@ def normalization_gain_bias(raw: torch.Tensor, with_gain: bool) -> tuple[float, 
 def load_comparisons(source: str, split: str, max_records: int | None, cfg: Config) -> list[dict]:
     if source == "default" and cfg.data_format == "ranked":
         # load_records cannot ask the default task for K > 2 responses, so ask it directly.
+        split = "train" if split == "all" else split
         n = max_records or data.DEFAULT_SIZES[split]
         return data.make_default_records("ranked", split, n, cfg.seed, k=cfg.k)
     return data.load_records(source, cfg.data_format, split=split, max_records=max_records, seed=cfg.seed)
@@ -295,7 +306,7 @@ def score_sequences(model, seqs: list[tuple[list[int], list[int]]], pad_id: int,
 
 
 def main(argv=None):
-    cfg = parse_config(Config, argv)
+    cfg = parse_config(Config, argv, {"real": REAL_DATA})
     if cfg.data_format not in ("preference", "ranked"):
         raise SystemExit(f"--data_format={cfg.data_format!r}: choose preference or ranked")
     if cfg.normalize_on not in ("samples", "references", "none"):
@@ -314,12 +325,14 @@ def main(argv=None):
     model.score.bias.requires_grad_(False)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     tok = data.get_tokenizer(model.config.tokenizer)
+    check_context(model, cfg.max_prompt_tokens, cfg.max_response_tokens, "rm", "--max_prompt_tokens + --max_response_tokens")
 
     # 2. Data: comparisons, tokenized once; truncation counted, ties made by truncation dropped.
     try:
-        records, eval_records = split_heldout(lambda source, split, n: load_comparisons(source, split, n, cfg),
+        records, eval_records = data.split_heldout(lambda source, split, n: load_comparisons(source, split, n, cfg),
                                               cfg.dataset, cfg.eval_dataset, cfg.max_train_examples,
-                                              cfg.eval_examples, cfg.seed)
+                                              cfg.eval_examples, "rm",
+                                                   f"{cfg.run_dir}/prompts.json" if d.is_main else None)
         stats = data.TruncationStats()
         items = encode_comparisons(records, tok, cfg, stats)
         eval_items = encode_comparisons(eval_records, tok, cfg, data.TruncationStats())
@@ -344,13 +357,13 @@ def main(argv=None):
     model = shard_model(model, d)
     optimizer = make_adamw(model, cfg.lr, cfg.weight_decay)
     step, state, metrics = start_or_resume(cfg.run_dir, cfg.resume, {"reward": model}, {"reward": (model, optimizer)},
-                                           max_steps, d, "rm")
+                                           max_steps, d, "rm", config=cfg)
     skipped_steps, bad_streak = state.get("skipped_steps", 0), 0
 
     # 5. The loop. Data order depends only on (seed, epoch), so a resumed run sees the same batches.
     stop_at = min(max_steps, step + cfg.stop_after) if cfg.stop_after else max_steps
     t0, tokens_seen, last_eval = time.time(), 0, {}
-    bar = tqdm(total=max_steps, initial=step, desc="rm", disable=not d.is_main)
+    bar = progress_bar(max_steps, step, "rm", d)
     while step < stop_at:
         epoch, index = divmod(step, steps_per_epoch)
         batch_items = batch_at(items, per_rank, cfg.seed, epoch, index, d.rank, d.world_size)

@@ -19,7 +19,6 @@ import inspect
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import time
@@ -61,9 +60,13 @@ def _convert(value: str, annotation, name: str):
         raise SystemExit(f"--{name}: expected {annotation.__name__}, got {value!r}")
 
 
-def parse_config(cls, argv=None, **presets):
-    """Build `cls` from defaults, then `presets` (dict of field values), then `--config=file.json`,
+def parse_config(cls, argv=None, profiles: dict | None = None, **presets):
+    """Build `cls` from defaults, then a profile, then `presets` (dict of field values), then `--config=file.json`,
     then `--key=value` / `--key value` / `--flag` arguments, in that order. `--help` lists the fields.
+
+    profiles: {"real": {field: value}} for a cls with a `profile` field. The dataclass defaults are the "toy"
+    profile, tuned for the built-in task; "auto" picks "real" when --dataset is not "default", and the choice
+    is printed, so toy values are never applied silently to real data.
 
     Explicit flags always win. Unknown keys are an error that names them: a typo in `--kl_coef` must
     not silently train with the default.
@@ -103,7 +106,28 @@ def parse_config(cls, argv=None, **presets):
     unknown = [k for k in values if k not in fields]
     if unknown:
         raise SystemExit(f"unknown config keys {unknown}; see --help")
-    return cls(**{**values, **cli})
+    values.update(cli)
+    if profiles is not None:
+        values = {**resolve_profile(cls, values, profiles), **values}
+    return cls(**values)
+
+
+def resolve_profile(cls, values: dict, profiles: dict) -> dict:
+    """The values of the profile in force (see parse_config); sets values["profile"] to its name."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    name = values.get("profile", defaults["profile"])
+    if name == "auto":
+        name = "toy" if values.get("dataset", defaults["dataset"]) == "default" else "real"
+    if name != "toy" and name not in profiles:
+        raise SystemExit(f"--profile={name!r}: choose auto, toy or {', '.join(profiles)}")
+    chosen = {k: v for k, v in profiles.get(name, {}).items() if k not in values}
+    values["profile"] = name
+    if os.environ.get("RANK", "0") == "0":
+        shown = ", ".join(f"{k}={v}" for k, v in chosen.items()) or "none left to set"
+        stage = os.path.basename(sys.argv[0]).removesuffix(".py") if cls.__module__ == "__main__" else cls.__module__
+        print(f"{stage}: profile {name!r} in force" + (f" ({shown}; explicit flags win)" if name != "toy" else
+              " (defaults tuned for the built-in task; --profile=real for real text)"))
+    return chosen
 
 
 # -----------------------------------------------------------------------------
@@ -239,18 +263,6 @@ def load_model(path: str, name: str, d: Dist, trainable: bool, **overrides):
 # Data plumbing: the held-out split, the batch arithmetic, and one batch of an epoch
 
 
-def split_heldout(load, dataset: str, eval_dataset: str, max_train: int, eval_examples: int, seed: int):
-    """(training records, held-out records). load(source, split, max_records) reads records. Held out:
-    eval_dataset's records if given, else the test split of dataset. A local file has no test split, so
-    eval_examples of its records, chosen by the seed, are held out and never trained on."""
-    if os.path.isfile(dataset) and not eval_dataset:
-        records = load(dataset, "train", None)
-        random.Random(seed).shuffle(records)
-        return records[eval_examples:][:max_train or None], records[:eval_examples]
-    eval_source, eval_split = (eval_dataset, "train") if eval_dataset else (dataset, "test")
-    return load(dataset, "train", max_train or None), load(eval_source, eval_split, eval_examples)
-
-
 def split_batch(batch_size: int, micro_batch_size: int, n_items: int, max_steps: int, d: Dist):
     """The batch arithmetic: the global batch is fixed, whatever the number of processes. Returns (examples per
     process per step, examples per forward pass, steps per epoch over n_items, optimizer steps: max_steps, or one
@@ -282,6 +294,15 @@ def batch_at(items: list, batch_size: int, seed: int, epoch: int, index: int, ra
 
 # -----------------------------------------------------------------------------
 # Optimizer and schedule
+
+
+def check_context(model, prompt_tokens: int, response_tokens: int, where: str, flags: str):
+    """Refuse, before any work, limits the model's context cannot hold (they used to fail as an assertion in
+    the middle of the first forward pass)."""
+    context = model.config.block_size
+    if prompt_tokens + response_tokens > context:
+        raise SystemExit(f"{where}: {flags} = {prompt_tokens} + {response_tokens} tokens do not fit the model's "
+                         f"context of {context} tokens; lower them, or use a model with a longer context")
 
 
 def make_adamw(model, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95), eps: float = 1e-8):
@@ -513,16 +534,18 @@ def load_train_state(ckpt: str) -> dict:
 
 
 def start_or_resume(run_dir: str, resume: bool, models: dict, optimizers: dict, last_step: int, d: Dist,
-                    stage: str) -> tuple[int, dict, "Metrics"]:
+                    stage: str, config=None) -> tuple[int, dict, "Metrics"]:
     """Where a stage starts: (step, the stage state saved with its checkpoint, the metrics log). Step 0 and {}
     unless resume and run_dir has a checkpoint (launch.sh always passes --resume); then that checkpoint is loaded
     into models (name -> model, read from ckpt/name) and optimizers (name -> (model, optimizer)), sharded or not,
-    metrics.jsonl is cut back to its step, and a run found at last_step gets a missing final/ published."""
+    metrics.jsonl is cut back to its step, and a run found at last_step gets a missing final/ published. The
+    config (its report_to) chooses the loggers besides metrics.jsonl and is what they record."""
     ckpt = latest_checkpoint(run_dir) if resume else None
     step, state = _load_checkpoint(ckpt, models, optimizers, d, stage) if ckpt else (0, {})
     if ckpt and step == last_step:
         publish_missing_final(run_dir, d)
-    return step, state, Metrics(run_dir, d, resume_step=step if ckpt else None)
+    return step, state, Metrics(run_dir, d, resume_step=step if ckpt else None,
+                                report_to=getattr(config, "report_to", ""), config=config)
 
 
 def _load_checkpoint(ckpt: str, models: dict, optimizers: dict, d: Dist, stage: str) -> tuple[int, dict]:
@@ -583,9 +606,10 @@ class Metrics:
     """Appends {"step": ..., **metrics} to run_dir/metrics.jsonl on rank 0. On resume, lines past the
     checkpoint's step are dropped so the file equals that of an uninterrupted run."""
 
-    def __init__(self, run_dir: str, d: Dist, resume_step: int | None = None):
+    def __init__(self, run_dir: str, d: Dist, resume_step: int | None = None, report_to: str = "", config=None):
         self.path, self.main = os.path.join(run_dir, "metrics.jsonl"), d.is_main
         self.start = time.time()
+        self.trackers = open_trackers(report_to, run_dir, config) if self.main else []
         if self.main and resume_step is None and os.path.exists(self.path):
             os.remove(self.path)
         if self.main and resume_step is not None and os.path.exists(self.path):
@@ -599,10 +623,51 @@ class Metrics:
         clean = {k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **clean}) + "\n")
+        for log in self.trackers:
+            log(step, {k: v for k, v in clean.items() if isinstance(v, (int, float))})
         if echo:
             from tqdm import tqdm
             shown = " ".join(f"{k}={_fmt(v)}" for k, v in clean.items())
             tqdm.write(f"step {step}: {shown}")
+
+
+REPORT_TO = ("tensorboard", "wandb")
+
+
+def open_trackers(report_to: str, run_dir: str, config=None) -> list:
+    """Loggers besides metrics.jsonl, named as TRL's `report_to`: "tensorboard" writes run_dir/tensorboard
+    (torch.utils.tensorboard), "wandb" logs to Weights & Biases (WANDB_MODE=offline works without a network).
+    Each is a function (step, {name: number}); the metric names are the JSONL ones, which overlay on TRL's."""
+    trackers = []
+    for name in filter(None, report_to.split(",")):
+        if name == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+
+            def log_tb(step, values, writer=writer):
+                for k, v in values.items():
+                    writer.add_scalar(k, v, step)
+                writer.flush()
+            trackers.append(log_tb)
+        elif name == "wandb":
+            try:
+                import wandb
+            except ImportError:
+                raise SystemExit("--report_to=wandb: wandb is not installed (pip install wandb)") from None
+            run = wandb.init(dir=run_dir, config=dataclasses.asdict(config) if config is not None else None,
+                             name=os.path.basename(os.path.normpath(run_dir)))
+            trackers.append(lambda step, values, run=run: run.log(values, step=step))
+        else:
+            raise SystemExit(f"--report_to={report_to!r}: choose from {REPORT_TO}, comma-separated, or leave empty")
+    return trackers
+
+
+def progress_bar(total: int, initial: int, desc: str, d: Dist):
+    """tqdm on the main process of an interactive terminal; elsewhere (a log file, CI) no bar, whose \r
+    redraws would flood the log: the metric lines are printed as plain lines either way."""
+    import sys
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc=desc, disable=not (d.is_main and sys.stderr.isatty()))
 
 
 def _row_step(line: str) -> int | None:

@@ -10,20 +10,18 @@ result is the starting point of the reward model and of the PPO policy, and PPO'
     torchrun --nproc_per_node=8 sft.py ...          # FSDP2, bf16 autocast on CUDA
 """
 
-import os
 import time
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
 import data
 from evaluate import sample_metrics, sample_responses, show_samples
 from model import GPT, config_for
-from runtime import (Dist, all_reduce_sum, autocast, batch_at, check_nonfinite_streak, check_writable,
-                     guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config,
-                     save_checkpoint, seed_all, set_lr, shard_model, start_or_resume,
-                     shutdown_distributed, speed_metrics, split_batch)
+from runtime import (Dist, all_reduce_sum, autocast, batch_at, check_context, check_nonfinite_streak, check_writable,
+                     guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config, progress_bar,
+                     save_checkpoint, seed_all, set_lr, shard_model, shutdown_distributed, speed_metrics,
+                     split_batch, start_or_resume)
 
 
 @dataclass
@@ -34,10 +32,21 @@ class Config:
     """"scratch" (random init, model_size), a hub name such as "gpt2", or a local HF-format directory (e.g. another run's final/)"""
     model_size: str = "cpu-small"
     """model.GPT_SIZES name, used when init_from=scratch"""
+    n_layer: int = 0
+    """from scratch: layers (0 = model_size's)"""
+    n_head: int = 0
+    """from scratch: attention heads (0 = model_size's)"""
+    n_embd: int = 0
+    """from scratch: width (0 = model_size's)"""
+    block_size: int = 0
+    """from scratch: context length in tokens (0 = model_size's; cpu-small has 64)"""
     tokenizer: str = "char"
     """"char" for the default task, "gpt2" for real data (taken from the checkpoint when init_from is one)"""
     dataset: str = "default"
     """"default" (built-in task), a local .jsonl/.json(.gz) file, or a hub name (Anthropic/hh-rlhf, ...)"""
+    profile: str = "auto"
+    """"toy": the defaults below, tuned for the built-in task; "real": REAL_DATA (limits and learning rates for
+    real text and pretrained models); "auto": real unless dataset is "default". Explicit flags always win"""
     eval_dataset: str = ""
     """held-out data; empty = the test split of `dataset`"""
     max_train_examples: int = 0
@@ -92,6 +101,15 @@ class Config:
     """bf16 autocast on CUDA (ignored on CPU)"""
     log_every: int = 20
     """steps between metric lines"""
+    report_to: str = ""
+    """also log metrics to "tensorboard" (run_dir/tensorboard) and/or "wandb", comma-separated (TRL's report_to)"""
+
+
+# --profile=real: what replaces the toy defaults on real data. Prompt/response limits fit HH-RLHF (median
+# prompt 97 GPT-2 tokens); lr 2e-5 is TRL's SFTConfig default (trl/trainer/sft_config.py L141); one epoch as
+# N+ and InstructGPT's SFT; micro-batch 8 keeps the (micro, T, 50257) logits near 1 GB.
+REAL_DATA = dict(max_prompt_tokens=384, max_response_tokens=128, block_size=512, lr=2e-5, batch_size=64,
+                 micro_batch_size=8, max_steps=0, warmup_steps=10)
 
 
 def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor):
@@ -110,7 +128,8 @@ def build_policy(cfg: Config, d: Dist):
     """Scratch (random init), a hub name, or a local HF-format directory."""
     if cfg.init_from == "scratch":
         tok = data.get_tokenizer(cfg.tokenizer)
-        model = GPT(config_for(cfg.model_size, vocab_size=tok.vocab_size, dropout=cfg.dropout, tokenizer=tok.name))
+        sizes = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(cfg, k)}
+        model = GPT(config_for(cfg.model_size, vocab_size=tok.vocab_size, dropout=cfg.dropout, tokenizer=tok.name, **sizes))
         model.init_weights(seed=cfg.seed)
         model = model.to(d.device)
     else:
@@ -154,20 +173,19 @@ def eval_metrics(model, tok, eval_pairs, eval_records, cfg: Config, d: Dist, ste
 
 
 def main(argv=None):
-    cfg = parse_config(Config, argv)
+    cfg = parse_config(Config, argv, {"real": REAL_DATA})
     d = init_distributed(cfg.device)
     seed_all(cfg.seed)
     check_writable(cfg.run_dir)
 
     # 1. Data: demonstrations, tokenized once, truncation counted and reported.
     model, tok = build_policy(cfg, d)
-    eval_source, eval_split = (cfg.eval_dataset, "train") if cfg.eval_dataset else (cfg.dataset, "test")
-    if os.path.isfile(cfg.dataset) and not cfg.eval_dataset and d.is_main:
-        print(f"sft: warning: {cfg.dataset} is a file with no test split, so 'held-out' examples come from the "
-              f"training data; pass --eval_dataset for a real held-out loss")
+    check_context(model, cfg.max_prompt_tokens, cfg.max_response_tokens, "sft", "--max_prompt_tokens + --max_response_tokens")
     try:
-        records = data.load_records(cfg.dataset, "sft", split="train", max_records=cfg.max_train_examples or None, seed=cfg.seed)
-        eval_records = data.load_records(eval_source, "sft", split=eval_split, max_records=cfg.eval_examples, seed=cfg.seed)
+        records, eval_records = data.split_heldout(
+            lambda source, split, n: data.load_records(source, "sft", split, max_records=n, seed=cfg.seed),
+            cfg.dataset, cfg.eval_dataset, cfg.max_train_examples, cfg.eval_examples, "sft",
+            f"{cfg.run_dir}/prompts.json" if d.is_main else None)
     except data.DataError as e:
         raise SystemExit(f"sft: {e}")
     pairs, stats = encode_all(records, tok, cfg)
@@ -185,13 +203,13 @@ def main(argv=None):
     model = shard_model(model, d)
     optimizer = make_adamw(model, cfg.lr, cfg.weight_decay)
     step, state, metrics = start_or_resume(cfg.run_dir, cfg.resume, {"policy": model}, {"policy": (model, optimizer)},
-                                           max_steps, d, "sft")
+                                           max_steps, d, "sft", config=cfg)
     skipped_steps, bad_streak = state.get("skipped_steps", 0), 0
 
     # 4. The loop. Data order depends only on (seed, epoch), so a resumed run sees the same batches.
     stop_at = min(max_steps, step + cfg.stop_after) if cfg.stop_after else max_steps
     t0, tokens_seen = time.time(), 0
-    bar = tqdm(total=max_steps, initial=step, desc="sft", disable=not d.is_main)
+    bar = progress_bar(max_steps, step, "sft", d)
     while step < stop_at:
         epoch, index = divmod(step, steps_per_epoch)
         batch_items = batch_at(pairs, per_rank, cfg.seed, epoch, index, d.rank, d.world_size)

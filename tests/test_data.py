@@ -35,7 +35,8 @@ HH_TEST = ROOT.parent / "shared/data/hh-rlhf/harmless-base/test.jsonl.gz"
 
 
 def load_quietly(*args, **kwargs):
-    """load_records plus the warnings it raised, as strings."""
+    """load_records plus the warnings it raised, as strings (each one, even if this process said it before)."""
+    data._WARNED.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         records = load_records(*args, **kwargs)
@@ -204,7 +205,7 @@ def test_fixture_ranked_json_and_conversions():
 def test_fixture_alpaca():
     records = load_records(str(FIXTURES / "alpaca.jsonl"), "sft")
     assert records[0] == {"prompt": "Instruction: Give three tips for staying healthy.\n\nResponse:",
-                          "response": "Eat well, sleep enough, move every day."}
+                          "response": " Eat well, sleep enough, move every day."}  # a space after "Response:"
     assert records[1]["prompt"] == ("Instruction: Translate the sentence to German.\n\nInput: Good morning."
                                     "\n\nResponse:")
 
@@ -563,3 +564,58 @@ def test_batches_cover_each_item_at_most_once(n, batch_size, world_size, seed, d
         assert sorted(seen) == items
     else:
         assert len(seen) == n // (batch_size * world_size) * batch_size * world_size
+
+
+# -----------------------------------------------------------------------------
+# The one split rule (issue: held-out numbers leaked on local files)
+
+def test_file_splits_by_prompt_hash_and_never_share_a_prompt(tmp_path):
+    """A local file has no test split; every stage takes the same prompt-hash split of it, so a prompt is on one
+    side only. Before, SFT trained on the whole file and the RM/DPO held out records of that same file."""
+    from data import heldout_sources, is_heldout_prompt
+    path = tmp_path / "ranked.jsonl"  # 200 prompts, 3 ranked responses each: 3 pairs per prompt
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "responses": ["a", "b", "c"]}) + "\n" for i in range(200)))
+    everything = load_records(str(path), "preference")
+    train, test = load_records(str(path), "preference", "train"), load_records(str(path), "preference", "test")
+    assert sorted(map(str, train + test)) == sorted(map(str, everything))
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}  # all 3 pairs of a prompt go together
+    assert {r["prompt"] for r in test} == {f"q{i}" for i in range(200) if is_heldout_prompt(f"q{i}")}
+    assert 10 < len({r["prompt"] for r in test}) < 35  # ~10% of 200
+    assert heldout_sources("f.jsonl") == ("train", "f.jsonl", "test")
+    assert heldout_sources("f.jsonl", "g.jsonl") == ("all", "g.jsonl", "all")
+    with pytest.raises(DataError, match="no records in the 'test' split"):
+        load_records(str(FIXTURES / "sft.jsonl"), "sft", "test")  # 3 prompts, none hashed to test
+
+
+@pytest.mark.skipif(not HH_TEST.exists(), reason=f"{HH_TEST} is absent (see ../shared/data/README.md)")
+def test_hh_split_is_prompt_disjoint_for_every_kind():
+    # A ranked/preference file read as pairs, as SFT demonstrations and as prompts: same held-out prompts.
+    trained, held = set(), set()
+    for kind in ("sft", "preference", "prompt"):
+        train, test = load_quietly(str(HH_TEST), kind, "train")[0], load_quietly(str(HH_TEST), kind, "test")[0]
+        assert 0.07 < len(test) / (len(train) + len(test)) < 0.13  # ~10% by the hash
+        trained |= {r["prompt"] for r in train}
+        held |= {r["prompt"] for r in test}
+    assert len(held) > 150 and not trained & held  # no stage trains on a prompt any stage holds out
+
+
+def test_explicit_eval_dataset_overlap_is_reported(tmp_path):
+    from data import warn_if_leaked
+    train = [{"prompt": p} for p in "abc"]
+    with pytest.warns(UserWarning, match="2 of 3 held-out records share their prompt"):
+        assert warn_if_leaked(train, [{"prompt": p} for p in "bcd"], "sft") == 2
+
+
+def test_bad_split_name_is_refused():
+    with pytest.raises(ValueError, match="split must be"):
+        load_records(str(FIXTURES / "sft.jsonl"), "sft", "validation")
+
+
+def test_a_files_skip_warning_is_said_once_per_process(tmp_path):
+    path = tmp_path / "skips.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "response": " " if i % 2 else "ok"}) + "\n" for i in range(400)))
+    data._WARNED.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_records(str(path), "sft", "train"), load_records(str(path), "sft", "test")  # as every stage does
+    assert [str(w.message) for w in caught] == [f"{path}: skipped 200 of 400 records: empty response"]

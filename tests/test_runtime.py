@@ -12,7 +12,8 @@ import data
 import sft
 from evaluate import sequence_kl
 from model import GPT, config_for
-from runtime import Dist, batch_at, guarded_step, save_checkpoint, split_batch, split_heldout
+from data import split_heldout
+from runtime import Dist, batch_at, guarded_step, save_checkpoint, split_batch
 
 
 # -----------------------------------------------------------------------------
@@ -53,33 +54,27 @@ def test_split_batch():
 # The held-out split
 
 
-def test_split_heldout_of_a_local_file_is_disjoint_and_seeded(tmp_path):
-    path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(json.dumps({"i": i}) + "\n" for i in range(20)))
+def test_split_heldout_reads_the_train_and_test_split_or_the_eval_dataset(tmp_path):
     calls = []
-
-    def load(source, split, n):
-        calls.append((source, split, n))
-        return [json.loads(line) for line in open(source)][:n]
-
-    train, held = split_heldout(load, str(path), "", max_train=6, eval_examples=5, seed=3)
-    assert calls == [(str(path), "train", None)]  # read once, whole
-    assert len(train) == 6 and len(held) == 5
-    assert not {r["i"] for r in train} & {r["i"] for r in held}
-    assert split_heldout(load, str(path), "", 6, 5, seed=3) == (train, held)
-    assert split_heldout(load, str(path), "", 6, 5, seed=4) != (train, held)
-    train_all, _ = split_heldout(load, str(path), "", 0, 5, seed=3)
-    assert len(train_all) == 15  # max_train 0: every record not held out
-
-
-def test_split_heldout_reads_the_test_split_or_the_eval_dataset():
-    calls = []
-    load = lambda source, split, n: calls.append((source, split, n)) or [(source, split)]
-    assert split_heldout(load, "default", "", 100, 8, 0) == ([("default", "train")], [("default", "test")])
+    load = lambda source, split, n: calls.append((source, split, n)) or [{"prompt": f"{source}/{split}"}]
+    assert split_heldout(load, "default", "", 100, 8, "x") == ([{"prompt": "default/train"}], [{"prompt": "default/test"}])
     assert calls == [("default", "train", 100), ("default", "test", 8)]
     calls.clear()
-    split_heldout(load, "default", "other", 0, 8, 0)
-    assert calls == [("default", "train", None), ("other", "train", 8)]
+    split_heldout(load, "data.jsonl", "other.jsonl", 0, 8, "x", manifest=str(tmp_path / "prompts.json"))
+    assert calls == [("data.jsonl", "all", None), ("other.jsonl", "all", 8)]  # an explicit eval set: both whole
+    manifest = json.load(open(tmp_path / "prompts.json"))
+    assert len(manifest["train"]) == len(manifest["heldout"]) == 1 and manifest["train"] != manifest["heldout"]
+
+
+def test_split_heldout_of_a_local_file_is_prompt_disjoint(tmp_path):
+    import data
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i % 50}", "chosen": f"a{i}", "rejected": "b"}) + "\n"
+                            for i in range(200)))  # 4 pairs per prompt
+    load = lambda source, split, n: data.load_records(source, "preference", split, max_records=n)
+    train, held = split_heldout(load, str(path), "", 0, 1000, "x")
+    assert len(train) + len(held) == 200 and held
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in held}
 
 
 # -----------------------------------------------------------------------------

@@ -126,7 +126,7 @@ def write_jsonl(path, records):
 def run_sft(run_dir, **overrides):
     args = dict(run_dir=run_dir, model_size="tiny", dataset="default", max_train_examples=48, batch_size=8,
                 micro_batch_size=8, max_steps=12, lr=1e-2, warmup_steps=3, eval_every=1000, save_every=1000,
-                log_every=1, eval_examples=8, seed=0, device="cpu")
+                log_every=1, eval_examples=8, seed=0, device="cpu", profile="toy")
     args.update(overrides)
     sft.main([f"--{k}={v}" for k, v in args.items()])
 
@@ -244,3 +244,61 @@ def test_resume_at_the_last_step_republishes_a_missing_final(tmp_path):
     run_sft(run_dir, max_steps=3, resume=True)
     again = load_file(f"{run_dir}/final/policy/model.safetensors")
     assert all(torch.equal(expected[k], again[k]) for k in expected)
+
+
+def test_limits_beyond_the_context_are_refused_before_any_work(tmp_path):
+    # README's GPU flags on cpu-small (block_size 64) used to fail with an AssertionError in the first forward.
+    with pytest.raises(SystemExit, match=r"--max_prompt_tokens \+ --max_response_tokens = 384 \+ 128 tokens do not fit "
+                                         r"the model's context of 64"):
+        run_sft(str(tmp_path / "run"), max_prompt_tokens=384, max_response_tokens=128)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_scratch_model_is_sized_by_flags(tmp_path):
+    run_sft(str(tmp_path / "run"), n_layer=3, n_head=3, n_embd=24, block_size=40, max_steps=1)
+    config = json.load(open(tmp_path / "run" / "final" / "policy" / "config.json"))
+    assert (config["n_layer"], config["n_head"], config["n_embd"], config["n_positions"]) == (3, 3, 24, 40)
+
+
+def test_char_tokenizer_on_real_text_says_how_to_choose_another():
+    with pytest.raises(data.DataError, match="--tokenizer=gpt2"):
+        data.get_tokenizer("char").encode("Human: hi\n")
+
+
+def test_report_to_tensorboard_writes_the_metrics(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is a dev dependency (requirements-dev.txt)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run_sft(str(tmp_path / "run"), max_steps=3, report_to="tensorboard")
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("train/loss")]
+    jsonl = [r["train/loss"] for r in metric_rows(str(tmp_path / "run")) if "train/loss" in r]
+    assert losses == pytest.approx(jsonl, rel=1e-6) and len(losses) == 3
+
+
+def test_report_to_typo_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="--report_to='tensorbord'"):
+        run_sft(str(tmp_path / "run"), report_to="tensorbord")
+
+
+def test_report_to_wandb_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="wandb is a dev dependency (requirements-dev.txt)")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_sft(str(tmp_path / "run"), max_steps=2, report_to="wandb")
+    import wandb
+    wandb.finish()
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))  # the offline run's log file
+
+
+def test_real_data_profile_replaces_toy_defaults_and_says_so(capsys):
+    from runtime import parse_config
+    toy = parse_config(sft.Config, [], {"real": sft.REAL_DATA})
+    assert (toy.profile, toy.lr, toy.max_prompt_tokens) == ("toy", 2e-3, 12)
+    real = parse_config(sft.Config, ["--dataset=hh.jsonl", "--lr=5e-5"], {"real": sft.REAL_DATA})
+    assert (real.profile, real.lr, real.max_prompt_tokens, real.max_response_tokens) == ("real", 5e-5, 384, 128)
+    assert "profile 'real' in force (max_prompt_tokens=384" in capsys.readouterr().out
+    forced = parse_config(sft.Config, ["--dataset=hh.jsonl", "--profile=toy"], {"real": sft.REAL_DATA})
+    assert (forced.profile, forced.lr) == ("toy", 2e-3)
+    with pytest.raises(SystemExit, match="--profile='rael'"):
+        parse_config(sft.Config, ["--profile=rael"], {"real": sft.REAL_DATA})
