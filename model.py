@@ -637,7 +637,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def _copy_tokenizer(tokenizer: str, directory: str):
-    """Copy the files of an HF tokenizer directory (one with tokenizer.json) into the model directory."""
+    """Copy the files of an HF tokenizer directory (one with tokenizer.json) into the model directory; our own
+    GPT-2 BPE and char tokenizers are written out (data.save_tokenizer_files)."""
+    if tokenizer in ("gpt2", "char"):
+        import data  # here, not at the top: data.py does not need the model, and most saves are of HF tokenizers
+        data.save_tokenizer_files(tokenizer, directory)
+        return
     if os.path.exists(os.path.join(tokenizer, "tokenizer.json")) and os.path.abspath(tokenizer) != os.path.abspath(directory):
         for name in TOKENIZER_FILES:
             if os.path.exists(os.path.join(tokenizer, name)):

@@ -203,3 +203,20 @@ def test_inverse_cdf_sampling_has_the_right_distribution():
     freq = torch.stack([(draws[:, 0] == i).float().mean() for i in range(4)])
     assert torch.allclose(freq, probs[0], atol=0.015)  # 3 standard errors at n = 20000
     assert (draws[:, 0] != 1).all() and (draws[:, 1] == 3).all()  # zero-probability tokens never drawn
+
+
+@pytest.mark.parametrize("name", ["gpt2", "char"])
+def test_saved_models_carry_a_tokenizer_hf_loads_with_the_same_ids(tmp_path, name):
+    """AutoTokenizer.from_pretrained(final/policy) used to 'succeed' with a vocabulary of 1: no files were saved."""
+    import data
+    from transformers import AutoTokenizer
+    tok = data.get_tokenizer(name)
+    model = GPT(config_for("tiny", vocab_size=tok.vocab_size, tokenizer=name))
+    model.init_weights(seed=0)
+    model.save_pretrained(str(tmp_path / "policy"))
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "policy"))
+    text = "\n\nHuman: How do I bake bread?\n\nAssistant: Mix flour, water, yeast." if name == "gpt2" else "abc=cba"
+    assert len(hf) == tok.vocab_size and hf.eos_token_id == tok.eos_id
+    assert hf(text).input_ids == tok.encode(text)
+    assert hf.decode(tok.encode(text) + [tok.eos_id]) == tok.decode(tok.encode(text) + [tok.eos_id])
+    assert GPT.from_pretrained(str(tmp_path / "policy")).config.tokenizer == name  # still our tokenizer
