@@ -687,8 +687,8 @@ def apply_chat_template(records: list[dict], tok, chat_template: str = "auto") -
     space HH puts after "Assistant:" (the template's header separates them). "none", or "auto" for a tokenizer
     without a template, returns the records unchanged. Earlier assistant turns stay in the prompt: only the
     last assistant turn is trained on and scored (as HH's prompt/response split; TRL's assistant_only_loss
-    would also train on earlier turns). Not yet wired into the stage configs: each stage would call this on
-    its records after load_records, with a `chat_template: str = "none"` field."""
+    would also train on earlier turns). Every stage and the report call it on their records after the split
+    (so the split is by the raw prompt), under their --chat_template."""
     template = load_chat_template(tok, chat_template)
     if template is None:
         return records

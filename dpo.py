@@ -56,6 +56,9 @@ class Config:
     real text and pretrained models); "auto": real unless dataset is "default". Explicit flags always win"""
     eval_dataset: str = ""
     """held-out data; empty = the test split of `dataset` (a local file has none: eval_examples of its pairs are held out)"""
+    chat_template: str = "auto"
+    """prompts rendered by a chat template: "auto" = the tokenizer's own if it has one (instruct models; GPT-2 and
+    the char tokenizer have none), "none" = plain text, or a Jinja file (data.apply_chat_template)"""
     max_train_examples: int = 0
     """use at most this many training pairs (0 = all)"""
     max_prompt_tokens: int = 12
@@ -299,6 +302,10 @@ def main(argv=None):
     records, eval_records = data.split_heldout(lambda source, split, n: load_pairs(source, split, n, cfg), cfg.dataset,
                                           cfg.eval_dataset, cfg.max_train_examples, cfg.eval_examples, "dpo",
                                                f"{cfg.run_dir}/prompts.json" if d.is_main else None)
+    try:
+        records, eval_records = (data.apply_chat_template(r, tok, cfg.chat_template) for r in (records, eval_records))
+    except data.DataError as e:
+        raise SystemExit(f"dpo: {e}")
     stats = data.TruncationStats()
     items = encode_pairs(records, tok, cfg, stats)
     eval_items = encode_pairs(eval_records, tok, cfg, data.TruncationStats())

@@ -148,6 +148,8 @@ class Config:
     """held-out prompts: the test split of this dataset (the prompts every stage held out)"""
     eval_dataset: str = ""
     """held-out prompts read whole from here instead (the stages' --eval_dataset)"""
+    chat_template: str = "auto"
+    """as the stages' --chat_template: "auto" (the tokenizer's own, if any), "none", or a Jinja file"""
     num_prompts: int = 500
     """held-out prompts to evaluate"""
     max_prompt_tokens: int = 0
@@ -287,7 +289,8 @@ def main(argv=None):
     _, source, split = data.heldout_sources(cfg.dataset, cfg.eval_dataset)
     records = data.load_records(source, "prompt", split, max_records=cfg.num_prompts, seed=0)
     data.save_prompt_manifest(os.path.join(cfg.out, "prompts.json"), [], records)
-    prompts = [r["prompt"] for r in records]
+    prompts = [r["prompt"] for r in data.apply_chat_template(records, data.get_tokenizer(ref.config.tokenizer),
+                                                             cfg.chat_template)]
     report = {"num_prompts": len(prompts), "temperature": cfg.temperature, "seed": cfg.seed, "policies": {}, "samples": []}
     all_samples = {}
     policies = cfg.policies.split(",")

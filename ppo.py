@@ -61,6 +61,9 @@ class Config:
     real text and pretrained models); "auto": real unless dataset is "default". Explicit flags always win"""
     eval_dataset: str = ""
     """held-out prompts; empty = the test split of `dataset` (data.heldout_sources: the split of every stage)"""
+    chat_template: str = "auto"
+    """prompts rendered by a chat template: "auto" = the tokenizer's own if it has one (instruct models; GPT-2 and
+    the char tokenizer have none), "none" = plain text, or a Jinja file (data.apply_chat_template)"""
     max_prompt_tokens: int = 12
     """prompts are cut from the left to this many tokens"""
     response_length: int = 16
@@ -1083,6 +1086,7 @@ def main(argv=None):
         records, eval_records = data.split_heldout(
             lambda source, split, n: data.load_records(source, "prompt", split, max_records=n, seed=cfg.seed),
             cfg.dataset, cfg.eval_dataset, 0, cfg.eval_prompts, "ppo", f"{cfg.run_dir}/prompts.json" if d.is_main else None)
+        records, eval_records = (data.apply_chat_template(r, tok, cfg.chat_template) for r in (records, eval_records))
         prompts, eval_prompts = [r["prompt"] for r in records], [r["prompt"] for r in eval_records]
     except data.DataError as e:
         raise SystemExit(f"ppo: {e}")

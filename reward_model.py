@@ -44,6 +44,9 @@ class Config:
     real text and pretrained models); "auto": real unless dataset is "default". Explicit flags always win"""
     eval_dataset: str = ""
     """held-out data; empty = the test split of `dataset` (a local file has none: eval_examples of its records are held out)"""
+    chat_template: str = "auto"
+    """prompts rendered by a chat template: "auto" = the tokenizer's own if it has one (instruct models; GPT-2 and
+    the char tokenizer have none), "none" = plain text, or a Jinja file (data.apply_chat_template)"""
     data_format: str = "preference"
     """"preference": {prompt, chosen, rejected} pairs, Bradley-Terry loss; "ranked": {prompt, responses best first}, K-wise loss"""
     k: int = 4
@@ -276,10 +279,12 @@ def normalization_set(cfg: Config, tok, d: Dist) -> list[tuple[list[int], list[i
     n = cfg.normalize_examples
     if cfg.normalize_on == "references":
         stats = data.TruncationStats()
-        records = data.load_records(cfg.dataset, "sft", split="train", max_records=n, seed=cfg.seed)
+        records = data.apply_chat_template(data.load_records(cfg.dataset, "sft", split="train", max_records=n,
+                                                             seed=cfg.seed), tok, cfg.chat_template)
         return [data.encode_pair(tok, r["prompt"], r["response"], cfg.max_prompt_tokens, cfg.max_response_tokens,
                                  stats) for r in records]
-    prompts = [r["prompt"] for r in data.load_records(cfg.dataset, "prompt", split="train", max_records=n, seed=cfg.seed)]
+    records = data.load_records(cfg.dataset, "prompt", split="train", max_records=n, seed=cfg.seed)
+    prompts = [r["prompt"] for r in data.apply_chat_template(records, tok, cfg.chat_template)]
     policy = load_model(cfg.sft, "policy", d, trainable=False)  # frozen, whole on every rank
     samples = sample_responses(policy, tok, prompts, d, cfg.max_response_tokens, cfg.normalize_temperature,
                                seed=cfg.seed + 2, max_prompt_tokens=cfg.max_prompt_tokens)
@@ -333,6 +338,7 @@ def main(argv=None):
                                               cfg.dataset, cfg.eval_dataset, cfg.max_train_examples,
                                               cfg.eval_examples, "rm",
                                                    f"{cfg.run_dir}/prompts.json" if d.is_main else None)
+        records, eval_records = (data.apply_chat_template(r, tok, cfg.chat_template) for r in (records, eval_records))
         stats = data.TruncationStats()
         items = encode_comparisons(records, tok, cfg, stats)
         eval_items = encode_comparisons(eval_records, tok, cfg, data.TruncationStats())

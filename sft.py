@@ -49,6 +49,9 @@ class Config:
     real text and pretrained models); "auto": real unless dataset is "default". Explicit flags always win"""
     eval_dataset: str = ""
     """held-out data; empty = the test split of `dataset`"""
+    chat_template: str = "auto"
+    """prompts rendered by a chat template: "auto" = the tokenizer's own if it has one (instruct models; GPT-2 and
+    the char tokenizer have none), "none" = plain text, or a Jinja file (data.apply_chat_template)"""
     max_train_examples: int = 0
     """use at most this many training examples (0 = all)"""
     max_prompt_tokens: int = 12
@@ -186,6 +189,7 @@ def main(argv=None):
             lambda source, split, n: data.load_records(source, "sft", split, max_records=n, seed=cfg.seed),
             cfg.dataset, cfg.eval_dataset, cfg.max_train_examples, cfg.eval_examples, "sft",
             f"{cfg.run_dir}/prompts.json" if d.is_main else None)
+        records, eval_records = (data.apply_chat_template(r, tok, cfg.chat_template) for r in (records, eval_records))
     except data.DataError as e:
         raise SystemExit(f"sft: {e}")
     pairs, stats = encode_all(records, tok, cfg)

@@ -235,3 +235,20 @@ def test_sft_stage_runs_on_qwen2_with_hf_tokenizer(qwen_dir, tmp_path):
         assert json.load(f)["architectures"] == ["Qwen2ForCausalLM"]
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(final))
     assert type(hf).__name__ == "Qwen2ForCausalLM" and os.path.exists(final / "tokenizer.json")
+
+
+@pytest.mark.parametrize("chat_template", ["auto", "none"])
+def test_stages_render_prompts_with_the_chat_template(qwen_dir, tmp_path, capsys, chat_template):
+    """--chat_template=auto (the default) renders HH prompts with the tokenizer's template in every stage (here
+    SFT: its printed samples show the prompt the model saw, ending with the generation prompt); none keeps text."""
+    import sft
+    sft.main([f"--init_from={qwen_dir}", f"--dataset={HH}", f"--run_dir={tmp_path / 'run'}", "--max_steps=1",
+              "--batch_size=4", "--micro_batch_size=4", "--max_prompt_tokens=48", "--max_response_tokens=4",
+              "--eval_every=1", "--eval_examples=4", "--num_samples_shown=2", "--max_train_examples=8",
+              "--device=cpu", "--warmup_steps=0", f"--chat_template={chat_template}"])
+    shown = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  [step 1]")]
+    assert len(shown) == 2
+    for line in shown:
+        prompt = line.split("] ", 1)[1].split(" -> ")[0]
+        assert prompt.endswith("<|im_start|>assistant\\n\"") == (chat_template == "auto"), line
+        assert ("Assistant:" in prompt) == (chat_template == "none"), line
