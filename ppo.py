@@ -109,6 +109,11 @@ class Config:
     """the score of a response that never emitted EOS (see missing_eos_mode)"""
     missing_eos_mode: str = "replace"
     """"replace": score := penalty (OpenAI 2019, N+); "subtract": score -= |penalty| (TRL missing_eos_penalty); "none" """
+    min_response_tokens: int = 0
+    """responses with fewer tokens than this before their EOS get short_response_penalty as their score (0 = off):
+    for a reward model that likes empty answers (on HH, PPO answered with EOS alone within 10 updates)"""
+    short_response_penalty: float = -1.0
+    """the score of a too-short response (see min_response_tokens)"""
     reward_clip: float = 0.0
     """clip the score to +-this (DS-Chat 5, OpenRLHF 10); 0 = off"""
     whiten_rewards: bool = False
@@ -667,6 +672,27 @@ def apply_missing_eos_penalty(scores: torch.Tensor, ended: torch.Tensor, penalty
     raise ValueError(f"unknown missing_eos_mode {mode!r}")
 
 
+def apply_short_response_penalty(scores: torch.Tensor, lengths: torch.Tensor, min_tokens: int,
+                                 penalty: float) -> torch.Tensor:
+    """score := penalty for responses of fewer than min_tokens tokens (EOS not counted), the EOS trick's twin for
+    degenerate short answers; OpenRLHF and verl have length penalties for the other end (DAPO's overlong
+    punishment). scores, lengths: (B,)."""
+    return torch.where(lengths < min_tokens, torch.full_like(scores, penalty), scores) if min_tokens > 0 else scores
+
+
+def degeneration_warnings(length: float, first_length: float, kl: float, last_kl: float | None) -> list[str]:
+    """Plain-language warnings for the two signs of a policy gaming its reward model: the mean response length
+    collapsing to under a quarter of the first rollout's, and the KL more than doubling (by over 1 nat) in one update."""
+    out = []
+    if first_length > 0 and length < 0.25 * first_length:
+        out.append(f"mean response length fell from {first_length:.1f} to {length:.1f} tokens: the policy may be "
+                   f"exploiting a reward model that likes short answers (see --min_response_tokens)")
+    if last_kl is not None and kl > 2 * last_kl + 1.0:
+        out.append(f"KL to the reference jumped from {last_kl:.2f} to {kl:.2f} nats per sequence in one update "
+                   f"(raise --kl_coef, lower --lr)")
+    return out
+
+
 def compute_rewards(kl: torch.Tensor, scores: torch.Tensor, score_idx: torch.Tensor, kl_coef: float):
     """Per-token rewards: -beta * KL on every response token, plus the score at score_idx
     (OpenAI 2019 `compute_rewards`, TRL L775-779). Returns (rewards, non_score_reward)."""
@@ -765,6 +791,7 @@ def make_experience(policy, critic, ref, reward_model, query_response, query_mas
     scores = scores.masked_fill(nonfinite, 0.0)
     action_mask, value_mask = action_mask & ~nonfinite[:, None], value_mask & ~nonfinite[:, None]
     scores = apply_missing_eos_penalty(scores, ended, cfg.missing_eos_penalty, cfg.missing_eos_mode)
+    scores = apply_short_response_penalty(scores, eos_index, cfg.min_response_tokens, cfg.short_response_penalty)
     if cfg.reward_clip > 0:
         scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
 
@@ -1110,6 +1137,7 @@ def main(argv=None):
                                                  {"ppo": (trainable, optimizer)}, cfg.num_updates, d, "ppo", config=cfg)
     kl_ctl = AdaptiveKLController(state.get("kl_coef", cfg.kl_coef), cfg.target_kl, cfg.kl_horizon)
     start_update, bad_streak = update, 0
+    first_length, last_kl, warned = 0.0, None, set()  # for degeneration_warnings
     bar = progress_bar(cfg.num_updates, update, "ppo", d)
 
     while update < cfg.num_updates:
@@ -1166,6 +1194,13 @@ def main(argv=None):
                 "val/nonfinite_scores": all_reduce_sum(exp["nonfinite_scores"].float(), d),
                 "policy/skipped_steps": stats["skipped_steps"],
             }
+        length, kl = float(row["val/response_length"]), float(row["objective/kl"])
+        first_length = first_length or length
+        for warning in degeneration_warnings(length, first_length, kl, last_kl) if d.is_main else []:
+            if warning.split(" ")[0] not in warned:  # once per kind, not every update
+                warned.add(warning.split(" ")[0])
+                print(f"ppo: warning at update {update + 1}: {warning}", flush=True)
+        last_kl = kl
         if cfg.adaptive_kl:
             signal = mean_kl if cfg.kl_signal == "sequence_sum" else token_kl
             kl_ctl.update(float(signal), cfg.rollout_batch_size)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from model import GPT, config_for, token_logprobs
+import ppo  # noqa: E402
 from ppo import (AdaptiveKLController, aggregate, apply_missing_eos_penalty, compute_gae, compute_rewards,
                  entropy_from_logits, first_true_indices, kl_penalty, masked_mean, masked_var, masked_whiten,
                  policy_loss, response_logprobs, response_masks, score_indices, value_loss, whiten_advantages)
@@ -614,3 +615,19 @@ def test_entropy_from_logits():
     peaked[0, 3] = 1e4
     torch.testing.assert_close(entropy_from_logits(peaked), torch.zeros(1))
     assert entropy_from_logits(logits.to(torch.bfloat16)).dtype == torch.float32
+
+
+def test_short_response_penalty_replaces_only_short_scores():
+    scores, lengths = torch.tensor([0.9, 0.5, 2.0, -0.3]), torch.tensor([0, 1, 2, 5])  # tokens before EOS
+    got = ppo.apply_short_response_penalty(scores, lengths, min_tokens=2, penalty=-1.0)
+    assert torch.equal(got, torch.tensor([-1.0, -1.0, 2.0, -0.3]))
+    assert torch.equal(ppo.apply_short_response_penalty(scores, lengths, 0, -1.0), scores)  # off by default
+
+
+def test_degeneration_warnings_fire_on_collapse_and_kl_jump_only():
+    assert ppo.degeneration_warnings(30.0, 40.0, 1.0, 0.8) == []
+    collapse = ppo.degeneration_warnings(1.8, 40.0, 1.0, 0.8)  # HH: EOS-only answers after 10 updates
+    assert len(collapse) == 1 and "fell from 40.0 to 1.8 tokens" in collapse[0]
+    jump = ppo.degeneration_warnings(30.0, 40.0, 4.0, 0.9)
+    assert len(jump) == 1 and "jumped from 0.90 to 4.00" in jump[0]
+    assert ppo.degeneration_warnings(30.0, 40.0, 4.0, None) == []  # the first update has nothing to compare
