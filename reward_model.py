@@ -17,6 +17,8 @@ applies them (`evaluate.reward_scores`). The output, run_dir/final/reward/, is w
     torchrun --nproc_per_node=8 reward_model.py ...  # FSDP2, bf16 autocast on CUDA
 """
 
+import os
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 
 import data
 from evaluate import sample_responses, sequence_rewards
+from model import GPT, save_hf_sequence_classifier
 from runtime import (Dist, all_reduce_sum, autocast, batch_at, check_context, check_nonfinite_streak, check_writable,
                      guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config, progress_bar,
                      save_checkpoint, seed_all, set_lr, shard_model, shutdown_distributed, speed_metrics,
@@ -310,6 +313,21 @@ def score_sequences(model, seqs: list[tuple[list[int], list[int]]], pad_id: int,
 # The stage
 
 
+def export_sequence_classifier(final: str, tok) -> str:
+    """final/reward_hf: the reward model as transformers' *ForSequenceClassification (num_labels=1), the class
+    TRL's PPOTrainer and RewardTrainer load reward models as. HF reads the score at the rightmost token that is
+    not pad_token_id, so the pad id must differ from EOS (transformers #35352): the tokenizer's own pad if it has
+    one, else id 0; pad batches with it. reward = logits[:, 0] + config.json["rlhf_reward_bias"] (HF's head has
+    no bias; model.save_hf_sequence_classifier). Written beside, then renamed: present means complete."""
+    reward = GPT.from_pretrained(os.path.join(final, "reward"))
+    out, tmp = os.path.join(final, "reward_hf"), os.path.join(final, "reward_hf.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_hf_sequence_classifier(tmp, reward.config, reward.state_dict(), tok.pad_id if tok.pad_id != tok.eos_id else 0)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
 def main(argv=None):
     cfg = parse_config(Config, argv, {"real": REAL_DATA})
     if cfg.data_format not in ("preference", "ranked"):
@@ -425,6 +443,7 @@ def main(argv=None):
         print(f"rm: done, {step} steps in {time.time() - t0:.0f}s; held-out accuracy {last_eval['eval/accuracy']:.3f}"
               f"{gold}; reward = {model.config.reward_gain:.4g} * raw + {model.config.reward_bias:.4g}; "
               f"reward model in {cfg.run_dir}/final/reward")
+        print(f"rm: for transformers: {export_sequence_classifier(os.path.join(cfg.run_dir, 'final'), tok)}")
     shutdown_distributed()
 
 if __name__ == "__main__":

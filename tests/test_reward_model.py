@@ -279,6 +279,18 @@ def test_end_to_end_writes_a_normalized_reward_model(tmp_path, extra):
     if "--normalize_gain" in extra:
         assert normalized.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
 
+    # The transformers export scores the same right-padded batch the same, up to its documented constant.
+    from transformers import AutoModelForSequenceClassification
+    hf_dir = tmp_path / "rm/final/reward_hf"
+    hf = AutoModelForSequenceClassification.from_pretrained(str(hf_dir)).eval()
+    export_cfg = json.load(open(hf_dir / "config.json"))
+    pad = export_cfg["pad_token_id"]
+    assert pad != tok.eos_id and export_cfg["num_labels"] == 1
+    ids, mask = data.pad_right([p + r for p, r in norm_set], pad)
+    with torch.no_grad():
+        theirs = hf(ids, attention_mask=mask).logits[:, 0] + export_cfg["rlhf_reward_bias"]
+    torch.testing.assert_close(theirs, normalized, atol=1e-5, rtol=0)
+
     rows = [json.loads(line) for line in open(tmp_path / "rm/metrics.jsonl")]
     evals = [r for r in rows if "eval/accuracy" in r]
     assert [r["step"] for r in evals] == [2, 4]
