@@ -1043,6 +1043,14 @@ def build_models(cfg: Config, d: Dist):
     return policy, ref, reward_model, critic
 
 
+def checks_logprobs(update: int, cfg: Config) -> bool:
+    """Whether update (0-based) runs the diagnostic recompute (--logprob_check_every): on the updates that are
+    logged by default (ppo.main logs after update + 1 when it is a multiple of log_every, and the last)."""
+    if cfg.logprob_check_every == 0:
+        return (update + 1) % cfg.log_every == 0 or update + 1 == cfg.num_updates
+    return update % cfg.logprob_check_every == 0
+
+
 def make_optimizer(policy, critic, cfg: Config):
     """One AdamW over policy and critic, so vf_coef and gradient clipping act on both together (TRL's
     PolicyAndValueWrapper; N+); no weight decay, betas (0.9, 0.999) (N+, TRL)."""
@@ -1142,10 +1150,8 @@ def main(argv=None):
         t_rollout = time.time()
 
         # 2-4. Score, KL and rewards, advantages.
-        logged = (update + 1) % cfg.log_every == 0 or update + 1 == cfg.num_updates
-        check = logged if cfg.logprob_check_every == 0 else update % cfg.logprob_check_every == 0
         exp = make_experience(policy, critic, ref, reward_model, query_response, query_mask, sample_logp,
-                              kl_ctl.value, tok, cfg, d, check_logprobs=check)
+                              kl_ctl.value, tok, cfg, d, check_logprobs=checks_logprobs(update, cfg))
         t_score = time.time()
 
         # 5. PPO update: epochs x minibatches x micro-batches (gradient accumulation).
