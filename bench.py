@@ -2,6 +2,7 @@
 BENCHMARKS.md.
 
     python bench.py train_step      # forward + backward + AdamW: our GPT vs transformers.GPT2LMHeadModel
+    python bench.py sft --size=gpt2 --vocab_size=50257   # an SFT step on HH-shaped rows (384 + 128 tokens) vs HF
     python bench.py generate        # rollouts at batch 16: our KV cache vs HF generate vs no cache, 32/128/512 tokens
     python bench.py ppo_iteration   # one PPO update (rollout, score, update): ours vs TRL's PPOTrainer
     python bench.py memory          # peak memory of each stage (as a subprocess); bytes per PPO model
@@ -58,6 +59,13 @@ class Config:
     """sequences per training step"""
     train_seq_len: int = 128
     """tokens per sequence"""
+    # --- sft
+    sft_batch: int = 2
+    """sequences per SFT step"""
+    sft_prompt_len: int = 384
+    """prompt tokens per row (no loss on them); HH-RLHF-shaped rows: a long dialogue, a short answer"""
+    sft_response_len: int = 128
+    """response tokens per row (the loss)"""
     # --- generate
     gen_batch: int = 16
     """prompts per generate call"""
@@ -301,6 +309,61 @@ def bench_train_step(cfg: Config, device, env):
     record(cfg, "train_step", rows, ["case", "impl", "median_s", "tokens_per_s", "speedup_vs_hf"], env, load)
 
 
+def bench_sft(cfg: Config, device, env):
+    """One SFT step on HH-shaped rows (sft_prompt_len prompt tokens without loss, sft_response_len response tokens),
+    forward + backward + AdamW: ours as sft.py runs it (the LM head from sft.loss_start on, sft.sft_loss,
+    runtime.make_adamw, fused where torch has it) vs GPT2LMHeadModel with labels -100 on the prompt (its own
+    loss, logits on every position) and the fused AdamW of HF Trainer's default `adamw_torch_fused`.
+    The first losses are compared before any step (they must agree to float rounding)."""
+    import sft
+    from runtime import make_adamw
+    load = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf, ours = hf_and_ours(cfg, device, tmp)
+    hf.train(), ours.train()
+    B, P, R = cfg.sft_batch, cfg.sft_prompt_len, cfg.sft_response_len
+    g = torch.Generator().manual_seed(cfg.seed)
+    rows = [(torch.randint(0, cfg.vocab_size - 1, (P,), generator=g).tolist(),
+             torch.randint(0, cfg.vocab_size - 1, (R,), generator=g).tolist()) for _ in range(B)]
+    import data
+    batch = data.collate_sft(rows, cfg.vocab_size - 1)
+    first = sft.loss_start(batch["loss_mask"])
+    ids, attn, loss_mask = (batch[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask"))
+    labels = ids.masked_fill(loss_mask == 0, -100)
+
+    def ours_loss():
+        total, count = sft.sft_loss(ours(ids, attention_mask=attn, logits_from=first), ids, loss_mask, first)
+        return total / count
+
+    def hf_loss():
+        return hf(input_ids=ids, attention_mask=attn, labels=labels, use_cache=False).loss
+
+    with torch.no_grad():
+        parity = abs(float(ours_loss()) - float(hf_loss()))
+    opt_ours = make_adamw(ours, lr=1e-5, weight_decay=0.0, betas=(0.9, 0.999))
+    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-5, fused=True)
+
+    def make_step(loss_fn, opt):
+        def step():
+            loss_fn().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    fns = {"ours": make_step(ours_loss, opt_ours), "hf": make_step(hf_loss, opt_hf)}
+    times = alternate(fns, cfg.repeats, cfg.warmup, device)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    case = f"{model_desc(ours)} B{B} prompt {P} + response {R}"
+    out = [{"case": case, "impl": name, "median_s": med[name], "times_s": times[name],
+            "tokens_per_s": B * (P + R) / med[name], "speedup_vs_hf": med["hf"] / med[name],
+            "initial_loss_absdiff": parity, "logits_from": first} for name in fns]
+    if cfg.profile:
+        for p in profile_each(fns, device, cfg.profile_rows):
+            out.append({"case": case, "impl": p.pop("impl") + " (profile)", **p})
+    record(cfg, "sft", out, ["case", "impl", "median_s", "tokens_per_s", "speedup_vs_hf", "initial_loss_absdiff"],
+           env, load)
+
+
 # -----------------------------------------------------------------------------
 # 2. Rollout generation
 
@@ -511,7 +574,7 @@ def our_ppo_iteration(m: dict, query, query_mask, update: int, total_steps: int,
     sync(d.device)
     t1 = time.perf_counter()
     exp = ppo.make_experience(policy, m["critic"], m["ref"], m["reward"], query_response, query_mask, sample_logp,
-                              cfg.kl_coef, tok, cfg, d)
+                              cfg.kl_coef, tok, cfg, d, check_logprobs=ppo.checks_logprobs(update, cfg))
     sync(d.device)
     t2 = time.perf_counter()
     ppo.ppo_update(policy, m["critic"], m["trainable"], m["optimizer"], m["base_lrs"], exp, update, total_steps, cfg, d)
@@ -728,7 +791,7 @@ def bench_mfu(cfg: Config, device, env):
 # -----------------------------------------------------------------------------
 
 
-COMMANDS = {"train_step": bench_train_step, "generate": bench_generate, "ppo_iteration": bench_ppo_iteration,
+COMMANDS = {"train_step": bench_train_step, "sft": bench_sft, "generate": bench_generate, "ppo_iteration": bench_ppo_iteration,
             "memory": bench_memory, "mfu": bench_mfu}
 
 

@@ -99,15 +99,18 @@ def score_samples(samples, policy, ref, reward_model, tok, temperature, d, batch
         chunk = samples[start:start + batch_size]
         qr, mask = pad_left([s["prompt_ids"] + s["response_ids"] for s in chunk], tok.eos_id)
         qr, mask = qr.to(d.device), mask.to(d.device)
-        n = torch.tensor([len(s["response_ids"]) for s in chunk], device=d.device)
+        lengths = [len(s["response_ids"]) for s in chunk]
+        n = torch.tensor(lengths, device=d.device)
         response = torch.arange(qr.size(1), device=d.device)[None, :] >= qr.size(1) - n[:, None]  # left-padded
+        # Logits only from the position that predicts the longest response's first token (GPT.forward's logits_from).
+        first = max(qr.size(1) - max(lengths) - 1, 0)
         with autocast(d, bf16):
             if reward_model is not None:
                 learned += reward_scores(reward_model, qr, mask).tolist()
-            logits_p = policy(qr, attention_mask=mask)[:, :-1]
-            logits_r = ref(qr, attention_mask=mask)[:, :-1]
-        kls += sequence_kl(token_logprobs(logits_p, qr[:, 1:], temperature),
-                           token_logprobs(logits_r, qr[:, 1:], temperature), response[:, 1:]).tolist()
+            logits_p = policy(qr, attention_mask=mask, logits_from=first)[:, :-1]
+            logits_r = ref(qr, attention_mask=mask, logits_from=first)[:, :-1]
+        kls += sequence_kl(token_logprobs(logits_p, qr[:, first + 1:], temperature),
+                           token_logprobs(logits_r, qr[:, first + 1:], temperature), response[:, first + 1:]).tolist()
     return learned, kls
 
 

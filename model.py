@@ -355,9 +355,16 @@ class GPT(nn.Module):
             else:
                 normal_(p, 0.02)
 
-    def forward(self, idx, attention_mask=None, position_ids=None, kv_cache=None, head="lm"):
+    def forward(self, idx, attention_mask=None, position_ids=None, kv_cache=None, head="lm", logits_from=0):
         """idx (B, T) token ids -> logits (B, T, V) for head="lm", scalars (B, T) for head="score",
         (logits, scalars) for head="both".
+
+        logits_from: apply the heads only to positions logits_from..T-1 (a Python index, so -1 is the last
+        position); the outputs then have T - logits_from positions instead of T. At vocab 50257 the LM head
+        is a (C x V) GEMM per position, so the positions nobody reads (a prompt's, when only the response's
+        log-probs are used; all but the last at generation prefill) are not computed. The trunk still runs on
+        every position, since later positions attend to earlier ones. The values are those of the full
+        output at the kept positions (tests/test_perf_paths.py).
 
         attention_mask (B, T) 1 for real tokens, 0 for padding; with a kv_cache it covers the cached
         prefix too, (B, cache.pos + T). Position ids default to counting real tokens (see
@@ -390,6 +397,8 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.pos += T
 
+        if logits_from:
+            x = x[:, logits_from:]
         if head == "lm":
             return self.lm_head(x)
         scalars = self.score(x).squeeze(-1).clone()  # (B, T); a copy, not a view (FSDP2 warns on views)
@@ -784,7 +793,7 @@ def sample_inverse_cdf(probs: torch.Tensor, generator=None) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(model, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0, eos_id=None,
-             stop_id=None, pad_id=0, generator=None, use_cache=True, top_k=0, top_p=1.0):
+             stop_id=None, pad_id=0, generator=None, use_cache=True, top_k=0, top_p=1.0, check_every=None):
     """Sample continuations of left-padded prompts, with a KV cache.
 
     prompt_ids, prompt_mask: (B, P), left-padded. temperature 0 means greedy; top_k > 0 and top_p < 1
@@ -798,20 +807,34 @@ def generate(model, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0, eo
     `token_logprobs` to reproduce them. N <=
     max_new_tokens (generation ends early once every row has stopped).
     use_cache=False recomputes the whole prefix each step: quadratic; kept for tests and benchmarks.
+
+    check_every: how often (in tokens) to ask whether every row has stopped. The question reads a GPU value
+    on the host, which waits for the queued kernels (gpt-fast and HF avoid it per token); default 8 on
+    CUDA, 1 elsewhere (on CPU there is no queue, and stopping at once saves steps). The returned N is the
+    same whatever check_every: the steps run past the stop only emit pad_id with log-prob 0 and are cut
+    off. They do draw from `generator`, so its state after the call may differ (every caller seeds a
+    fresh one per call).
     """
     B, P = prompt_ids.shape
     device = prompt_ids.device
+    if check_every is None:
+        check_every = 8 if device.type == "cuda" else 1
     param = next(model.parameters())
     cache = KVCache(model.config, B, P + max_new_tokens, device, param.dtype if param.is_floating_point() else torch.float32) if use_cache else None
-    seq, mask = prompt_ids, prompt_mask.long()
+    # Sequences and the attention mask are allocated once at full length and filled in; step t reads the
+    # first P + t columns (a view), instead of a torch.cat per step.
+    seq = torch.cat([prompt_ids, torch.full((B, max_new_tokens), pad_id, dtype=prompt_ids.dtype, device=device)], 1)
+    mask = torch.cat([prompt_mask.long(), torch.ones(B, max_new_tokens, dtype=torch.long, device=device)], 1)
+    logprobs = torch.zeros(B, max_new_tokens, device=device)
+    all_done = torch.zeros(max_new_tokens, dtype=torch.bool, device=device)  # after step t, had every row stopped?
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    new_tokens, new_logprobs = [], []
-    step_input = seq
-    for _ in range(max_new_tokens):
-        if use_cache:
-            logits = model(step_input, attention_mask=mask, kv_cache=cache)[:, -1, :]
+    steps = 0
+    for t in range(max_new_tokens):
+        if use_cache:  # prefill: the whole prompt, logits at its last position only; then one token per step
+            step_input = seq[:, :P] if t == 0 else seq[:, P + t - 1:P + t]
+            logits = model(step_input, attention_mask=mask[:, :P + t], kv_cache=cache, logits_from=-1)[:, -1, :]
         else:
-            logits = model(seq, attention_mask=mask)[:, -1, :]
+            logits = model(seq[:, :P + t], attention_mask=mask[:, :P + t], logits_from=-1)[:, -1, :]
         logits = logits.float()
         if temperature == 0:
             token = logits.argmax(-1)
@@ -820,15 +843,15 @@ def generate(model, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0, eo
             sampled = sampling_logits(logits, temperature, top_k, top_p)
             token = sample_inverse_cdf(F.softmax(sampled, dim=-1), generator)
             logprob = sampled.gather(-1, token[:, None])[:, 0] - torch.logsumexp(sampled, dim=-1)  # as token_logprobs
-        token = torch.where(done, torch.full_like(token, pad_id), token)
-        new_tokens.append(token)
-        new_logprobs.append(torch.where(done, torch.zeros_like(logprob), logprob))
+        seq[:, P + t] = torch.where(done, torch.full_like(token, pad_id), token)
+        logprobs[:, t] = torch.where(done, torch.zeros_like(logprob), logprob)
         for stop in (eos_id, stop_id):
             if stop is not None:
                 done = done | (token == stop)
-        seq = torch.cat([seq, token[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
-        step_input = token[:, None]
-        if bool(done.all()):
+        all_done[t] = done.all()
+        steps = t + 1
+        if steps % check_every == 0 and bool(all_done[t]):
             break
-    return seq, torch.stack(new_logprobs, dim=1)
+    # N: up to the first step after which every row had stopped (one host read for the whole rollout).
+    n = int(all_done[:steps].int().argmax()) + 1 if bool(all_done[:steps].any()) else steps
+    return seq[:, :P + n].contiguous(), logprobs[:, :n].contiguous()

@@ -36,11 +36,11 @@ import torch.nn as nn
 import data
 from evaluate import reward_scores, sample_metrics, sample_responses, score_samples, sequence_kl, show_samples
 from model import generate, token_logprobs
-from runtime import (Dist, all_reduce_mean, all_reduce_sum, autocast, batch_at, check_context,
+from runtime import (Dist, adamw, all_reduce_mean, all_reduce_sum, autocast, batch_at, check_context,
                      check_nonfinite_streak, check_writable, clip_grad_norm, init_distributed, load_model, lr_at,
                      parse_config, progress_bar, save_checkpoint, seed_all, shard_model, shutdown_distributed,
                      start_or_resume, step_if_finite, unsharded)
-from sft import sft_loss
+from sft import loss_start, sft_loss
 
 
 @dataclass
@@ -149,6 +149,11 @@ class Config:
     All but token_mean are normalized over the whole minibatch, so micro_batch_size and the process count do not change the gradient"""
     old_logprobs: str = "sampling"
     """"sampling": log-probs recorded while generating (N+, TRL, torchtune); "recompute": a fresh forward pass (OpenRLHF, verl, DS-Chat)"""
+    logprob_check_every: int = 0
+    """with old_logprobs=sampling the policy's recompute forward only feeds diagnostics (val/logprob_recompute_maxdiff,
+    val/mismatch_kl, the top-k/top-p check): run it on every Nth update (1 = every update); 0 = on the updates that are
+    logged (log_every), so every logged row still has them. Updates without it omit those two metrics; training is
+    the same. With old_logprobs=recompute or a shared critic (one pass gives the values too) it runs every update"""
     rollout_batch_size: int = 64
     """PROMPTS per update, over all processes; each is sampled samples_per_prompt times, so an update trains on
     rollout_batch_size x samples_per_prompt sequences whatever the number of processes (groups never straddle ranks)"""
@@ -731,16 +736,20 @@ def response_logprobs(model, query_response, attention_mask, context_length, tem
     """Log-probs (float32) of the response tokens, and values when head="both": position
     context_length - 1 + t predicts response token t, and holds the value of the state before it.
     top_k/top_p: the sampler's truncation, so the policy's log-probs are of the distribution sampled."""
-    out = model(query_response, attention_mask=attention_mask, head=head)
+    # The heads run on positions context_length - 1 .. T - 1 only (GPT.forward's logits_from): the prompt's
+    # logits are never read.
+    out = model(query_response, attention_mask=attention_mask, head=head, logits_from=context_length - 1)
     logits = out[0] if head == "both" else out
-    logits = logits[:, context_length - 1:-1]
+    logits = logits[:, :-1]
     logp = token_logprobs(logits, query_response[:, context_length:], temperature, top_k, top_p)
-    values = out[1][:, context_length - 1:-1].float() if head == "both" else None
+    values = out[1][:, :-1].float() if head == "both" else None
     return logp, values, logits
 
 
 def critic_values(critic, query_response, attention_mask, context_length):
-    return critic(query_response, attention_mask=attention_mask, head="score")[:, context_length - 1:-1].float()
+    """Values (B, N) float32 of the states before each response token (the critic's scalar head)."""
+    return critic(query_response, attention_mask=attention_mask, head="score",
+                  logits_from=context_length - 1)[:, :-1].float()
 
 
 # -----------------------------------------------------------------------------
@@ -767,14 +776,16 @@ def response_masks(response: torch.Tensor, eos_id: int, stop_token_id: int, scor
 
 @torch.no_grad()
 def make_experience(policy, critic, ref, reward_model, query_response, query_mask, sample_logp, kl_coef, tok,
-                    cfg: Config, d: Dist) -> dict:
+                    cfg: Config, d: Dist, check_logprobs: bool = True) -> dict:
     """Steps 2-4 on one rollout: score, KL and per-token rewards, values, advantages (GAE or a critic-free
     estimator) and returns.
 
     query_response (B, P + N): left-padded prompts then responses, padded after the stop token; with
     samples_per_prompt = n, rows n*i .. n*i + n - 1 answer the same prompt (one group);
     sample_logp (B, N): the sampling log-probs from `generate`. Returns a dict of (B, N) float32
-    tensors and masks, everything the PPO update needs."""
+    tensors and masks, everything the PPO update needs. check_logprobs False (old_logprobs=sampling, a critic of its
+    own or none): skip the policy's recompute forward, which then only feeds diagnostics; exp["recomputed_logp"]
+    and exp["mismatch_kl"] are None."""
     P = query_mask.size(1)
     response = query_response[:, P:]
     T_lp = cfg.temperature if cfg.divide_logits_by_temperature else 1.0
@@ -799,17 +810,20 @@ def make_experience(policy, critic, ref, reward_model, query_response, query_mas
     with offloaded(ref, cfg, d), autocast(d, cfg.bf16):
         ref_logp, _, _ = response_logprobs(ref, query_response, attention_mask, P, T_lp)
     uses_critic = cfg.advantage_estimator == "gae"  # the group estimators need no values (no critic is built)
+    shared_critic = critic is None and uses_critic  # one forward gives log-probs and values
+    recomputed_logp = values = None
     with autocast(d, cfg.bf16):
-        recomputed_logp, values, _ = response_logprobs(policy, query_response, attention_mask, P, T_lp,
-                                                       "both" if critic is None and uses_critic else "lm", cfg.top_k, cfg.top_p)
+        if cfg.old_logprobs == "recompute" or shared_critic or check_logprobs:
+            recomputed_logp, values, _ = response_logprobs(policy, query_response, attention_mask, P, T_lp,
+                                                           "both" if shared_critic else "lm", cfg.top_k, cfg.top_p)
         if critic is not None:
             values = critic_values(critic, query_response, attention_mask, P)
         if values is None:
-            values = torch.zeros_like(recomputed_logp)
+            values = torch.zeros_like(sample_logp, dtype=torch.float32)
     # Old log-probs: the sampling ones (N+, TRL) or a fresh forward (OpenRLHF, verl). They should agree
     # (logged as val/logprob_recompute_maxdiff); bf16 or a KV-cache bug would make them differ.
     logp = sample_logp.float() * action_mask if cfg.old_logprobs == "sampling" else recomputed_logp * action_mask
-    if cfg.top_k > 0 or cfg.top_p < 1.0:
+    if (cfg.top_k > 0 or cfg.top_p < 1.0) and recomputed_logp is not None:
         check_truncated_recompute(sample_logp, recomputed_logp, action_mask)
     # TIS: recomputed old log-probs, but tokens drawn by the sampler; weights of 1 when off.
     tis = cfg.tis_cap > 0 and cfg.old_logprobs == "recompute"
@@ -848,10 +862,12 @@ def make_experience(policy, critic, ref, reward_model, query_response, query_mas
     advantages = whiten_advantages(advantages, action_mask, cfg.advantage_whitening, cfg.unbiased_variance, d)
     return dict(query_response=query_response, attention_mask=attention_mask, context_length=P,
                 action_mask=action_mask, value_mask=value_mask, ended=ended, scores=scores, logp=logp,
-                recomputed_logp=recomputed_logp * action_mask, ref_logp=ref_logp, values=values, rewards=rewards,
+                recomputed_logp=None if recomputed_logp is None else recomputed_logp * action_mask,
+                ref_logp=ref_logp, values=values, rewards=rewards,
                 non_score_reward=non_score_reward, advantages=advantages, returns=returns,
                 nonfinite_scores=nonfinite.sum(), tis_weight=tis_weight * action_mask,
-                mismatch_kl=mismatch_kl(sample_logp.float() * action_mask, recomputed_logp * action_mask, action_mask),
+                mismatch_kl=None if recomputed_logp is None else
+                mismatch_kl(sample_logp.float() * action_mask, recomputed_logp * action_mask, action_mask),
                 kl_coef=kl_coef)  # the beta of this update, for a loss-side KL
 
 
@@ -954,10 +970,12 @@ def ptx_batch(policy, pairs, n, key, tok, cfg: Config, d: Dist):
     update, epoch, mb, i = key
     g = torch.Generator().manual_seed(cfg.seed + ((update * 64 + epoch) * 1024 + mb) * 1024 + i)
     pick = torch.randint(len(pairs), (n,), generator=g).tolist()
-    batch = {k: v.to(d.device) for k, v in data.collate_sft([pairs[j] for j in pick], tok.eos_id).items()}
+    batch = data.collate_sft([pairs[j] for j in pick], tok.eos_id)
+    first = loss_start(batch["loss_mask"])
+    batch = {k: v.to(d.device) for k, v in batch.items()}
     with autocast(d, cfg.bf16):
-        logits = policy(batch["input_ids"], attention_mask=batch["attention_mask"])
-    total, count = sft_loss(logits, batch["input_ids"], batch["loss_mask"])
+        logits = policy(batch["input_ids"], attention_mask=batch["attention_mask"], logits_from=first)
+    total, count = sft_loss(logits, batch["input_ids"], batch["loss_mask"], first)
     return total / count
 
 
@@ -1003,6 +1021,8 @@ def validate(cfg: Config):
         raise SystemExit(f"--top_k={cfg.top_k} --top_p={cfg.top_p}: top_k >= 0 (0 = off), 0 < top_p <= 1 (1 = off)")
     if (cfg.top_k > 0 or cfg.top_p < 1) and not cfg.divide_logits_by_temperature:
         raise SystemExit("--top_k/--top_p need divide_logits_by_temperature: the log-probs must be of the distribution sampled")
+    if cfg.logprob_check_every < 0:
+        raise SystemExit(f"--logprob_check_every={cfg.logprob_check_every}: use 0 (on logged updates) or N >= 1")
     if cfg.tis_cap < 0 or (cfg.tis_cap > 0 and cfg.old_logprobs != "recompute"):
         raise SystemExit(f"--tis_cap={cfg.tis_cap}: TIS weights recomputed old log-probs against the sampling ones; "
                          "it needs --old_logprobs=recompute (with sampling log-probs every weight is 1)")
@@ -1053,13 +1073,21 @@ def build_models(cfg: Config, d: Dist):
     return policy, ref, reward_model, critic
 
 
+def checks_logprobs(update: int, cfg: Config) -> bool:
+    """Whether update (0-based) runs the diagnostic recompute (--logprob_check_every): on the updates that are
+    logged by default (ppo.main logs after update + 1 when it is a multiple of log_every, and the last)."""
+    if cfg.logprob_check_every == 0:
+        return (update + 1) % cfg.log_every == 0 or update + 1 == cfg.num_updates
+    return update % cfg.logprob_check_every == 0
+
+
 def make_optimizer(policy, critic, cfg: Config):
     """One AdamW over policy and critic, so vf_coef and gradient clipping act on both together (TRL's
     PolicyAndValueWrapper; N+); no weight decay, betas (0.9, 0.999) (N+, TRL)."""
     groups = [{"params": list(policy.parameters()), "lr": cfg.lr}]
     if critic is not None:
         groups.append({"params": list(critic.parameters()), "lr": cfg.critic_lr or cfg.lr})
-    return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=cfg.adam_eps, weight_decay=0.0)
+    return adamw(groups, betas=(0.9, 0.999), eps=cfg.adam_eps, weight_decay=0.0)  # fused where torch has it
 
 
 @torch.no_grad()
@@ -1155,7 +1183,7 @@ def main(argv=None):
 
         # 2-4. Score, KL and rewards, advantages.
         exp = make_experience(policy, critic, ref, reward_model, query_response, query_mask, sample_logp,
-                              kl_ctl.value, tok, cfg, d)
+                              kl_ctl.value, tok, cfg, d, check_logprobs=checks_logprobs(update, cfg))
         t_score = time.time()
 
         # 5. PPO update: epochs x minibatches x micro-batches (gradient accumulation).
@@ -1184,8 +1212,6 @@ def main(argv=None):
                 "val/ratio": all_reduce_mean(all_ratios.mean(), d), "val/ratio_var": all_reduce_mean(all_ratios.var(), d),
                 "val/num_eos_tokens": all_reduce_sum(exp["ended"].sum().float(), d),
                 "val/response_length": all_reduce_mean(action_mask.sum(1).float().mean(), d),
-                "val/logprob_recompute_maxdiff": ((exp["recomputed_logp"] - logp) * action_mask).abs().max(),
-                "val/mismatch_kl": all_reduce_mean(exp["mismatch_kl"], d),  # verl rollout_corr/k3_kl
                 "val/tis_weight_mean": all_reduce_mean(masked_mean(exp["tis_weight"], action_mask), d),
                 "beta": kl_ctl.value, "lr": optimizer.param_groups[0]["lr"],
                 "episode": (update + 1) * cfg.rollout_batch_size * cfg.samples_per_prompt,
@@ -1194,6 +1220,9 @@ def main(argv=None):
                 "val/nonfinite_scores": all_reduce_sum(exp["nonfinite_scores"].float(), d),
                 "policy/skipped_steps": stats["skipped_steps"],
             }
+            if exp["recomputed_logp"] is not None:  # on the updates that ran the recompute (logprob_check_every)
+                row["val/logprob_recompute_maxdiff"] = ((exp["recomputed_logp"] - logp) * action_mask).abs().max()
+                row["val/mismatch_kl"] = all_reduce_mean(exp["mismatch_kl"], d)  # verl rollout_corr/k3_kl
         length, kl = float(row["val/response_length"]), float(row["objective/kl"])
         first_length = first_length or length
         for warning in degeneration_warnings(length, first_length, kl, last_kl) if d.is_main else []:

@@ -115,13 +115,24 @@ REAL_DATA = dict(max_prompt_tokens=384, max_response_tokens=128, block_size=512,
                  micro_batch_size=8, max_steps=0, warmup_steps=10)
 
 
-def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor):
+def loss_start(loss_mask: torch.Tensor) -> int:
+    """The first position whose prediction is trained on, for GPT.forward's logits_from: position t predicts
+    token t + 1, so one before the first column where any row's loss_mask is 1 (0 when there is none). The
+    logits of the positions before it (the shortest prompt's, less one) are never read. loss_mask (B, T);
+    pass the CPU copy, so reading the int does not wait for a GPU."""
+    columns = loss_mask.any(0).nonzero()
+    return max(int(columns[0]) - 1, 0) if len(columns) else 0
+
+
+def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor, logits_from: int = 0):
     """Summed token cross-entropy over the tokens that loss_mask marks, and their count.
 
-    logits (B, T, V) at position t predict input_ids[t + 1]; loss_mask[b, t] = 1 marks token t as a
-    target. Returns (sum, count) so the caller can divide by the token count of the whole global
-    batch: the same loss whatever the split into processes and micro-batches."""
-    targets, mask = input_ids[:, 1:], loss_mask[:, 1:].float()
+    logits (B, T - logits_from, V): positions logits_from..T-1, as GPT.forward(..., logits_from) returns them
+    (the whole sequence by default); the logits at position t predict input_ids[t + 1]; loss_mask[b, t] = 1
+    marks token t as a target, and none before logits_from + 1 may be marked (`loss_start`). Returns
+    (sum, count) so the caller can divide by the token count of the whole global batch: the same loss
+    whatever the split into processes and micro-batches."""
+    targets, mask = input_ids[:, logits_from + 1:], loss_mask[:, logits_from + 1:].float()
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # float32: see model.token_logprobs
     nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return (nll * mask).sum(), mask.sum()
@@ -155,10 +166,11 @@ def heldout_loss(model, pairs, cfg: Config, d: Dist, pad_id: int) -> float:
     total, count = torch.zeros((), device=d.device), torch.zeros((), device=d.device)
     for start in range(0, len(pairs), cfg.micro_batch_size):
         batch = data.collate_sft(pairs[start:start + cfg.micro_batch_size], pad_id, cfg.train_on_prompt)
+        first = loss_start(batch["loss_mask"])
         batch = {k: v.to(d.device) for k, v in batch.items()}
         with autocast(d, cfg.bf16):
-            logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
-        s, c = sft_loss(logits, batch["input_ids"], batch["loss_mask"])
+            logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], logits_from=first)
+        s, c = sft_loss(logits, batch["input_ids"], batch["loss_mask"], first)
         total, count = total + s, count + c
     model.train()
     return (total / count).item()  # every rank evaluates the same examples: no reduction needed
@@ -225,10 +237,11 @@ def main(argv=None):
         set_lr(optimizer, lr)
         loss_sum = torch.zeros((), device=d.device)
         for batch in micro_batches:
+            first = loss_start(batch["loss_mask"])  # the LM head skips the prompt positions before it
             batch = {k: v.to(d.device) for k, v in batch.items()}
             with autocast(d, cfg.bf16):
-                logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
-            token_loss, _ = sft_loss(logits, batch["input_ids"], batch["loss_mask"])
+                logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], logits_from=first)
+            token_loss, _ = sft_loss(logits, batch["input_ids"], batch["loss_mask"], first)
             # FSDP averages gradients over ranks; scale by world_size so the result is sum / n_tokens.
             (token_loss * d.world_size / n_tokens).backward()
             loss_sum += token_loss.detach()

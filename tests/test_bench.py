@@ -14,6 +14,7 @@ TOY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--vocab_size=64", "--block_s
 @pytest.mark.slow
 @pytest.mark.parametrize("command, extra", [
     ("train_step", ["--train_batch=2", "--train_seq_len=16"]),
+    ("sft", ["--sft_batch=2", "--sft_prompt_len=6", "--sft_response_len=4"]),
     ("generate", ["--gen_batch=2", "--gen_prompt_len=4", "--gen_lengths=4,8", "--nocache_lengths=4"]),
     ("ppo_iteration", ["--ppo_batch=4", "--ppo_prompt_len=4", "--ppo_response_length=4", "--ppo_epochs=1",
                        "--ppo_updates=1"]),
@@ -25,7 +26,7 @@ def test_command_writes_result_lines(tmp_path, command, extra):
     lines = [json.loads(line) for line in results.read_text().splitlines()]
     assert lines and all(line["bench"] == command for line in lines)
     assert all(len(line["loadavg_start"]) == 3 and line["env"]["torch"] for line in lines)
-    if command == "train_step":  # same weights on both sides: the same initial loss
+    if command in ("train_step", "sft"):  # same weights on both sides: the same initial loss
         assert lines[0]["initial_loss_absdiff"] < 1e-4
     if command == "ppo_iteration":
         assert {line["impl"] for line in lines} == {"ours", "trl"}
