@@ -37,10 +37,10 @@ import torch.nn.functional as F
 import data
 from evaluate import sample_metrics, sample_responses, score_samples, show_samples
 from model import token_logprobs
-from runtime import (Dist, all_reduce_sum, autocast, batch_at, check_context, check_nonfinite_streak, check_writable,
-                     guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config, progress_bar,
-                     save_checkpoint, seed_all, set_lr, shard_model, shutdown_distributed, speed_metrics,
-                     split_batch, start_or_resume)
+from runtime import (Dist, all_reduce_sum, apply_preset, autocast, batch_at, check_context, check_nonfinite_streak,
+                     check_writable, guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config,
+                     progress_bar, save_checkpoint, seed_all, set_lr, shard_model, shutdown_distributed,
+                     speed_metrics, split_batch, start_or_resume)
 
 
 @dataclass
@@ -268,18 +268,11 @@ def averaged_logps(cfg: Config) -> bool:
     return cfg.loss_type == "ipo" and cfg.ipo_average
 
 
-def apply_preset(argv) -> dict:
-    """--preset=NAME fills the config from PRESETS; explicit flags still win (parse_config order)."""
-    name = next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), "")
-    if name and name not in PRESETS:
-        raise SystemExit(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-    return dict(PRESETS.get(name, {}), preset=name) if name else {}
-
-
 def main(argv=None):
     import sys
     argv = sys.argv[1:] if argv is None else list(argv)
-    cfg = parse_config(Config, [a for a in argv if not a.startswith("--preset=")], {"real": REAL_DATA}, **apply_preset(argv))
+    cfg = parse_config(Config, [a for a in argv if not a.startswith("--preset=")], {"real": REAL_DATA},
+                       **apply_preset(argv, PRESETS))
     if cfg.loss_type not in ("sigmoid", "ipo"):
         raise SystemExit(f"--loss_type={cfg.loss_type!r}: choose sigmoid or ipo")
     if not 0.0 <= cfg.label_smoothing < 0.5 or (cfg.label_smoothing and cfg.loss_type != "sigmoid"):

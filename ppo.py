@@ -36,7 +36,7 @@ import torch.nn as nn
 import data
 from evaluate import reward_scores, sample_metrics, sample_responses, score_samples, sequence_kl, show_samples
 from model import generate, token_logprobs
-from runtime import (Dist, adamw, all_reduce_mean, all_reduce_sum, autocast, batch_at, check_context,
+from runtime import (Dist, adamw, all_reduce_mean, all_reduce_sum, apply_preset, autocast, batch_at, check_context,
                      check_nonfinite_streak, check_writable, clip_grad_norm, init_distributed, load_model, lr_at,
                      parse_config, progress_bar, save_checkpoint, seed_all, shard_model, shutdown_distributed,
                      start_or_resume, step_if_finite, unsharded)
@@ -1041,14 +1041,6 @@ def validate(cfg: Config):
         raise SystemExit("--kl_is_weight weights the loss-side KL; it needs --kl_location=loss")
 
 
-def apply_preset(argv):
-    """--preset=NAME fills the config from PRESETS; explicit flags still win (parse_config order)."""
-    name = next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), "")
-    if name and name not in PRESETS:
-        raise SystemExit(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-    return dict(PRESETS.get(name, {}), preset=name) if name else {}
-
-
 def build_models(cfg: Config, d: Dist):
     """Policy and reference from SFT, reward model, critic; frozen ones in eval mode, no grads. The critic-free
     estimators get no critic and no value head (critic None): three models, not four."""
@@ -1107,7 +1099,8 @@ def rollout(policy, query, query_mask, update: int, tok, cfg: Config, d: Dist):
 def main(argv=None):
     import sys
     argv = sys.argv[1:] if argv is None else list(argv)
-    cfg = parse_config(Config, [a for a in argv if not a.startswith("--preset=")], {"real": REAL_DATA}, **apply_preset(argv))
+    cfg = parse_config(Config, [a for a in argv if not a.startswith("--preset=")], {"real": REAL_DATA},
+                       **apply_preset(argv, PRESETS))
     validate(cfg)
     d = init_distributed(cfg.device)
     seed_all(cfg.seed)

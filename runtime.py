@@ -112,6 +112,15 @@ def parse_config(cls, argv=None, profiles: dict | None = None, **presets):
     return cls(**values)
 
 
+def apply_preset(argv: list[str], presets: dict) -> dict:
+    """--preset=NAME: the field values presets[NAME] sets, plus preset=NAME, for parse_config's presets;
+    explicit flags still win (parse_config order). {} without --preset."""
+    name = next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), "")
+    if name and name not in presets:
+        raise SystemExit(f"unknown preset {name!r}; choose from {sorted(presets)}")
+    return dict(presets.get(name, {}), preset=name) if name else {}
+
+
 def resolve_profile(cls, values: dict, profiles: dict) -> dict:
     """The values of the profile in force (see parse_config); sets values["profile"] to its name."""
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}

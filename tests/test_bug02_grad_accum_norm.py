@@ -120,21 +120,6 @@ def run_update(ckpts, out, mode):
         torch.distributed.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    import data
-    from model import GPT, config_for
-    base = tmp_path_factory.mktemp("ckpts")
-    tok = data.get_tokenizer("char")
-    policy = GPT(config_for("tiny", vocab_size=tok.vocab_size, tokenizer="char"))
-    policy.init_weights(seed=0)
-    policy.save_pretrained(str(base / "sft" / "policy"))
-    rm = GPT(config_for("tiny", vocab_size=tok.vocab_size, tokenizer="char", scalar_head=True))
-    rm.init_weights(seed=1)
-    rm.save_pretrained(str(base / "rm" / "reward"))
-    return base
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["global_token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm", "token_mean"])
 def test_ppo_update_two_processes_uneven_micro_batches_equal_one_batch(checkpoints, tmp_path, mode):

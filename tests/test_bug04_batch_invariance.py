@@ -50,17 +50,6 @@ def test_logprobs_do_not_depend_on_batch_composition(precision):
     assert worst <= BOUNDS[precision], f"{precision}: a row's log-probs moved by {worst:.3g} with batch composition"
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    base = tmp_path_factory.mktemp("ckpts")
-    tok = data.get_tokenizer("char")
-    for name, head, seed in (("sft/policy", False, 0), ("rm/reward", True, 1)):
-        m = GPT(config_for("tiny", vocab_size=tok.vocab_size, tokenizer="char", scalar_head=head))
-        m.init_weights(seed=seed)
-        m.save_pretrained(str(base / name))
-    return base
-
-
 @pytest.mark.parametrize("micro,old_logprobs", [(1, "sampling"), (3, "sampling"), (1, "recompute"), (2, "recompute")])
 def test_first_ratio_is_one_for_every_micro_batch_size(checkpoints, micro, old_logprobs):
     """Old log-probs from a batch of 6 (generation or recompute); the update's forward in micro-batches."""

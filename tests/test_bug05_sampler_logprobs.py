@@ -114,17 +114,6 @@ def test_sampled_tokens_outside_recomputed_support_fail_loudly():
 # ---- ppo.py end to end: --top_k/--top_p reach rollout, recompute and update
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    base = tmp_path_factory.mktemp("ckpts")
-    tok = data.get_tokenizer("char")
-    for name, head, seed in (("sft/policy", False, 0), ("rm/reward", True, 1)):
-        m = GPT(config_for("tiny", vocab_size=tok.vocab_size, tokenizer="char", scalar_head=head))
-        m.init_weights(seed=seed)
-        m.save_pretrained(str(base / name))
-    return base
-
-
 def _ppo_first_update(checkpoints, monkeypatch=None, **overrides):
     cfg = ppo.Config(sft=str(checkpoints / "sft"), reward_model=str(checkpoints / "rm"), response_length=8,
                      temperature=0.7, num_ppo_epochs=1, rollout_batch_size=6, micro_batch_size=6, **overrides)

@@ -28,17 +28,6 @@ def test_mismatch_kl_hand_values():
     assert ppo.mismatch_kl(sample, sample, mask).item() == 0.0
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    base = tmp_path_factory.mktemp("ckpts")
-    tok = data.get_tokenizer("char")
-    for name, head, seed in (("sft/policy", False, 0), ("rm/reward", True, 1)):
-        m = GPT(config_for("tiny", vocab_size=tok.vocab_size, tokenizer="char", scalar_head=head))
-        m.init_weights(seed=seed)
-        m.save_pretrained(str(base / name))
-    return base
-
-
 def _experience(checkpoints, bf16):
     """Sampling and make_experience, both under CPU bf16 autocast when bf16 (as on a GPU run)."""
     cfg = ppo.Config(sft=str(checkpoints / "sft"), reward_model=str(checkpoints / "rm"), response_length=8,

@@ -20,7 +20,8 @@ import data
 import dpo
 import ppo
 from model import GPT, config_for, generate
-from runtime import Dist
+from runtime import Dist, apply_preset
+from tiny_checkpoints import save_tiny_policy_and_rm
 
 VARIANTS = {
     "default": {},
@@ -33,12 +34,8 @@ VARIANTS = {
 
 @pytest.fixture(scope="module")
 def rollout(tmp_path_factory):
-    base = tmp_path_factory.mktemp("ckpts")
+    base = save_tiny_policy_and_rm(tmp_path_factory.mktemp("ckpts"))
     tok = data.get_tokenizer("char")
-    for name, head, seed in (("sft/policy", False, 0), ("rm/reward", True, 1)):
-        m = GPT(config_for("tiny", vocab_size=tok.vocab_size, tokenizer="char", scalar_head=head))
-        m.init_weights(seed=seed)
-        m.save_pretrained(str(base / name))
     cfg = ppo.Config(sft=str(base / "sft"), reward_model=str(base / "rm"), response_length=8, temperature=0.7,
                      old_logprobs="recompute")
     policy, ref, rm, critic = ppo.build_models(cfg, Dist())
@@ -113,4 +110,4 @@ def test_ipo_average_flag_reaches_the_loss():
     assert dpo.averaged_logps(SimpleNamespace(loss_type="ipo", ipo_average=True))
     assert not dpo.averaged_logps(SimpleNamespace(loss_type="sigmoid", ipo_average=True))
     assert not dpo.averaged_logps(dpo.Config(loss_type="ipo"))
-    assert dpo.apply_preset(["--preset=trl"]) == {"beta": 0.1, "ipo_average": True, "preset": "trl"}
+    assert apply_preset(["--preset=trl"], dpo.PRESETS) == {"beta": 0.1, "ipo_average": True, "preset": "trl"}

@@ -12,22 +12,8 @@ import torch
 
 import data
 import ppo
-from model import GPT, config_for, generate
+from model import generate
 from runtime import Dist
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """A tiny random SFT policy and reward model on the char vocabulary (as tests/test_ppo.py)."""
-    base = tmp_path_factory.mktemp("ckpts")
-    tok = data.get_tokenizer("char")
-    policy = GPT(config_for("tiny", vocab_size=tok.vocab_size, tokenizer="char"))
-    policy.init_weights(seed=0)
-    policy.save_pretrained(str(base / "sft" / "policy"))
-    rm = GPT(config_for("tiny", vocab_size=tok.vocab_size, tokenizer="char", scalar_head=True))
-    rm.init_weights(seed=1)
-    rm.save_pretrained(str(base / "rm" / "reward"))
-    return base
 
 
 def setup(checkpoints, **overrides):
@@ -293,7 +279,7 @@ def test_grpo_main_runs_resumes_exactly_and_saves_no_critic(checkpoints, tmp_pat
 @pytest.mark.slow
 def test_launch_grpo_and_rloo_modes(tmp_path):
     """`bash launch.sh grpo` then `rloo` (tiny sizes) train from the pipeline's SFT and RM and add report rows."""
-    from test_pipeline import TINY, run_launch
+    from test_pipeline import run_launch
     group = "--num_updates=2 --eval_every=2 --save_every=2 --micro_batch_size=16 --eval_prompts=32 --rollout_batch_size=8"
     for mode in ("grpo", "rloo"):
         out = run_launch(tmp_path, mode, extra_env={"GROUP_ARGS": group})

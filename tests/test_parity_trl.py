@@ -217,45 +217,14 @@ def test_logged_metric_definitions(dirs, trl_run):
 
 
 # -----------------------------------------------------------------------------
-# OpenRLHF's loss functions (openrlhf/models/loss.py, models/utils.py; 0.11.2), when openrlhf is installed
-# (`pip install --no-deps openrlhf==0.11.2`: its full dependency set needs CUDA). Its package __init__ files
-# pull in deepspeed, peft and ray, so the two files are loaded by path; models/utils.py's top-level
-# `import deepspeed` serves only set_z3_leaf_modules and gets an empty stand-in module for the load.
-# Its GAE (trainer/ppo_utils/experience_maker.py) imports ray and is not loadable this way; verl's
-# core_algos.py imports verl.* modules that need ray, tensordict and omegaconf, so verl is not tested here.
+# OpenRLHF's loss functions (openrlhf/models/loss.py, models/utils.py; 0.11.2), loaded by path as
+# tests/framework_code.py loads them for the other OpenRLHF parity tests (its GAE: tests/test_parity_openrlhf.py).
 
 
 @pytest.fixture(scope="module")
 def openrlhf():
-    import importlib.util
-    import os
-    import sys
-    import types
-    spec = importlib.util.find_spec("openrlhf")  # does not run openrlhf/__init__.py
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("openrlhf not installed (pip install --no-deps openrlhf==0.11.2)")
-    root = os.path.join(list(spec.submodule_search_locations)[0], "models")
-    saved = {k: sys.modules.get(k) for k in ("deepspeed", "_orlhf_models")}
-    sys.modules["deepspeed"] = saved["deepspeed"] or types.ModuleType("deepspeed")
-    pkg = types.ModuleType("_orlhf_models")
-    pkg.__path__ = [root]
-    sys.modules["_orlhf_models"] = pkg
-    try:
-        loaded = {}
-        for name in ("utils", "loss"):  # loss.py does `from .utils import masked_mean`
-            s = importlib.util.spec_from_file_location(f"_orlhf_models.{name}", os.path.join(root, f"{name}.py"))
-            loaded[name] = importlib.util.module_from_spec(s)
-            sys.modules[s.name] = loaded[name]
-            s.loader.exec_module(loaded[name])
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
-        for name in ("utils", "loss"):
-            sys.modules.pop(f"_orlhf_models.{name}", None)
-    return types.SimpleNamespace(**loaded)
+    from framework_code import load_openrlhf_experience_maker
+    return load_openrlhf_experience_maker()  # .loss, .utils; fails instead of skipping under RLHF_REQUIRE_PARITY
 
 
 def _random_batch(seed=0, B=4, N=7):

@@ -260,17 +260,6 @@ def test_ppo_optimizer_is_fused_and_takes_the_same_steps():
 # ---- (4) the diagnostic recompute
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    base = tmp_path_factory.mktemp("ckpts")
-    tok = data.get_tokenizer("char")
-    for name, head, seed in (("sft/policy", False, 0), ("rm/reward", True, 1)):
-        m = GPT(config_for("tiny", vocab_size=tok.vocab_size, tokenizer="char", scalar_head=head))
-        m.init_weights(seed=seed)
-        m.save_pretrained(str(base / name))
-    return base
-
-
 @pytest.mark.parametrize("critic", ["reward", "shared"])
 def test_skipping_the_diagnostic_recompute_changes_no_training_tensor(checkpoints, critic):
     cfg = ppo.Config(sft=str(checkpoints / "sft"), reward_model=str(checkpoints / "rm"), response_length=8,

@@ -13,24 +13,10 @@ from safetensors.torch import load_file
 
 import data
 import ppo
-from model import GPT, config_for, generate
-from runtime import Dist
+from model import generate
+from runtime import Dist, apply_preset
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """A tiny random 'SFT' policy and 'reward model' on the char vocabulary, in HF format."""
-    base = tmp_path_factory.mktemp("ckpts")
-    tok = data.get_tokenizer("char")
-    policy = GPT(config_for("tiny", vocab_size=tok.vocab_size, tokenizer="char"))
-    policy.init_weights(seed=0)
-    policy.save_pretrained(str(base / "sft" / "policy"))
-    rm = GPT(config_for("tiny", vocab_size=tok.vocab_size, tokenizer="char", scalar_head=True))
-    rm.init_weights(seed=1)
-    rm.save_pretrained(str(base / "rm" / "reward"))
-    return base
 
 
 def rollout(policy, tok, cfg, seed=1):  # seed 1: two of six responses stop at EOS (checked below)
@@ -131,7 +117,7 @@ def test_presets_fill_every_knob_and_flags_override():
             if key != "lr":
                 assert getattr(cfg, key) == value, (name, key)
     with pytest.raises(SystemExit, match="unknown preset"):
-        ppo.apply_preset(["--preset=nope"])
+        apply_preset(["--preset=nope"], ppo.PRESETS)
     with pytest.raises(SystemExit, match="kl_location"):
         ppo.validate(ppo.Config(kl_location="rewards"))
 
