@@ -174,7 +174,10 @@ def init_distributed(device: str = "auto") -> Dist:
 
 
 def shutdown_distributed():
+    """Leave the process group together: a rank that tears gloo down while another is still sending (rank 0
+    writing a checkpoint or a result) can abort with "terminate called without an active exception"."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

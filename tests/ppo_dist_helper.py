@@ -12,7 +12,7 @@ import torch  # noqa: E402
 import data  # noqa: E402
 import ppo  # noqa: E402
 from model import generate  # noqa: E402
-from runtime import full_state_dict, init_distributed, shard_model  # noqa: E402
+from runtime import full_state_dict, init_distributed, shard_model, shutdown_distributed  # noqa: E402
 
 
 def main(ckpts, out):
@@ -40,9 +40,10 @@ def main(ckpts, out):
     weights.update({f"critic.{k}": v for k, v in full_state_dict(critic).items()})
     if d.rank == 0:
         torch.save(weights, out)
-    if d.distributed:
-        torch.distributed.destroy_process_group()
+    shutdown_distributed()
 
 
 if __name__ == "__main__":
+    from dist_helpers import exit_worker
     main(sys.argv[1], sys.argv[2])
+    exit_worker()

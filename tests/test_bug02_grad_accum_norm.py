@@ -89,7 +89,7 @@ def test_per_micro_batch_token_mean_drifts():
 
 def run_update(ckpts, out, mode):
     from model import generate
-    from runtime import full_state_dict, init_distributed, shard_model
+    from runtime import full_state_dict, init_distributed, shard_model, shutdown_distributed
     import data
     d = init_distributed("cpu")
     # 4 prompts x 2 samples = 8 sequences. One process: one micro-batch of 8. Two ranks: 2 prompts (4 sequences)
@@ -116,8 +116,7 @@ def run_update(ckpts, out, mode):
     weights = full_state_dict(policy)
     if d.rank == 0:
         torch.save({"weights": weights, "lengths": exp["action_mask"].sum(1)}, out)
-    if d.distributed:
-        torch.distributed.destroy_process_group()
+    shutdown_distributed()
 
 
 @pytest.mark.slow
@@ -145,4 +144,6 @@ def test_ppo_update_two_processes_uneven_micro_batches_equal_one_batch(checkpoin
 
 
 if __name__ == "__main__":
+    from dist_helpers import exit_worker
     run_update(sys.argv[1], sys.argv[2], sys.argv[3])
+    exit_worker()
