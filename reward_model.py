@@ -280,9 +280,9 @@ def normalization_set(cfg: Config, tok, d: Dist) -> list[tuple[list[int], list[i
         return [data.encode_pair(tok, r["prompt"], r["response"], cfg.max_prompt_tokens, cfg.max_response_tokens,
                                  stats) for r in records]
     prompts = [r["prompt"] for r in data.load_records(cfg.dataset, "prompt", split="train", max_records=n, seed=cfg.seed)]
-    policy = load_model(cfg.sft, "policy", d, trainable=False)  # frozen, whole on every rank
+    policy = load_model(cfg.sft, "policy", d, trainable=False, bf16=cfg.bf16)  # frozen, whole on every rank
     samples = sample_responses(policy, tok, prompts, d, cfg.max_response_tokens, cfg.normalize_temperature,
-                               seed=cfg.seed + 2, max_prompt_tokens=cfg.max_prompt_tokens)
+                               seed=cfg.seed + 2, max_prompt_tokens=cfg.max_prompt_tokens, bf16=cfg.bf16)
     return [(s["prompt_ids"], s["response_ids"]) for s in samples]
 
 
@@ -354,7 +354,7 @@ def main(argv=None):
                                                               cfg.max_steps, d)
 
     # 4. Model sharding, optimizer, and the state to resume from.
-    model = shard_model(model, d)
+    model = shard_model(model, d, cfg.bf16)
     optimizer = make_adamw(model, cfg.lr, cfg.weight_decay)
     step, state, metrics = start_or_resume(cfg.run_dir, cfg.resume, {"reward": model}, {"reward": (model, optimizer)},
                                            max_steps, d, "rm", config=cfg)
