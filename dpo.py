@@ -248,7 +248,7 @@ def eval_metrics(policy, ref, tok, eval_items: list[tuple], prompts: list[str], 
                "eval/rewards/rejected": rejected.mean().item(), "eval/rewards/margins": (chosen - rejected).mean().item(),
                "eval/rewards/accuracies": (chosen > rejected).float().mean().item()}
     samples = sample_responses(policy, tok, prompts, d, cfg.max_response_tokens, cfg.eval_temperature,
-                               seed=cfg.seed + 1, max_prompt_tokens=cfg.max_prompt_tokens)  # ppo.py's sampling seed
+                               seed=cfg.seed + 1, max_prompt_tokens=cfg.max_prompt_tokens, bf16=cfg.bf16)  # ppo.py's seed
     # The sequence KL to the reference at the sampling temperature, as ppo.py's eval/kl (evaluate.sequence_kl).
     _, kls = score_samples(samples, policy, ref, None, tok, cfg.eval_temperature, d, cfg.micro_batch_size, cfg.bf16)
     metrics["eval/kl"] = sum(kls) / len(kls)
@@ -285,9 +285,9 @@ def main(argv=None):
 
     # 1. Models: the policy and the frozen reference, both the SFT checkpoint. The reference is in eval mode,
     #    takes no gradients and, on CUDA, holds bf16 weights (runtime.load_model).
-    policy = load_model(cfg.sft, "policy", d, trainable=True, dropout=cfg.dropout)
+    policy = load_model(cfg.sft, "policy", d, trainable=True, shard=True, dropout=cfg.dropout)
     policy.gradient_checkpointing = cfg.gradient_checkpointing
-    ref = load_model(cfg.sft, "policy", d, trainable=False)
+    ref = load_model(cfg.sft, "policy", d, trainable=False, bf16=cfg.bf16, shard=True)
     tok = data.get_tokenizer(policy.config.tokenizer)
     check_context(policy, cfg.max_prompt_tokens, cfg.max_response_tokens, "dpo", "--max_prompt_tokens + --max_response_tokens")
 
@@ -315,7 +315,7 @@ def main(argv=None):
                                                               cfg.max_steps, d)
 
     # 4. Sharding, optimizer, and the state to resume from. The reference is sharded too, so its memory is split.
-    policy, ref = shard_model(policy, d), shard_model(ref, d)
+    policy, ref = shard_model(policy, d, cfg.bf16), shard_model(ref, d, cfg.bf16)
     optimizer = make_adamw(policy, cfg.lr, cfg.weight_decay)
     step, state, metrics = start_or_resume(cfg.run_dir, cfg.resume, {"policy": policy}, {"policy": (policy, optimizer)},
                                            max_steps, d, "dpo", config=cfg)

@@ -25,7 +25,7 @@ from runtime import autocast, init_distributed, load_model, parse_config, unshar
 
 @torch.no_grad()
 def sample_responses(model, tok, prompts: list[str], d, max_new_tokens: int, temperature: float, seed: int,
-                     batch_size: int = 64, max_prompt_tokens: int = 512) -> list[dict]:
+                     batch_size: int = 64, max_prompt_tokens: int = 512, bf16: bool = True) -> list[dict]:
     """Generate one response per prompt. Returns dicts with the prompt, the response text (EOS
     stripped), whether it ended with EOS, its length in tokens, the token ids (for scoring), and
     prompt_shown: the end of the prompt as the model saw it, at most 160 characters, for printing.
@@ -35,7 +35,7 @@ def sample_responses(model, tok, prompts: list[str], d, max_new_tokens: int, tem
     was_training = model.training
     model.eval()
     out = []
-    with unsharded(model), autocast(d):
+    with unsharded(model), autocast(d, bf16):
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             prompt_ids = [tok.encode(p)[-max_prompt_tokens:] for p in chunk]
@@ -174,14 +174,16 @@ class Config:
     """directory for report.md, report.json and ppo_curves.png"""
     device: str = "auto"
     """auto, cpu or cuda"""
+    bf16: bool = True
+    """bf16 weights and compute on CUDA (runtime.precision); false: float32 throughout. Ignored on CPU"""
 
 
 def evaluate_policy(name, path, ref, reward_model, prompts, cfg, d):
-    policy = load_model(path, "policy", d, trainable=False)
+    policy = load_model(path, "policy", d, trainable=False, bf16=cfg.bf16)
     tok = data.get_tokenizer(policy.config.tokenizer)
     samples = sample_responses(policy, tok, prompts, d, cfg.response_length, cfg.temperature, cfg.seed,
-                               max_prompt_tokens=cfg.max_prompt_tokens)
-    learned, kls = score_samples(samples, policy, ref, reward_model, tok, cfg.temperature, d)
+                               max_prompt_tokens=cfg.max_prompt_tokens, bf16=cfg.bf16)
+    learned, kls = score_samples(samples, policy, ref, reward_model, tok, cfg.temperature, d, bf16=cfg.bf16)
     n = len(samples)
     mean = sum(learned) / n
     standard_error = (sum((r - mean) ** 2 for r in learned) / max(n - 1, 1) / n) ** 0.5
@@ -286,8 +288,8 @@ def main(argv=None):
     cfg = parse_config(Config, argv)
     d = init_distributed(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
-    ref = load_model(cfg.reference, "policy", d, trainable=False)
-    reward_model = load_model(cfg.reward_model, "reward", d, trainable=False)
+    ref = load_model(cfg.reference, "policy", d, trainable=False, bf16=cfg.bf16)
+    reward_model = load_model(cfg.reward_model, "reward", d, trainable=False, bf16=cfg.bf16)
     resolve_limits(cfg)
     _, source, split = data.heldout_sources(cfg.dataset, cfg.eval_dataset)
     records = data.load_records(source, "prompt", split, max_records=cfg.num_prompts, seed=0)

@@ -338,8 +338,8 @@ class GPT(nn.Module):
         """
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
 
-        def normal_(t, std):  # draw on CPU so the result does not depend on the device
-            t.copy_(torch.randn(t.shape, generator=gen) * std)
+        def normal_(t, std):  # draw on CPU so the result does not depend on the device (nor on sharding)
+            copy_full_(t, torch.randn(t.shape, generator=gen) * std)
 
         for name, p in self.named_parameters():
             if not name.startswith(only):
@@ -419,17 +419,7 @@ class GPT(nn.Module):
         The tokenizer: ours record it as rlhf_tokenizer; an HF directory that ships its own tokenizer
         (tokenizer.json) uses that directory; otherwise the name given (a hub name is also a tokenizer name).
         """
-        directory = _resolve_hf_dir(name_or_dir)
-        with open(os.path.join(directory, "config.json")) as f:
-            hf = json.load(f)
-        config = config_from_hf(hf, source=os.path.join(directory, "config.json"))
-        has_tokenizer = os.path.exists(os.path.join(directory, "tokenizer.json"))
-        if hf.get("rlhf_tokenizer") not in (None, "gpt2", "char") and has_tokenizer:
-            config.tokenizer = directory  # our export carries a copy of its HF tokenizer (save_hf)
-        elif "rlhf_tokenizer" not in hf and config.llama:
-            config.tokenizer = directory if has_tokenizer else name_or_dir
-        for key, value in overrides.items():
-            setattr(config, key, value)
+        config, directory = load_hf_config(name_or_dir, **overrides)
         model = cls(config)
         model.load_hf_state_dict(load_safetensors(directory), source=directory)
         return model
@@ -442,9 +432,60 @@ class GPT(nn.Module):
         stack trace from deep inside load_state_dict. A missing `score` head is left as initialized
         (a reward model starts from an SFT checkpoint that has none).
         """
+        loaded, problems = self._map_hf(hf_state)
+        self._check_and_finish(loaded, problems, source)
+        self.load_state_dict({k: v for k, v in loaded.items() if v is not None}, strict=False)
+
+    @torch.no_grad()
+    def load_hf_sharded(self, directory: str):
+        """The meta-device path (runtime.load_model(shard=True)): this model was built on the meta device,
+        fully_shard-ed and to_empty-ed; copy into each parameter only this rank's shard, read from the
+        safetensors files as torchtitan does. A tensor whose layout is ours up to a transpose (all of GPT-2's; the
+        Llama family's embeddings, norms, o/down projections, lm_head) is read as this rank's rows only
+        (safe_open get_slice); the Llama q/k/v and gate/up, fused from separate HF tensors, are read one layer at a
+        time and cut. Peak host memory: this rank's shards plus one layer's fused tensors. Same names, layouts and
+        errors as load_hf_state_dict; the weights equal a plain load (tests/test_scale.py)."""
+        from safetensors import safe_open
+        params = dict(self.named_parameters(remove_duplicate=False))
+        seen, problems, fused = {}, [], {}
+        for path in _safetensors_files(directory):
+            with safe_open(path, framework="pt") as f:
+                shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+            for hf_key, shape in shapes.items():
+                names = hf_key.split(".")
+                if self.config.llama and len(names) > 2 and names[-2] in _LLAMA_FUSED:
+                    layer = next(n for n in names if n.isdigit())
+                    fused.setdefault(layer, []).append((path, hf_key))
+                    continue
+                mapped, key_problems = self._map_hf({hf_key: torch.empty(shape, device="meta")})
+                problems += key_problems
+                for key in mapped:  # at most one: a 1-to-1 name, its layout ours up to a transpose
+                    seen[key] = True
+                    if not (key == "lm_head.weight" and self.config.tie_word_embeddings):
+                        # Opened per tensor: the file's pages this read touches leave the process's memory
+                        # (its mmap) when it closes, so they never add up to the whole file.
+                        with safe_open(path, framework="pt") as f:
+                            _copy_rows_(params[key], f.get_slice(hf_key), not self.config.llama and _is_conv1d(key))
+        for entries in fused.values():
+            part = {}
+            for path, hf_key in entries:
+                with safe_open(path, framework="pt") as f:
+                    part[hf_key] = f.get_tensor(hf_key)
+            loaded, group_problems = self._map_hf(part)
+            problems += group_problems
+            for key, value in loaded.items():
+                copy_full_(params[key], value)
+                seen[key] = True
+            del part, loaded
+        self._check_and_finish(seen, problems, directory)  # may draw a fresh score head (init_weights shards it)
+        if isinstance(seen.get("score.bias"), torch.Tensor):  # HF's classifier head has no bias: 0
+            copy_full_(params["score.bias"], seen["score.bias"])
+
+    def _map_hf(self, hf_state: dict) -> tuple[dict, list]:
+        """HF names/layouts -> ours, shapes checked against this model: ({our key: tensor}, [problems])."""
         if self.config.llama:
             hf_state = _llama_to_ours(hf_state)
-        ours = self.state_dict()
+        ours = {k: tuple(v.shape) for k, v in self.state_dict().items()}  # a DTensor's shape is the global one
         loaded, problems = {}, []
         for key, value in hf_state.items():
             key = key if key.startswith(("transformer.", "lm_head.", "score.")) else "transformer." + key
@@ -455,25 +496,81 @@ class GPT(nn.Module):
                 continue
             if not self.config.llama and _is_conv1d(key):
                 value = value.t()
-            if value.shape != ours[key].shape:
-                problems.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(ours[key].shape)}")
+            if tuple(value.shape) != ours[key]:
+                problems.append(f"{key}: checkpoint {tuple(value.shape)} vs model {ours[key]}")
                 continue
             loaded[key] = value
-        if self.config.tie_word_embeddings:
-            loaded.setdefault("lm_head.weight", loaded.get("transformer.wte.weight"))  # tied
+        return loaded, problems
+
+    def _check_and_finish(self, loaded: dict, problems: list, source: str):
+        """Raise one error listing every problem; draw a fresh score head when the checkpoint has none.
+        loaded: {our key: tensor or True}, every key the checkpoint provided."""
+        if self.config.tie_word_embeddings and "transformer.wte.weight" in loaded:
+            loaded.setdefault("lm_head.weight", loaded["transformer.wte.weight"])  # tied
+        ours = {k: tuple(v.shape) for k, v in self.state_dict().items()}
         missing = [k for k in ours if k not in loaded and not k.startswith("score.")]
-        problems += [f"missing key {k} {tuple(ours[k].shape)}" for k in missing]
+        problems = problems + [f"missing key {k} {ours[k]}" for k in missing]
         if problems:
             raise ValueError(f"{source} does not fit this model ({self.config}):\n  " + "\n  ".join(problems))
         if self.score is not None and "score.weight" not in loaded:  # a fresh head, as init_weights draws it
             self.init_weights(only="score.")
         if self.score is not None and "score.weight" in loaded and "score.bias" not in loaded:
             loaded["score.bias"] = torch.zeros(1)  # HF's GPT2ForSequenceClassification head has no bias
-        self.load_state_dict({k: v for k, v in loaded.items() if v is not None}, strict=False)
 
     def save_pretrained(self, directory: str):
         """Write config.json + model.safetensors in HF format (loads in GPT2LMHeadModel, LlamaForCausalLM, ...)."""
         save_hf(directory, self.config, self.state_dict())
+
+
+def load_hf_config(name_or_dir: str, **overrides) -> tuple[GPTConfig, str]:
+    """(our config, the local directory) of an HF model directory or hub name, with its tokenizer chosen as
+    GPT.from_pretrained describes, and overrides (GPTConfig fields) applied."""
+    directory = _resolve_hf_dir(name_or_dir)
+    with open(os.path.join(directory, "config.json")) as f:
+        hf = json.load(f)
+    config = config_from_hf(hf, source=os.path.join(directory, "config.json"))
+    has_tokenizer = os.path.exists(os.path.join(directory, "tokenizer.json"))
+    if hf.get("rlhf_tokenizer") not in (None, "gpt2", "char") and has_tokenizer:
+        config.tokenizer = directory  # our export carries a copy of its HF tokenizer (save_hf)
+    elif "rlhf_tokenizer" not in hf and config.llama:
+        config.tokenizer = directory if has_tokenizer else name_or_dir
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config, directory
+
+
+@torch.no_grad()
+def copy_full_(param: torch.Tensor, full: torch.Tensor):
+    """param := full, where full is the whole tensor on CPU and param a plain tensor or an FSDP2 DTensor
+    shard: a DTensor takes only its own slice (distribute_tensor with src_data_rank=None cuts it locally,
+    every rank holding the same full tensor: no communication)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if isinstance(param, DTensor):
+        local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
+        param.to_local().copy_(local)
+    else:
+        param.copy_(full)
+
+
+def _copy_rows_(param: torch.Tensor, hf_slice, transposed: bool):
+    """param := the tensor behind a safetensors slice (transposed: its transpose), reading only the rows of
+    param's local shard when param is an FSDP2 DTensor (Shard(0), torch.chunk sizes: rank r holds rows
+    [r * ceil(n / W), ...)), so the whole tensor is never in memory."""
+    from torch.distributed.tensor import DTensor
+    if not isinstance(param, DTensor):
+        full = hf_slice[:]
+        param.copy_(full.t() if transposed else full)
+        return
+    local = param.to_local()
+    (placement,) = param.placements
+    assert placement.is_shard(0), f"expected FSDP2's Shard(0), got {placement}"
+    n, world = param.shape[0], param.device_mesh.size()
+    start = min(param.device_mesh.get_local_rank() * -(-n // world), n)
+    rows = local.shape[0]
+    if rows == 0:
+        return
+    piece = hf_slice[:, start:start + rows].t() if transposed else hf_slice[start:start + rows]
+    local.copy_(piece)
 
 
 def config_from_hf(hf: dict, source: str = "config.json") -> GPTConfig:
@@ -624,20 +721,24 @@ def save_hf(directory: str, config: GPTConfig, state: dict, max_shard_bytes: int
     _copy_tokenizer(config.tokenizer, directory)
 
 
-def load_safetensors(directory: str) -> dict:
-    """All tensors of model.safetensors, or of every shard listed in model.safetensors.index.json."""
-    from safetensors.torch import load_file
+def _safetensors_files(directory: str) -> list[str]:
+    """model.safetensors, or every shard listed in model.safetensors.index.json."""
     single, index = (os.path.join(directory, n) for n in ("model.safetensors", "model.safetensors.index.json"))
     if os.path.exists(single):
-        return load_file(single)
+        return [single]
     if not os.path.exists(index):
         raise FileNotFoundError(f"{directory} holds neither model.safetensors nor model.safetensors.index.json "
                                 f"(pickled .bin checkpoints are not read: they can run code when loaded)")
     with open(index) as f:
-        shard_names = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(directory, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
+
+
+def load_safetensors(directory: str) -> dict:
+    """All tensors of model.safetensors, or of every shard listed in model.safetensors.index.json."""
+    from safetensors.torch import load_file
     state = {}
-    for name in shard_names:
-        state.update(load_file(os.path.join(directory, name)))
+    for path in _safetensors_files(directory):
+        state.update(load_file(path))
     return state
 
 

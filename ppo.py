@@ -27,6 +27,7 @@ implementation details (Huang et al. 2024) and TRL, except where a comment says 
 """
 
 import contextlib
+import functools
 import time
 from dataclasses import dataclass
 
@@ -212,7 +213,8 @@ class Config:
     device: str = "auto"
     """auto, cpu or cuda"""
     bf16: bool = True
-    """bf16 autocast on CUDA (ignored on CPU)"""
+    """bf16 on CUDA (runtime.precision: FSDP2 bf16 compute / autocast, bf16 frozen models); false: float32
+    throughout (the parity run). Ignored on CPU"""
     # --- sampler truncation and the sampler/trainer mismatch (REFERENCES 5.2a rows 5-6)
     top_k: int = 0
     """sample from the k most likely tokens only (0 = off). The policy's log-probs (sampling, recompute, update) are those of this truncated, renormalized distribution; the reference's stay full-vocabulary"""
@@ -632,6 +634,14 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1) - (p * logits).sum(-1)
 
 
+def entropy_term(logits: torch.Tensor, mask: torch.Tensor, entropy_coef: float) -> torch.Tensor:
+    """Masked mean entropy of one micro-batch, logits (B, N, V), mask (B, N) -> scalar. With entropy_coef 0 it is
+    only logged, so it is computed under no_grad: with gradients the softmax (B, N, V) would be kept for the
+    backward, ~1.6 GB at B=64, N=128, V=50257 in float32 (tests/test_scale.py checks no graph is kept)."""
+    with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_coef != 0):
+        return masked_mean(entropy_from_logits(logits), mask)
+
+
 class AdaptiveKLController:
     """Ziegler et al. 2019's proportional controller (lm-human-preferences train_policy.py L115-124):
     err = clip(KL / target - 1, -0.2, 0.2); beta *= 1 + err * n_steps / horizon.
@@ -933,7 +943,7 @@ def ppo_update(policy, critic, trainable, optimizer, base_lrs, exp: dict, update
                     loss = loss + exp["kl_coef"] * aggregate(kl, a_mask, cfg.loss_aggregation, **a_norm)
                 # Terms that are means of this micro-batch alone (TRL adds its entropy bonus this way too).
                 per_micro = torch.zeros((), device=new_logp.device)
-                entropy = masked_mean(entropy_from_logits(logits), a_mask)  # logits are already / T
+                entropy = entropy_term(logits, a_mask, cfg.entropy_coef)  # logits are already / T
                 if cfg.entropy_coef > 0:
                     per_micro = per_micro - cfg.entropy_coef * entropy
                 if ptx_batch is not None:  # PPO-ptx (InstructGPT eq. 2): the SFT loss on demonstrations
@@ -1045,12 +1055,16 @@ def build_models(cfg: Config, d: Dist):
     """Policy and reference from SFT, reward model, critic; frozen ones in eval mode, no grads. The critic-free
     estimators get no critic and no value head (critic None): three models, not four."""
     uses_critic = cfg.advantage_estimator == "gae"
-    policy = load_model(cfg.sft, "policy", d, trainable=True, scalar_head=(cfg.critic == "shared" and uses_critic))
+    # Under torchrun each model is built on the meta device, sharded, and each rank reads only its own shards
+    # (runtime.load_model shard=True); weight dtypes follow --bf16 (runtime.precision: frozen models bf16 on CUDA
+    # only with --bf16; --bf16=false is a float32 run throughout).
+    load = functools.partial(load_model, d=d, bf16=cfg.bf16, shard=True)
+    policy = load(cfg.sft, "policy", trainable=True, scalar_head=(cfg.critic == "shared" and uses_critic))
     if cfg.critic == "shared" and uses_critic:  # OpenAI 2019: value head on the policy trunk, zero-init
         nn.init.zeros_(policy.score.weight)
         nn.init.zeros_(policy.score.bias)
-    ref = load_model(cfg.sft, "policy", d, trainable=False)
-    reward_model = load_model(cfg.reward_model, "reward", d, trainable=False)
+    ref = load(cfg.sft, "policy", trainable=False)
+    reward_model = load(cfg.reward_model, "reward", trainable=False)
     if not reward_model.config.scalar_head:
         raise SystemExit(f"{cfg.reward_model} has no scalar head: is it a reward model checkpoint?")
     critic = None
@@ -1058,7 +1072,9 @@ def build_models(cfg: Config, d: Dist):
         raise SystemExit(f"unknown critic {cfg.critic!r}: reward, sft or shared")
     if cfg.critic in ("reward", "sft") and uses_critic:
         source, name = (cfg.reward_model, "reward") if cfg.critic == "reward" else (cfg.sft, "policy")
-        critic = load_model(source, name, d, trainable=True, scalar_head=True)
+        # An SFT checkpoint has no score head: its fresh draw comes from the global generator after a plain
+        # build (which draws too), so it is loaded whole and sharded later, to match a one-process run.
+        critic = load(source, name, trainable=True, scalar_head=True, shard=cfg.critic == "reward")
         critic.config.reward_gain, critic.config.reward_bias = 1.0, 0.0  # a critic, not a reward model
     for m in [policy, critic] if critic is not None else [policy]:
         m.gradient_checkpointing = cfg.gradient_checkpointing
@@ -1124,7 +1140,7 @@ def main(argv=None):
         check_context(m, cfg.max_prompt_tokens, cfg.response_length, f"ppo ({name})", "--max_prompt_tokens + --response_length")
     trainable = nn.ModuleDict({"policy": policy} | ({"critic": critic} if critic is not None else {}))
     for m in list(trainable.values()) + [ref, reward_model]:
-        shard_model(m, d)
+        shard_model(m, d, cfg.bf16)
     optimizer = make_optimizer(policy, critic, cfg)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     if cfg.offload_frozen:
@@ -1252,9 +1268,9 @@ def eval_metrics(policy, ref, reward_model, tok, prompts, cfg: Config, d: Dist, 
     """Held-out prompts: learned reward, KL to the reference (sequence-summed k1), length, EOS rate, and
     on the default task the gold reward, so reward hacking shows as it happens (learned up, gold down)."""
     samples = sample_responses(policy, tok, prompts, d, cfg.response_length, cfg.temperature, seed=cfg.seed + 1,
-                               max_prompt_tokens=cfg.max_prompt_tokens)
+                               max_prompt_tokens=cfg.max_prompt_tokens, bf16=cfg.bf16)
     with offloaded(ref, cfg, d), offloaded(reward_model, cfg, d):
-        learned, kls = score_samples(samples, policy, ref, reward_model, tok, cfg.temperature, d)
+        learned, kls = score_samples(samples, policy, ref, reward_model, tok, cfg.temperature, d, bf16=cfg.bf16)
     out = {"eval/learned_reward": sum(learned) / len(learned), "eval/kl": sum(kls) / len(kls),
            **sample_metrics(samples, graded=cfg.dataset == "default")}
     if d.is_main:

@@ -288,9 +288,9 @@ def normalization_set(cfg: Config, tok, d: Dist) -> list[tuple[list[int], list[i
                                  stats) for r in records]
     records = data.load_records(cfg.dataset, "prompt", split="train", max_records=n, seed=cfg.seed)
     prompts = [r["prompt"] for r in data.apply_chat_template(records, tok, cfg.chat_template)]
-    policy = load_model(cfg.sft, "policy", d, trainable=False)  # frozen, whole on every rank
+    policy = load_model(cfg.sft, "policy", d, trainable=False, bf16=cfg.bf16)  # frozen, whole on every rank
     samples = sample_responses(policy, tok, prompts, d, cfg.max_response_tokens, cfg.normalize_temperature,
-                               seed=cfg.seed + 2, max_prompt_tokens=cfg.max_prompt_tokens)
+                               seed=cfg.seed + 2, max_prompt_tokens=cfg.max_prompt_tokens, bf16=cfg.bf16)
     return [(s["prompt_ids"], s["response_ids"]) for s in samples]
 
 
@@ -378,7 +378,7 @@ def main(argv=None):
                                                               cfg.max_steps, d)
 
     # 4. Model sharding, optimizer, and the state to resume from.
-    model = shard_model(model, d)
+    model = shard_model(model, d, cfg.bf16)
     optimizer = make_adamw(model, cfg.lr, cfg.weight_decay)
     step, state, metrics = start_or_resume(cfg.run_dir, cfg.resume, {"reward": model}, {"reward": (model, optimizer)},
                                            max_steps, d, "rm", config=cfg)

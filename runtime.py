@@ -5,11 +5,20 @@ Nothing here knows about SFT, reward models or PPO; each stage script reads top 
 these. The same script runs as `python sft.py` (one process, CPU or one GPU) and as
 `torchrun --nproc_per_node=8 sft.py` (NCCL on GPUs, gloo on CPU).
 
-Precision story (one for the whole project):
-- trainable weights, optimizer state and gradients stay float32;
-- on CUDA, forward passes run under bf16 autocast; frozen models (reference, reward) are cast to bf16;
-- logits are cast to float32 before every log-softmax, and log-prob differences, ratios, KL, rewards,
-  advantages and value targets are float32 (see model.token_logprobs for why).
+Precision story (one for the whole project; `precision()` decides, tests/test_scale.py checks it on CPU):
+- `--bf16=false`, or any CPU run: everything is float32, no autocast. This is the parity run on a GPU.
+- `--bf16=true` (the default) on CUDA:
+  - trainable models (policy, critic, SFT/RM/DPO models) keep float32 master weights, float32 gradients and
+    float32 AdamW state. Under FSDP2 (torchrun, 2+ processes) the compute copy is bf16 through
+    `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)` (torchtitan's choice): FSDP2 casts each
+    block's weights to bf16 at the all-gather (half the traffic of float32), forward and backward run in
+    bf16, and gradients are reduce-scattered in float32 into the float32 shards. No autocast there.
+    With one process there is no FSDP2 wrap to carry a policy, so forward passes run under bf16 autocast over
+    the float32 weights instead (autocast keeps norms and softmax in float32; numerically close, not equal).
+  - frozen models (reference, reward model, evaluation) store bf16 weights: they need no master copy.
+  - the rollout gathers the policy once (`unsharded`): in bf16 under the FSDP2 policy, float32 on one GPU.
+- Always float32, whatever the flag: logits are cast to float32 before every log-softmax, and log-prob
+  differences, ratios, KL, rewards, advantages and value targets are float32 (see model.token_logprobs for why).
 """
 
 import ast
@@ -181,18 +190,52 @@ def shutdown_distributed():
         dist.destroy_process_group()
 
 
-def shard_model(model, d: Dist):
-    """FSDP2: fully_shard each transformer block, then the root (torchtitan's pattern). A no-op for one process.
+@dataclass(frozen=True)
+class Precision:
+    """What one model runs in (see the module docstring). weights: the dtype its parameters are stored in;
+    fsdp_param_dtype / fsdp_reduce_dtype: the FSDP2 MixedPrecisionPolicy (None: no policy, compute in the
+    weights' dtype); autocast: whether forward passes run under bf16 autocast."""
+    weights: torch.dtype
+    fsdp_param_dtype: torch.dtype | None
+    fsdp_reduce_dtype: torch.dtype | None
+    autocast: bool
 
-    Parameters stay float32 (sharded); compute runs under autocast (see `autocast`)."""
-    if not d.distributed:
+
+def precision(device_type: str, distributed: bool, bf16: bool, trainable: bool) -> Precision:
+    """The dtype decisions for one model, as a pure function (callable on CPU with device_type="cuda")."""
+    if not bf16 or device_type != "cuda":
+        return Precision(torch.float32, None, None, False)
+    if not trainable:  # frozen: bf16 weights, compute in bf16 without autocast
+        return Precision(torch.bfloat16, None, None, False)
+    if distributed:  # FSDP2 casts the gathered weights; gradients reduce in float32 into float32 shards
+        return Precision(torch.float32, torch.bfloat16, torch.float32, False)
+    return Precision(torch.float32, None, None, True)  # one process: no FSDP2 wrap, autocast over fp32 weights
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def shard_model(model, d: Dist, bf16: bool = True):
+    """FSDP2: fully_shard each transformer block, then the root (torchtitan's pattern). A no-op for one process
+    and for a model already sharded (load_model(shard=True) shards while loading).
+
+    Trainable models on CUDA with bf16 get MixedPrecisionPolicy(bf16 params, fp32 reduce); frozen ones hold
+    bf16 weights already (see `precision`)."""
+    if not d.distributed or is_sharded(model):
         return model
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    trainable = any(p.requires_grad for p in model.parameters())
+    prec = precision(d.device.type, d.distributed, bf16, trainable)
+    kwargs = {}
+    if prec.fsdp_param_dtype is not None:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=prec.fsdp_param_dtype, reduce_dtype=prec.fsdp_reduce_dtype)
     mesh = init_device_mesh(d.device.type, (d.world_size,))
     for block in model.transformer.h:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, **kwargs)
+    fully_shard(model, mesh=mesh, **kwargs)
     return model
 
 
@@ -214,8 +257,10 @@ def unsharded(model):
 
 
 def autocast(d: Dist, enabled: bool = True):
-    """bf16 autocast on CUDA; nothing on CPU (tests patch a CPU bf16 autocast in where they need one)."""
-    if enabled and d.device.type == "cuda":
+    """bf16 autocast on one CUDA process only (`precision`): under FSDP2 the MixedPrecisionPolicy gives the
+    trainable models bf16 compute and frozen models hold bf16 weights, so autocast would only re-cast. Nothing
+    on CPU (tests patch a CPU bf16 autocast in where they need one)."""
+    if precision(d.device.type, d.distributed, enabled, trainable=True).autocast:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -259,15 +304,29 @@ def model_dir(path: str, name: str) -> str:
     return path
 
 
-def load_model(path: str, name: str, d: Dist, trainable: bool, **overrides):
-    """Load a GPT from a checkpoint directory or hub name onto d.device; frozen models get
-    requires_grad=False, eval mode, and bf16 weights on CUDA (they never need fp32 master weights)."""
-    from model import GPT
-    model = GPT.from_pretrained(model_dir(path, name), **overrides).to(d.device)
+def load_model(path: str, name: str, d: Dist, trainable: bool, bf16: bool = True, shard: bool = False, **overrides):
+    """Load a GPT from a checkpoint directory or hub name onto d.device. Frozen models get requires_grad=False,
+    eval mode, and the weight dtype `precision` gives them (bf16 on CUDA with --bf16, float32 otherwise).
+
+    shard=True under torchrun: build on the meta device, fully_shard (`shard_model`), then read into each rank
+    only its own shard of every tensor from the safetensors files (model.load_hf_sharded; torchtitan's
+    pattern), so no rank ever holds the whole model. Without torchrun, shard=True is a plain load."""
+    from model import GPT, load_hf_config
+    directory = model_dir(path, name)
+    prec = precision(d.device.type, d.distributed, bf16, trainable)
+    if shard and d.distributed:
+        config, directory = load_hf_config(directory, **overrides)
+        with torch.device("meta"):
+            model = GPT(config).to(prec.weights)
+        if not trainable:
+            model.requires_grad_(False)
+        shard_model(model, d, bf16)
+        model.to_empty(device=d.device)
+        model.load_hf_sharded(directory)
+    else:
+        model = GPT.from_pretrained(directory, **overrides).to(d.device, prec.weights)
     if not trainable:
         model.requires_grad_(False).eval()
-        if d.device.type == "cuda":
-            model.to(torch.bfloat16)
     return model
 
 

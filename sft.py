@@ -147,7 +147,7 @@ def build_policy(cfg: Config, d: Dist):
         model.init_weights(seed=cfg.seed)
         model = model.to(d.device)
     else:
-        model = load_model(cfg.init_from, "policy", d, trainable=True, dropout=cfg.dropout)
+        model = load_model(cfg.init_from, "policy", d, trainable=True, shard=True, dropout=cfg.dropout)
         tok = data.get_tokenizer(model.config.tokenizer)  # HF's own GPT-2 checkpoints mean "gpt2"
     model.gradient_checkpointing = cfg.gradient_checkpointing
     return model, tok
@@ -180,7 +180,7 @@ def eval_metrics(model, tok, eval_pairs, eval_records, cfg: Config, d: Dist, ste
     metrics = {"eval/loss": heldout_loss(model, eval_pairs, cfg, d, tok.eos_id)}
     prompts = [r["prompt"] for r in eval_records]
     samples = sample_responses(model, tok, prompts, d, cfg.max_response_tokens, cfg.eval_temperature,
-                               seed=cfg.seed + 1, max_prompt_tokens=cfg.max_prompt_tokens)
+                               seed=cfg.seed + 1, max_prompt_tokens=cfg.max_prompt_tokens, bf16=cfg.bf16)
     metrics.update(sample_metrics(samples, graded=cfg.dataset == "default"))
     if d.is_main:
         show_samples(samples, cfg.num_samples_shown, f"step {step}", graded=cfg.dataset == "default")
@@ -216,7 +216,7 @@ def main(argv=None):
                                                               cfg.max_steps, d)
 
     # 3. Model, optimizer, and the state to resume from.
-    model = shard_model(model, d)
+    model = shard_model(model, d, cfg.bf16)
     optimizer = make_adamw(model, cfg.lr, cfg.weight_decay)
     step, state, metrics = start_or_resume(cfg.run_dir, cfg.resume, {"policy": model}, {"policy": (model, optimizer)},
                                            max_steps, d, "sft", config=cfg)

@@ -1,0 +1,57 @@
+"""Per-rank code for the slow tests of tests/test_scale.py, launched as
+
+    torchrun --standalone --nproc_per_node=N tests/scale_helpers.py load MODEL_DIR OUT_DIR [shard]
+
+Loads MODEL_DIR with runtime.load_model (trainable, float32; shard=True when the 4th argument is "shard") and
+writes OUT_DIR/load.rank{R}.json: the host-memory peak of the load in bytes (VmHWM after resetting it just
+before the load, minus VmRSS then) and, on rank 0, OUT_DIR/load.safetensors: the full weights
+(runtime.full_state_dict, all-gathered), for the test to compare with a plain load.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+
+import torch
+from safetensors.torch import save_file
+
+from runtime import full_state_dict, init_distributed, load_model, shutdown_distributed
+
+
+def proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024  # kB
+
+
+def reset_peak_rss():
+    """Linux: writing 5 to clear_refs resets VmHWM (the peak resident set) to the current RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def main():
+    scenario, model_dir, out = sys.argv[1:4]
+    shard = len(sys.argv) > 4 and sys.argv[4] == "shard"
+    assert scenario == "load"
+    d = init_distributed("cpu")
+    reset_peak_rss()
+    before = proc_status_bytes("VmRSS")
+    model = load_model(model_dir, "policy", d, trainable=True, shard=shard)
+    peak = proc_status_bytes("VmHWM") - before
+    with open(os.path.join(out, f"load.rank{d.rank}.json"), "w") as f:
+        json.dump({"peak_bytes": peak, "world_size": d.world_size, "shard": shard}, f)
+    state = full_state_dict(model)
+    if d.is_main:
+        save_file({k: v.contiguous() for k, v in state.items() if k != "lm_head.weight"},
+                  os.path.join(out, "load.safetensors"))
+    if d.distributed:
+        torch.distributed.barrier()  # rank 1 must not tear down the group while rank 0 still writes
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()
