@@ -23,6 +23,7 @@ sets them all at once (PRESETS below; README has the table). The defaults follow
 implementation details (Huang et al. 2024) and TRL, except where a comment says otherwise.
 
     python ppo.py --sft=runs/sft/final --reward_model=runs/rm/final
+    python ppo.py --sft=runs/sft/final --reward_model=runs/rm_ens --reward_ensemble=uwo --uwo_lambda=1  # an RM ensemble
     torchrun --nproc_per_node=8 ppo.py --preset=trl ...
 """
 

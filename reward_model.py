@@ -12,6 +12,8 @@ applies them (`evaluate.reward_scores`). The output, run_dir/final/reward/, is w
 
     python reward_model.py --sft=runs/sft/final     # the built-in default task: ~1 min on 2 CPU cores, gold accuracy ~0.8
     python reward_model.py --sft=runs/sft/final --data_format=ranked --k=4    # K-wise rankings
+    python reward_model.py --sft=runs/sft/final --run_dir=runs/rm_ens --ensemble_size=3 [--bootstrap]
+        # three members (seeds 0, 1, 2) in runs/rm_ens/member_k/final/reward; ppo.py --reward_model=runs/rm_ens
     python reward_model.py --sft=runs/sft_hh/final --dataset=Anthropic/hh-rlhf:harmless-base \\
         --max_prompt_tokens=384 --max_response_tokens=128 --lr=1e-5 --max_steps=0
     torchrun --nproc_per_node=8 reward_model.py ...  # FSDP2, bf16 autocast on CUDA
