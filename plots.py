@@ -25,7 +25,7 @@ import torch
 
 def gao_rl_fit(d: torch.Tensor, r: torch.Tensor) -> tuple[float, float]:
     """Least-squares fit of Gao et al.'s RL form R(d) = d (alpha - beta log d) (Gao, Schulman, Hilton 2023,
-    "Scaling Laws for Reward Model Overoptimization", eq. 2 / section 2.3; R(0) = 0), to points d (N,) > 0,
+    "Scaling Laws for Reward Model Overoptimization", its functional form for RL; ../shared/REFERENCES.md 4.4; R(0) = 0), to points d (N,) > 0,
     r (N,): returns (alpha, beta). R is the gold reward gained over the initial policy and d = sqrt(KL(pi || pi_init))
     in nats. The form is linear in (alpha, beta): R = alpha * d - beta * d log d, so ordinary least squares on the
     two columns [d, -d log d] (no intercept) solves it exactly; points at d = 0 carry no information (both
@@ -247,6 +247,8 @@ def main(argv=None):
             raise SystemExit(f"plots.py: expected --key=value, got {a!r}")
         key, value = a[2:].split("=", 1)
         kwargs[key] = value
+    if "out" in kwargs:
+        os.makedirs(kwargs["out"], exist_ok=True)
     try:
         commands[argv[0]](**kwargs)
     except TypeError as e:
