@@ -205,7 +205,7 @@ def cmd_bars(report: str, out: str):
 
 def cmd_scale(report: str, params: str, out: str):
     rep, n_params = json.load(open(report)), json.load(open(params))
-    md = ["# Scale: SFT at each size vs PPO on the smallest", "", "| policy | parameters | gold reward | KL to its SFT |",
+    md = ["# Scale: SFT at each size vs PPO on the smallest", "", "| policy | parameters | gold reward | KL to the smallest SFT (meaningful for its PPO only) |",
           "|---|---|---|---|"]
     for name, row in rep["policies"].items():
         md.append(f"| {name} | {n_params.get(name, 0):,} | {row['gold_reward']:.3f} | {row['kl_to_reference']:.3f} |")
