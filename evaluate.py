@@ -10,6 +10,7 @@ fraction ending with EOS; plus the reward model's held-out accuracy, each stage'
 few side-by-side samples. Written as report.md and report.json, and printed.
 """
 
+import contextlib
 import json
 import os
 import time
@@ -81,6 +82,16 @@ def reward_scores(reward_model, input_ids: torch.Tensor, attention_mask: torch.T
     return reward_model.config.reward_gain * raw + reward_model.config.reward_bias
 
 
+def reward_model_paths(spec: str) -> list[str]:
+    """The reward-model checkpoint(s) that --reward_model names: a run directory with ensemble.json (written by
+    reward_model.py --ensemble_size=K) gives its K members' final/ directories; a comma-separated list gives each
+    path; anything else is one checkpoint. Every member is a normal RM checkpoint that loads on its own."""
+    manifest = os.path.join(spec, "ensemble.json")
+    if os.path.isfile(manifest):
+        return [os.path.join(spec, m["path"]) for m in json.load(open(manifest))["members"]]
+    return [p for p in spec.split(",") if p]
+
+
 def sequence_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """k1 estimate of the sequence KL(pi || ref) of sampled responses: (B, N) token log-probs of the sampled tokens
     under pi and ref, mask (B, N) marking response tokens -> (B,) sum of log pi - log ref over them, float32.
@@ -91,9 +102,14 @@ def sequence_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) 
 
 
 @torch.no_grad()
-def score_samples(samples, policy, ref, reward_model, tok, temperature, d, batch_size=64, bf16=True):
+def score_samples(samples, policy, ref, reward_model, tok, temperature, d, batch_size=64, bf16=True, reduce=None,
+                  visit=contextlib.nullcontext):
     """Learned reward (normalized) and sequence KL(policy || ref) (sequence_kl, log-probs of logits / T) of
-    sampled responses. Without a reward model (DPO), the learned rewards are an empty list."""
+    sampled responses. Without a reward model (DPO), the learned rewards are an empty list. reward_model may be a
+    list (an ensemble): reduce maps the members' scores (K, B) to (B,) (ppo.ensemble_reward; default the mean),
+    and each member is used inside visit(member) (ppo.py's offloading)."""
+    members = reward_model if isinstance(reward_model, (list, tuple)) else [reward_model] if reward_model is not None else []
+    reduce = reduce or (lambda s: s.mean(0))
     learned, kls = [], []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
@@ -105,8 +121,12 @@ def score_samples(samples, policy, ref, reward_model, tok, temperature, d, batch
         # Logits only from the position that predicts the longest response's first token (GPT.forward's logits_from).
         first = max(qr.size(1) - max(lengths) - 1, 0)
         with autocast(d, bf16):
-            if reward_model is not None:
-                learned += reward_scores(reward_model, qr, mask).tolist()
+            if members:
+                member_scores = []
+                for member in members:
+                    with visit(member):
+                        member_scores.append(reward_scores(member, qr, mask).float())
+                learned += reduce(torch.stack(member_scores)).tolist()
             logits_p = policy(qr, attention_mask=mask, logits_from=first)[:, :-1]
             logits_r = ref(qr, attention_mask=mask, logits_from=first)[:, :-1]
         kls += sequence_kl(token_logprobs(logits_p, qr[:, first + 1:], temperature),
@@ -146,7 +166,8 @@ class Config:
     reference: str = "runs/sft/final"
     """the reference policy for the KL column (the SFT checkpoint)"""
     reward_model: str = "runs/rm/final"
-    """the learned reward model (its run directory's metrics.jsonl gives the RM accuracy)"""
+    """the learned reward model (its run directory's metrics.jsonl gives the RM accuracy); an ensemble's run
+    directory or a comma list scores with the members' mean (the accuracy shown is member 0's)"""
     dataset: str = "default"
     """held-out prompts: the test split of this dataset (the prompts every stage held out)"""
     eval_dataset: str = ""
@@ -289,7 +310,8 @@ def main(argv=None):
     d = init_distributed(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
     ref = load_model(cfg.reference, "policy", d, trainable=False, bf16=cfg.bf16)
-    reward_model = load_model(cfg.reward_model, "reward", d, trainable=False, bf16=cfg.bf16)
+    # An ensemble's learned reward in the report is the mean of its members (Coste et al.'s "mean").
+    reward_model = [load_model(p, "reward", d, trainable=False, bf16=cfg.bf16) for p in reward_model_paths(cfg.reward_model)]
     resolve_limits(cfg)
     _, source, split = data.heldout_sources(cfg.dataset, cfg.eval_dataset)
     records = data.load_records(source, "prompt", split, max_records=cfg.num_prompts, seed=0)
@@ -309,7 +331,8 @@ def main(argv=None):
         keep = ("response", "ended", "learned", "gold")
         report["samples"].append({"prompt": prompts[i], "responses": {
             name: {k: s[i][k] for k in keep if k in s[i]} for name, s in all_samples.items()}})
-    rm_eval = last_eval(os.path.join(os.path.dirname(os.path.normpath(cfg.reward_model)), "metrics.jsonl"))
+    rm_dir = os.path.dirname(os.path.normpath(reward_model_paths(cfg.reward_model)[0]))  # an ensemble: member 0
+    rm_eval = last_eval(os.path.join(rm_dir, "metrics.jsonl"))
     report["reward_model"] = {k.removeprefix("eval/"): v for k, v in rm_eval.items() if k.startswith("eval/")}
     if cfg.stage_times and os.path.exists(cfg.stage_times):
         report["stage_seconds"] = json.load(open(cfg.stage_times))

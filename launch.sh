@@ -6,6 +6,12 @@
 #   bash launch.sh dpo             # DPO from the same SFT checkpoint and preference data, into the report
 #   bash launch.sh grpo            # GRPO (critic-free, 4 samples per prompt) from the same SFT and RM, into the report
 #   bash launch.sh rloo            # RLOO (leave-one-out baseline) from the same SFT and RM, into the report
+#   bash launch.sh ablate-ensemble # single RM vs an ensemble (mean, worst-case, uncertainty-weighted) at beta 0 and 0.1
+#   bash launch.sh scale           # SFT at three sizes (tiny to the default 4x128, 20x+ in parameters), PPO on the smallest
+#   SEEDS="0 1 2" bash launch.sh ablate-kl   # any mode once per seed (RUN_DIR/seed<s>/), then mean +- std of its table
+#
+# Every mode writes PNGs next to its report (plots.py): ppo_curves.png, gao.png (gold and learned reward vs
+# sqrt(KL) with Gao et al.'s fit), bars.png (the ablations), scale.png.
 #
 # What each stage costs on a 2-core CPU and what it prints is in README.md ("Quick start"), measured.
 # Each stage writes $RUN_DIR/<stage>/final/ and a marker $RUN_DIR/<stage>/DONE; re-running skips
@@ -31,13 +37,38 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 MODE=${1:-pipeline}
-MODES="pipeline ablate-kl dpo grpo rloo"
+MODES="pipeline ablate-kl dpo grpo rloo ablate-ensemble scale"
 case " $MODES " in
   *" $MODE "*) ;;
   *) echo "launch.sh: unknown mode '$MODE'; usage: bash launch.sh [${MODES// /|}]" >&2; exit 2 ;;
 esac
 NPROC=${NPROC:-1}
 RUN_DIR=${RUN_DIR:-runs}
+# Seeds: empty (the default) = one run with every stage's default seed, in RUN_DIR. SEEDS="0 1 2" runs the mode once
+# per seed, each a whole fresh pipeline (the seed reaches every stage: data draw, init, order, sampling) in
+# RUN_DIR/seed<s>, then writes the mode's table as mean +- std (sample std) over the seeds to RUN_DIR/<report>_seeds.
+SEEDS=${SEEDS:-}
+case "$MODE" in
+  ablate-kl) REPORT=ablate_kl ;; ablate-ensemble) REPORT=ablate_ensemble ;; scale) REPORT=scale ;; *) REPORT=report ;;
+esac
+if [ -n "$SEEDS" ]; then
+  reports=()
+  for s in $SEEDS; do
+    echo "== seed $s: RUN_DIR=$RUN_DIR/seed$s"
+    SEEDS= LAB_SEED=$s RUN_DIR="$RUN_DIR/seed$s" bash "$0" "$MODE" || exit 1
+    reports+=("$RUN_DIR/seed$s/$REPORT/report.json")
+  done
+  python plots.py seeds --reports="$(IFS=,; echo "${reports[*]}")" --out="$RUN_DIR/${REPORT}_seeds"
+  exit 0
+fi
+SEED_ARG=""
+[ -n "${LAB_SEED:-}" ] && SEED_ARG="--seed=$LAB_SEED"
+# Periodic evaluations of the ablations' PPO runs (each ~1 s): the points of the gold-vs-sqrt(KL) curves.
+LAB_EVAL_EVERY=${LAB_EVAL_EVERY:-10}
+ENSEMBLE_SIZE=${ENSEMBLE_SIZE:-3}
+ENSEMBLE_BETAS=${ENSEMBLE_BETAS:-"0 0.1"}
+UWO_LAMBDA=${UWO_LAMBDA:-1.0}
+RUNS=
 BASE_MODEL=${BASE_MODEL:-scratch}
 SFT_DATA=${SFT_DATA:-default}
 PREF_DATA=${PREF_DATA:-default}
@@ -100,23 +131,24 @@ EOF
 
 # 1. SFT (~1.5 min on 2 CPU cores): demonstrations -> policy. Prints held-out loss and gold reward.
 if [ "$BASE_MODEL" = scratch ]; then INIT=(--init_from=scratch --tokenizer="$TOKENIZER"); else INIT=(--init_from="$BASE_MODEL"); fi
-run_stage sft sft.py "${INIT[@]}" --dataset="$SFT_DATA" $SFT_ARGS
+run_stage sft sft.py "${INIT[@]}" --dataset="$SFT_DATA" $SEED_ARG $SFT_ARGS
 
 # 2. Reward model (~1.5 min): comparisons -> scalar reward. Prints held-out accuracy (and vs gold labels).
-run_stage rm reward_model.py --sft="$RUN_DIR/sft/final" --dataset="$PREF_DATA" $RM_ARGS
+run_stage rm reward_model.py --sft="$RUN_DIR/sft/final" --dataset="$PREF_DATA" $SEED_ARG $RM_ARGS
 
 case "$MODE" in
   pipeline)
     # 3. PPO (~4 min): optimize the SFT policy against the RM with a KL penalty to SFT.
-    run_stage ppo ppo.py --sft="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" --dataset="$PROMPT_DATA" $PPO_ARGS
+    run_stage ppo ppo.py --sft="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" --dataset="$PROMPT_DATA" $SEED_ARG $PPO_ARGS
     POLICIES="sft:$RUN_DIR/sft/final,ppo:$RUN_DIR/ppo/final"
     [ -f "$RUN_DIR/dpo/DONE" ] && POLICIES="$POLICIES,dpo:$RUN_DIR/dpo/final"
     # 4. Report (~20 s): SFT vs PPO on the same held-out prompts.
     python evaluate.py --policies="$POLICIES" --reference="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" \
       --dataset="$PROMPT_DATA" --stage_times="$TIMES" --ppo_metrics="$RUN_DIR/ppo/metrics.jsonl" --out="$RUN_DIR/report"
+    python plots.py gao --runs="ppo:$RUN_DIR/ppo" --out="$RUN_DIR/report"
     ;;
   dpo)
-    run_stage dpo dpo.py --sft="$RUN_DIR/sft/final" --dataset="$PREF_DATA" $DPO_ARGS
+    run_stage dpo dpo.py --sft="$RUN_DIR/sft/final" --dataset="$PREF_DATA" $SEED_ARG $DPO_ARGS
     POLICIES="sft:$RUN_DIR/sft/final,dpo:$RUN_DIR/dpo/final"
     [ -f "$RUN_DIR/ppo/DONE" ] && POLICIES="sft:$RUN_DIR/sft/final,ppo:$RUN_DIR/ppo/final,dpo:$RUN_DIR/dpo/final"
     python evaluate.py --policies="$POLICIES" --reference="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" \
@@ -133,7 +165,7 @@ case "$MODE" in
       METHOD=(--advantage_estimator=rloo --kl_location=reward --kl_estimator=k1 --loss_aggregation=global_token_mean)
     fi
     run_stage "$MODE" ppo.py --sft="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" --dataset="$PROMPT_DATA" \
-      "${METHOD[@]}" --samples_per_prompt=4 --rollout_batch_size=16 --advantage_whitening=none $GROUP_ARGS
+      "${METHOD[@]}" --samples_per_prompt=4 --rollout_batch_size=16 --advantage_whitening=none $SEED_ARG $GROUP_ARGS
     POLICIES="sft:$RUN_DIR/sft/final"
     for other in ppo dpo grpo rloo; do
       [ -f "$RUN_DIR/$other/DONE" ] && POLICIES="$POLICIES,$other:$RUN_DIR/$other/final"
@@ -146,10 +178,56 @@ case "$MODE" in
     POLICIES="sft:$RUN_DIR/sft/final"
     for beta in $ABLATE_BETAS; do
       run_stage "ppo_beta$beta" ppo.py --sft="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" \
-        --dataset="$PROMPT_DATA" --kl_coef="$beta" $PPO_ARGS
+        --dataset="$PROMPT_DATA" --kl_coef="$beta" --eval_every="$LAB_EVAL_EVERY" $SEED_ARG $PPO_ARGS
       POLICIES="$POLICIES,beta=$beta:$RUN_DIR/ppo_beta$beta/final"
+      RUNS="${RUNS:+$RUNS,}beta=$beta:$RUN_DIR/ppo_beta$beta"
     done
     python evaluate.py --policies="$POLICIES" --reference="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" \
       --dataset="$PROMPT_DATA" --stage_times="$TIMES" --out="$RUN_DIR/ablate_kl"
+    # The over-optimization curve of each beta from its periodic evaluations, with Gao et al.'s fit; the bars.
+    python plots.py gao --runs="$RUNS" --out="$RUN_DIR/ablate_kl"
+    python plots.py bars --report="$RUN_DIR/ablate_kl/report.json" --out="$RUN_DIR/ablate_kl"
+    ;;
+  ablate-ensemble)
+    # K reward models on the same comparisons (seeds seed..seed+K-1; member 0 is exactly the single RM above), then
+    # PPO from the same SFT against: the single RM, and the ensemble's mean, worst case (min) and UWO, at each beta.
+    run_stage rm_ens reward_model.py --sft="$RUN_DIR/sft/final" --dataset="$PREF_DATA" \
+      --ensemble_size="$ENSEMBLE_SIZE" $SEED_ARG $RM_ARGS
+    POLICIES="sft:$RUN_DIR/sft/final"
+    for beta in $ENSEMBLE_BETAS; do
+      for arm in single mean min uwo; do
+        if [ "$arm" = single ]; then RM=(--reward_model="$RUN_DIR/rm/final"); else
+          RM=(--reward_model="$RUN_DIR/rm_ens" --reward_ensemble="$arm" --uwo_lambda="$UWO_LAMBDA"); fi
+        run_stage "ens_${arm}_beta$beta" ppo.py --sft="$RUN_DIR/sft/final" "${RM[@]}" --dataset="$PROMPT_DATA" \
+          --kl_coef="$beta" --eval_every="$LAB_EVAL_EVERY" $SEED_ARG $PPO_ARGS
+        POLICIES="$POLICIES,$arm@$beta:$RUN_DIR/ens_${arm}_beta$beta/final"
+        RUNS="${RUNS:+$RUNS,}$arm@$beta:$RUN_DIR/ens_${arm}_beta$beta"
+      done
+    done
+    # Learned reward in this report: the ensemble's mean, the same proxy for every row.
+    python evaluate.py --policies="$POLICIES" --reference="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm_ens" \
+      --dataset="$PROMPT_DATA" --stage_times="$TIMES" --out="$RUN_DIR/ablate_ensemble"
+    python plots.py bars --report="$RUN_DIR/ablate_ensemble/report.json" --out="$RUN_DIR/ablate_ensemble"
+    python plots.py gao --runs="$RUNS" --out="$RUN_DIR/ablate_ensemble"
+    ;;
+  scale)
+    # InstructGPT's headline in miniature: SFT at three sizes from scratch (the default pipeline's 4x128 is the
+    # largest), then an RM and PPO on the smallest. Is PPO on the smallest better than SFT on 20x+ more parameters?
+    run_stage sft_tiny sft.py --init_from=scratch --tokenizer="$TOKENIZER" --dataset="$SFT_DATA" --model_size=tiny \
+      $SEED_ARG $SFT_ARGS
+    run_stage sft_mid sft.py --init_from=scratch --tokenizer="$TOKENIZER" --dataset="$SFT_DATA" --model_size=cpu-small \
+      --n_layer=2 --n_embd=64 $SEED_ARG $SFT_ARGS
+    run_stage rm_tiny reward_model.py --sft="$RUN_DIR/sft_tiny/final" --dataset="$PREF_DATA" $SEED_ARG $RM_ARGS
+    run_stage ppo_tiny ppo.py --sft="$RUN_DIR/sft_tiny/final" --reward_model="$RUN_DIR/rm_tiny/final" \
+      --dataset="$PROMPT_DATA" $SEED_ARG $PPO_ARGS
+    POLICIES="sft-tiny:$RUN_DIR/sft_tiny/final,ppo-tiny:$RUN_DIR/ppo_tiny/final,sft-mid:$RUN_DIR/sft_mid/final,sft-small:$RUN_DIR/sft/final"
+    # The report's reference is the tiny SFT: only ppo-tiny's KL column means something (the others are other models).
+    python evaluate.py --policies="$POLICIES" --reference="$RUN_DIR/sft_tiny/final" --reward_model="$RUN_DIR/rm/final" \
+      --dataset="$PROMPT_DATA" --stage_times="$TIMES" --ppo_metrics="$RUN_DIR/ppo_tiny/metrics.jsonl" --out="$RUN_DIR/scale"
+    python -c "import json, sys; from model import GPT; run = sys.argv[1]
+dirs = {'sft-tiny': 'sft_tiny', 'ppo-tiny': 'sft_tiny', 'sft-mid': 'sft_mid', 'sft-small': 'sft'}
+print(json.dumps({k: sum(p.numel() for p in GPT.from_pretrained(f'{run}/{v}/final/policy').parameters()) for k, v in dirs.items()}))" \
+      "$RUN_DIR" > "$RUN_DIR/scale/params.json"
+    python plots.py scale --report="$RUN_DIR/scale/report.json" --params="$RUN_DIR/scale/params.json" --out="$RUN_DIR/scale"
     ;;
 esac

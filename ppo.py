@@ -23,6 +23,7 @@ sets them all at once (PRESETS below; README has the table). The defaults follow
 implementation details (Huang et al. 2024) and TRL, except where a comment says otherwise.
 
     python ppo.py --sft=runs/sft/final --reward_model=runs/rm/final
+    python ppo.py --sft=runs/sft/final --reward_model=runs/rm_ens --reward_ensemble=uwo --uwo_lambda=1  # an RM ensemble
     torchrun --nproc_per_node=8 ppo.py --preset=trl ...
 """
 
@@ -35,7 +36,7 @@ import torch
 import torch.nn as nn
 
 import data
-from evaluate import reward_scores, sample_metrics, sample_responses, score_samples, sequence_kl, show_samples
+from evaluate import reward_model_paths, reward_scores, sample_metrics, sample_responses, score_samples, sequence_kl, show_samples
 from model import generate, token_logprobs
 from runtime import (Dist, adamw, all_reduce_mean, all_reduce_sum, apply_preset, autocast, batch_at, check_context,
                      check_nonfinite_streak, check_writable, clip_grad_norm, init_distributed, load_model, lr_at,
@@ -222,6 +223,15 @@ class Config:
     """nucleus sampling: the most likely tokens holding top_p of the mass (1 = off); log-probs as for top_k"""
     tis_cap: float = 0.0
     """truncated importance sampling, with old_logprobs=recompute: each token's policy loss x min(exp(old - sampling logp), tis_cap) (TRL vllm_importance_sampling_cap, OpenRLHF is_correction_mode=clip, verl rollout_is_threshold; 2.0 is verl's default); 0 = off"""
+    # --- reward-model ensembles (Coste et al. 2023), when --reward_model names several (ensemble.json or a comma list)
+    reward_ensemble: str = "mean"
+    """how the members' scores combine (ensemble_reward): "mean"; "min" (worst-case optimization, WCO); "uwo"
+    (uncertainty-weighted: mean - uwo_lambda x variance across members). One member: every mode is that member"""
+    uwo_lambda: float = 1.0
+    """UWO's penalty on the variance across members (population variance, in normalized-reward units squared)"""
+    eval_at_start: bool = True
+    """also evaluate before the first update (step 0 in metrics.jsonl): the start, d = sqrt(KL) = 0, of the
+    over-optimization curve (plots.py gao)"""
 
 
 # --profile=real: limits as sft.py's; lr 3e-6 and beta 0.05 are TRL's PPOConfig defaults
@@ -384,6 +394,27 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1"
     else:
         raise ValueError(f"unknown KL estimator {estimator!r}: k1, k2 or k3")
     return kl.clamp(-clamp, clamp) if clamp > 0 else kl
+
+
+def ensemble_reward(member_scores: torch.Tensor, mode: str, uwo_lambda: float = 0.0) -> torch.Tensor:
+    """The score PPO optimizes from K reward models: member_scores (K, B) -> (B,), float32.
+
+    Coste, Anwar, Kirk, Krueger 2023, "Reward Model Ensembles Help Mitigate Overoptimization" (arXiv:2310.02743),
+    section 3, for each (prompt q, response a) with member rewards R_1..R_K:
+        mean: R_mean = (1/K) sum_i R_i
+        WCO:  R_WCO  = min_i R_i                                        (worst-case optimization)
+        UWO:  R_UWO  = (1/K) sum_i R_i - lambda * (1/K) sum_i (R_i - R_mean)^2   (uncertainty-weighted optimization)
+    The variance is the population one (1/K), as the paper writes it; with K = 1 it is 0 and all three are R_1.
+    Each member is normalized on its own (mean 0 on SFT samples, reward_model.py), so they share one scale.
+    A non-finite member score makes the combined score non-finite, and make_experience masks that response out."""
+    scores = member_scores.float()
+    if mode == "mean":
+        return scores.mean(0)
+    if mode == "min":
+        return scores.min(0).values
+    if mode == "uwo":
+        return scores.mean(0) - uwo_lambda * scores.var(0, unbiased=False)
+    raise ValueError(f"unknown reward ensemble {mode!r}: mean, min or uwo")
 
 
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
@@ -803,9 +834,13 @@ def make_experience(policy, critic, ref, reward_model, query_response, query_mas
                                                                           cfg.score_position)
     attention_mask = torch.cat([query_mask.long(), action_mask.long()], 1)
 
-    # 2. Score with the frozen reward model; responses without EOS get the penalty.
-    with offloaded(reward_model, cfg, d), autocast(d, cfg.bf16):
-        scores = reward_scores(reward_model, query_response, attention_mask)  # at P + eos_index
+    # 2. Score with the frozen reward model, or each member of an ensemble in turn (one on the device at a time
+    #    with offload_frozen), combined per --reward_ensemble; responses without EOS get the penalty.
+    member_scores = []
+    for member in (reward_model if isinstance(reward_model, (list, tuple)) else [reward_model]):
+        with offloaded(member, cfg, d), autocast(d, cfg.bf16):
+            member_scores.append(reward_scores(member, query_response, attention_mask))  # at P + eos_index
+    scores = ensemble_reward(torch.stack(member_scores), cfg.reward_ensemble, cfg.uwo_lambda)
     # A non-finite score (a diverged reward model, a bf16 overflow) would reach every advantage of the rollout
     # through whitening, then every weight of the policy: those responses take no part in the update (counted).
     nonfinite = ~torch.isfinite(scores)
@@ -1047,6 +1082,10 @@ def validate(cfg: Config):
         raise SystemExit("--kl_location=loss --kl_estimator=k1 regularizes nothing: the gradient of logp - ref is the score "
                          "function, whose expectation is zero (OpenRLHF PR #1309). Use --kl_estimator=k2 or k3, "
                          "--kl_is_weight (the IS-weighted form, unbiased; TRL #6503), or --kl_location=reward")
+    if cfg.reward_ensemble not in ("mean", "min", "uwo"):
+        raise SystemExit(f"--reward_ensemble={cfg.reward_ensemble!r}: choose mean, min (WCO) or uwo")
+    if cfg.uwo_lambda < 0:
+        raise SystemExit(f"--uwo_lambda={cfg.uwo_lambda}: a penalty on the variance, >= 0")
     if cfg.kl_is_weight and cfg.kl_location != "loss":
         raise SystemExit("--kl_is_weight weights the loss-side KL; it needs --kl_location=loss")
 
@@ -1064,14 +1103,18 @@ def build_models(cfg: Config, d: Dist):
         nn.init.zeros_(policy.score.weight)
         nn.init.zeros_(policy.score.bias)
     ref = load(cfg.sft, "policy", trainable=False)
-    reward_model = load(cfg.reward_model, "reward", trainable=False)
-    if not reward_model.config.scalar_head:
-        raise SystemExit(f"{cfg.reward_model} has no scalar head: is it a reward model checkpoint?")
+    # One reward model, or an ensemble (reward_model.py --ensemble_size): a list of frozen models, one per member.
+    rm_paths = reward_model_paths(cfg.reward_model)
+    members = [load(path, "reward", trainable=False) for path in rm_paths]
+    for path, member in zip(rm_paths, members):
+        if not member.config.scalar_head:
+            raise SystemExit(f"{path} has no scalar head: is it a reward model checkpoint?")
+    reward_model = members[0] if len(members) == 1 else members
     critic = None
     if cfg.critic not in ("reward", "sft", "shared"):
         raise SystemExit(f"unknown critic {cfg.critic!r}: reward, sft or shared")
     if cfg.critic in ("reward", "sft") and uses_critic:
-        source, name = (cfg.reward_model, "reward") if cfg.critic == "reward" else (cfg.sft, "policy")
+        source, name = (rm_paths[0], "reward") if cfg.critic == "reward" else (cfg.sft, "policy")  # an ensemble's member 0
         # An SFT checkpoint has no score head: its fresh draw comes from the global generator after a plain
         # build (which draws too), so it is loaded whole and sharded later, to match a one-process run.
         critic = load(source, name, trainable=True, scalar_head=True, shard=cfg.critic == "reward")
@@ -1136,15 +1179,17 @@ def main(argv=None):
     # policy and critic together (TRL's PolicyAndValueWrapper; N+).
     policy, ref, reward_model, critic = build_models(cfg, d)
     tok = data.get_tokenizer(policy.config.tokenizer)
-    for m, name in ((policy, "policy"), (reward_model, "reward model")):
+    rm_members = reward_model if isinstance(reward_model, list) else [reward_model]
+    for m, name in ((policy, "policy"), (rm_members[0], "reward model")):
         check_context(m, cfg.max_prompt_tokens, cfg.response_length, f"ppo ({name})", "--max_prompt_tokens + --response_length")
     trainable = nn.ModuleDict({"policy": policy} | ({"critic": critic} if critic is not None else {}))
-    for m in list(trainable.values()) + [ref, reward_model]:
+    for m in list(trainable.values()) + [ref] + rm_members:
         shard_model(m, d, cfg.bf16)
     optimizer = make_optimizer(policy, critic, cfg)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     if cfg.offload_frozen:
-        ref.to("cpu"), reward_model.to("cpu")
+        for m in [ref] + rm_members:
+            m.to("cpu")
 
     try:
         records, eval_records = data.split_heldout(
@@ -1176,6 +1221,8 @@ def main(argv=None):
     start_update, bad_streak = update, 0
     first_length, last_kl, warned = 0.0, None, set()  # for degeneration_warnings
     bar = progress_bar(cfg.num_updates, update, "ppo", d)
+    if update == 0 and cfg.eval_at_start:
+        metrics_log.log(0, eval_metrics(policy, ref, reward_model, tok, eval_prompts, cfg, d, 0))
 
     while update < cfg.num_updates:
         t_start = time.time()
@@ -1269,8 +1316,12 @@ def eval_metrics(policy, ref, reward_model, tok, prompts, cfg: Config, d: Dist, 
     on the default task the gold reward, so reward hacking shows as it happens (learned up, gold down)."""
     samples = sample_responses(policy, tok, prompts, d, cfg.response_length, cfg.temperature, seed=cfg.seed + 1,
                                max_prompt_tokens=cfg.max_prompt_tokens, bf16=cfg.bf16)
-    with offloaded(ref, cfg, d), offloaded(reward_model, cfg, d):
-        learned, kls = score_samples(samples, policy, ref, reward_model, tok, cfg.temperature, d, bf16=cfg.bf16)
+    # The held-out learned reward is the combined score PPO optimizes (ensemble_reward); each member visits the
+    # device in turn with offload_frozen.
+    with offloaded(ref, cfg, d):
+        learned, kls = score_samples(samples, policy, ref, reward_model, tok, cfg.temperature, d, bf16=cfg.bf16,
+                                     reduce=lambda s: ensemble_reward(s, cfg.reward_ensemble, cfg.uwo_lambda),
+                                     visit=lambda m: offloaded(m, cfg, d))
     out = {"eval/learned_reward": sum(learned) / len(learned), "eval/kl": sum(kls) / len(kls),
            **sample_metrics(samples, graded=cfg.dataset == "default")}
     if d.is_main:

@@ -12,21 +12,24 @@ applies them (`evaluate.reward_scores`). The output, run_dir/final/reward/, is w
 
     python reward_model.py --sft=runs/sft/final     # the built-in default task: ~1 min on 2 CPU cores, gold accuracy ~0.8
     python reward_model.py --sft=runs/sft/final --data_format=ranked --k=4    # K-wise rankings
+    python reward_model.py --sft=runs/sft/final --run_dir=runs/rm_ens --ensemble_size=3 [--bootstrap]
+        # three members (seeds 0, 1, 2) in runs/rm_ens/member_k/final/reward; ppo.py --reward_model=runs/rm_ens
     python reward_model.py --sft=runs/sft_hh/final --dataset=Anthropic/hh-rlhf:harmless-base \\
         --max_prompt_tokens=384 --max_response_tokens=128 --lr=1e-5 --max_steps=0
     torchrun --nproc_per_node=8 reward_model.py ...  # FSDP2, bf16 autocast on CUDA
 """
 
+import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 import data
-from evaluate import sample_responses, sequence_rewards
+from evaluate import last_eval as last_logged_eval, sample_responses, sequence_rewards
 from model import GPT, save_hf_sequence_classifier
 from runtime import (Dist, all_reduce_sum, autocast, batch_at, check_context, check_nonfinite_streak, check_writable,
                      guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config, progress_bar,
@@ -112,6 +115,12 @@ class Config:
     """steps between metric lines"""
     report_to: str = ""
     """also log metrics to "tensorboard" (run_dir/tensorboard) and/or "wandb", comma-separated (TRL's report_to)"""
+    ensemble_size: int = 1
+    """train this many reward models on the same comparisons (Coste et al. 2023): member k uses seed + k for its head,
+    data order and (with bootstrap) resample, and is a normal RM run in run_dir/member_k (final/reward loads alone);
+    run_dir/ensemble.json lists them and ppo.py --reward_model=run_dir loads them all. 1 = one RM in run_dir"""
+    bootstrap: bool = False
+    """ensemble members train on a bootstrap resample (n draws with replacement, seeded per member) of the comparisons"""
 
 
 # --profile=real: limits as sft.py's; lr 1e-5 near InstructGPT's 9e-6 for its 6B RM, one epoch (InstructGPT:
@@ -328,6 +337,19 @@ def export_sequence_classifier(final: str, tok) -> str:
     return out
 
 
+def bootstrap_indices(n: int, seed: int) -> list[int]:
+    """n indices drawn uniformly with replacement from range(n), seeded: one bootstrap resample of the comparisons
+    (Efron; Coste et al. 2023 section 4 compare ensembles on the same data with ensembles on resamples). About 63%
+    of the comparisons appear at least once (1 - 1/e)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(n, (n,), generator=gen).tolist()
+
+
+def member_dir(run_dir: str, member: int) -> str:
+    """Where ensemble member k trains: a normal reward-model run directory (its final/reward loads alone)."""
+    return f"{run_dir}/member_{member}"
+
+
 def main(argv=None):
     cfg = parse_config(Config, argv, {"real": REAL_DATA})
     if cfg.data_format not in ("preference", "ranked"):
@@ -336,8 +358,42 @@ def main(argv=None):
         raise SystemExit(f"--normalize_on={cfg.normalize_on!r}: choose samples, references or none")
     if cfg.margin and cfg.data_format == "ranked":
         raise SystemExit("--margin applies to pairs (data_format=preference) only")
+    if cfg.ensemble_size < 1:
+        raise SystemExit(f"--ensemble_size={cfg.ensemble_size}: at least 1")
+    if cfg.bootstrap and cfg.ensemble_size == 1:
+        raise SystemExit("--bootstrap resamples the comparisons of each ensemble member: set --ensemble_size >= 2")
     d = init_distributed(cfg.device)
-    seed_all(cfg.seed)  # the new head is drawn from the global generator (model.init_weights)
+    if cfg.ensemble_size == 1:
+        train(cfg, d, member=0)
+    else:
+        # Members one after another, each a complete RM run (resumable on its own); the data and the
+        # normalization samples are the same for all (they follow cfg.seed), the head, order and resample differ.
+        results = [train(replace(cfg, run_dir=member_dir(cfg.run_dir, k)), d, member=k) for k in range(cfg.ensemble_size)]
+        if d.is_main:
+            write_ensemble_manifest(cfg, results)
+    shutdown_distributed()
+
+
+def write_ensemble_manifest(cfg: Config, results: list[dict]):
+    """run_dir/ensemble.json: the members' checkpoints (relative to run_dir) and their held-out numbers, which
+    ppo.py and evaluate.py read when --reward_model names run_dir; and a table of the members on the console."""
+    members = [{"path": f"member_{k}/final", **{key.removeprefix("eval/"): v for key, v in r.items()}}
+               for k, r in enumerate(results)]
+    with open(f"{cfg.run_dir}/ensemble.json", "w") as f:
+        json.dump({"ensemble_size": cfg.ensemble_size, "bootstrap": cfg.bootstrap, "members": members}, f, indent=2)
+    print(f"rm: ensemble of {cfg.ensemble_size} in {cfg.run_dir} (ensemble.json); per member:")
+    for k, m in enumerate(members):
+        gold = f", gold accuracy {m['accuracy_gold']:.3f}" if "accuracy_gold" in m else ""
+        print(f"  member {k} (seed {cfg.seed + k}{', bootstrap' if cfg.bootstrap else ''}): held-out accuracy "
+              f"{m.get('accuracy', float('nan')):.3f}{gold}")
+
+
+def train(cfg: Config, d: Dist, member: int) -> dict:
+    """One reward model into cfg.run_dir; returns its last held-out evaluation. member k of an ensemble draws its
+    head, data order and bootstrap resample from seed + k (member 0 is exactly the single RM of the same flags
+    without --bootstrap)."""
+    seed = cfg.seed + member
+    seed_all(seed)  # the new head is drawn from the global generator (model.init_weights)
     check_writable(cfg.run_dir)
 
     # 1. Model: the SFT trunk plus a fresh scalar head; raw rewards (gain 1, bias 0) until normalization.
@@ -353,8 +409,8 @@ def main(argv=None):
     # 2. Data: comparisons, tokenized once; truncation counted, ties made by truncation dropped.
     try:
         records, eval_records = data.split_heldout(lambda source, split, n: load_comparisons(source, split, n, cfg),
-                                              cfg.dataset, cfg.eval_dataset, cfg.max_train_examples,
-                                              cfg.eval_examples, "rm",
+                                                   cfg.dataset, cfg.eval_dataset, cfg.max_train_examples,
+                                                   cfg.eval_examples, "rm",
                                                    f"{cfg.run_dir}/prompts.json" if d.is_main else None)
         records, eval_records = (data.apply_chat_template(r, tok, cfg.chat_template) for r in (records, eval_records))
         stats = data.TruncationStats()
@@ -362,6 +418,8 @@ def main(argv=None):
         eval_items = encode_comparisons(eval_records, tok, cfg, data.TruncationStats())
     except data.DataError as e:
         raise SystemExit(f"rm: {e}")
+    if cfg.bootstrap:
+        items = [items[i] for i in bootstrap_indices(len(items), seed)]
     if len(items) < cfg.batch_size or not eval_items:
         raise SystemExit(f"rm: {len(items)} usable training / {len(eval_items)} held-out comparisons in {cfg.dataset}; "
                          f"need at least one batch of {cfg.batch_size} and one held-out comparison")
@@ -390,7 +448,7 @@ def main(argv=None):
     bar = progress_bar(max_steps, step, "rm", d)
     while step < stop_at:
         epoch, index = divmod(step, steps_per_epoch)
-        batch_items = batch_at(items, per_rank, cfg.seed, epoch, index, d.rank, d.world_size)
+        batch_items = batch_at(items, per_rank, seed, epoch, index, d.rank, d.world_size)
         lr = lr_at(step, max_steps, cfg.lr, cfg.warmup_steps, cfg.lr_schedule)
         set_lr(optimizer, lr)
         loss_sum, correct, n_pairs, margin_sum = (torch.zeros((), device=d.device) for _ in range(4))
@@ -444,7 +502,9 @@ def main(argv=None):
               f"{gold}; reward = {model.config.reward_gain:.4g} * raw + {model.config.reward_bias:.4g}; "
               f"reward model in {cfg.run_dir}/final/reward")
         print(f"rm: for transformers: {export_sequence_classifier(os.path.join(cfg.run_dir, 'final'), tok)}")
-    shutdown_distributed()
+    # A run resumed after its last step evaluates nothing now: its numbers are in metrics.jsonl.
+    return last_eval or last_logged_eval(f"{cfg.run_dir}/metrics.jsonl")
+
 
 if __name__ == "__main__":
     main()

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -112,3 +113,33 @@ def test_hh_pipeline_holds_out_the_same_prompts_in_every_stage(tmp_path):
     sft = report["policies"]["sft"]
     assert abs(sft["learned_reward"]) < 3 * sft["learned_reward_se"] + 0.05, sft
     assert "prompts cut to 48 tokens, up to 16 new tokens" in out.stdout
+
+
+@pytest.mark.slow
+def test_ablate_ensemble_tiny_trains_loads_and_scores_with_two_members(tmp_path):
+    """launch.sh ablate-ensemble with --ensemble_size=2 at tiny size: each member is a normal RM checkpoint that
+    loads alone, member 0 is the single RM bit for bit (same flags, seed), PPO loads the ensemble from its run
+    directory, and the report, its bars and the sqrt(KL) curves come out."""
+    from safetensors.torch import load_file
+    from model import GPT
+    out = run_launch(tmp_path, "ablate-ensemble", extra_env={"ENSEMBLE_SIZE": "2", "ENSEMBLE_BETAS": "0"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    runs = tmp_path / "runs"
+    manifest = json.load(open(runs / "rm_ens" / "ensemble.json"))
+    assert [m["path"] for m in manifest["members"]] == ["member_0/final", "member_1/final"]
+    for m in manifest["members"]:
+        assert 0 <= m["accuracy"] <= 1 and 0 <= m["accuracy_gold"] <= 1
+        assert GPT.from_pretrained(str(runs / "rm_ens" / m["path"] / "reward")).config.scalar_head
+    assert "member 1 (seed 1): held-out accuracy" in out.stdout
+    single = load_file(runs / "rm" / "final" / "reward" / "model.safetensors")
+    members = [load_file(runs / "rm_ens" / f"member_{k}" / "final" / "reward" / "model.safetensors") for k in (0, 1)]
+    assert all(torch.equal(single[k], members[0][k]) for k in single)
+    assert not torch.equal(single["score.weight"], members[1]["score.weight"])
+    cfg = json.load(open(runs / "ens_uwo_beta0" / "final" / "run_config.json"))
+    assert cfg["reward_model"] == str(runs / "rm_ens") and cfg["reward_ensemble"] == "uwo"
+    report = json.load(open(runs / "ablate_ensemble" / "report.json"))
+    assert set(report["policies"]) == {"sft", "single@0", "mean@0", "min@0", "uwo@0"}
+    for row in report["policies"].values():
+        assert math.isfinite(row["gold_reward"]) and math.isfinite(row["learned_reward"])
+    for png in ("bars.png", "gao.png"):
+        assert (runs / "ablate_ensemble" / png).stat().st_size > 1000
