@@ -89,7 +89,7 @@ def test_per_micro_batch_token_mean_drifts():
 
 def run_update(ckpts, out, mode):
     from model import generate
-    from runtime import full_state_dict, init_distributed, shard_model, shutdown_distributed
+    from runtime import full_state_dict, init_distributed, shard_model, shutdown_distributed, unsharded
     import data
     d = init_distributed("cpu")
     # 4 prompts x 2 samples = 8 sequences. One process: one micro-batch of 8. Two ranks: 2 prompts (4 sequences)
@@ -105,8 +105,9 @@ def run_update(ckpts, out, mode):
     tok = data.get_tokenizer("char")
     ids, mask = data.pad_left([tok.encode(p) for p in prompts], tok.eos_id)
     ids, mask = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
-    qr, logp = generate(policy, ids, mask, cfg.response_length, temperature=1.0, eos_id=tok.eos_id, pad_id=tok.eos_id,
-                        generator=torch.Generator().manual_seed(5))  # the same rollout on every rank
+    with unsharded(policy):  # build_models shards under torchrun; ppo.rollout samples from the whole model too
+        qr, logp = generate(policy, ids, mask, cfg.response_length, temperature=1.0, eos_id=tok.eos_id,
+                            pad_id=tok.eos_id, generator=torch.Generator().manual_seed(5))  # the same on every rank
     rows = slice(4 * d.rank, 4 * d.rank + 4) if d.distributed else slice(0, 8)
     for m in (policy, ref, rm):
         shard_model(m, d)
