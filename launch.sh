@@ -198,10 +198,12 @@ case "$MODE" in
       for arm in single mean min uwo; do
         if [ "$arm" = single ]; then RM=(--reward_model="$RUN_DIR/rm/final"); else
           RM=(--reward_model="$RUN_DIR/rm_ens" --reward_ensemble="$arm" --uwo_lambda="$UWO_LAMBDA"); fi
-        run_stage "ens_${arm}_beta$beta" ppo.py --sft="$RUN_DIR/sft/final" "${RM[@]}" --dataset="$PROMPT_DATA" \
+        # The single-RM arm is ablate-kl's run of that beta (same stage name and arguments): done once for both.
+        stage="ens_${arm}_beta$beta"; [ "$arm" = single ] && stage="ppo_beta$beta"
+        run_stage "$stage" ppo.py --sft="$RUN_DIR/sft/final" "${RM[@]}" --dataset="$PROMPT_DATA" \
           --kl_coef="$beta" --eval_every="$LAB_EVAL_EVERY" $SEED_ARG $PPO_ARGS
-        POLICIES="$POLICIES,$arm@$beta:$RUN_DIR/ens_${arm}_beta$beta/final"
-        RUNS="${RUNS:+$RUNS,}$arm@$beta:$RUN_DIR/ens_${arm}_beta$beta"
+        POLICIES="$POLICIES,$arm@$beta:$RUN_DIR/$stage/final"
+        RUNS="${RUNS:+$RUNS,}$arm@$beta:$RUN_DIR/$stage"
       done
     done
     # Learned reward in this report: the ensemble's mean, the same proxy for every row.

@@ -921,6 +921,11 @@ def generate(model, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0, eo
     if check_every is None:
         check_every = 8 if device.type == "cuda" else 1
     param = next(model.parameters())
+    if type(param).__name__ == "DTensor":  # FSDP2-sharded weights
+        # A forward of a sharded model here (no_grad, KV cache) left FSDP2 state that silently changed the
+        # gradients of the next backward (a 2-rank PPO update differed from 1 process by 0.1): refuse it.
+        raise ValueError("generate: the model's weights are sharded (FSDP2); sample inside runtime.unsharded(model), "
+                         "as ppo.rollout and evaluate.sample_responses do")
     cache = KVCache(model.config, B, P + max_new_tokens, device, param.dtype if param.is_floating_point() else torch.float32) if use_cache else None
     # Sequences and the attention mask are allocated once at full length and filled in; step t reads the
     # first P + t columns (a view), instead of a torch.cat per step.

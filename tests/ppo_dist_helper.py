@@ -12,7 +12,7 @@ import torch  # noqa: E402
 import data  # noqa: E402
 import ppo  # noqa: E402
 from model import generate  # noqa: E402
-from runtime import full_state_dict, init_distributed, shard_model, shutdown_distributed  # noqa: E402
+from runtime import full_state_dict, init_distributed, shard_model, shutdown_distributed, unsharded  # noqa: E402
 
 
 def main(ckpts, out):
@@ -26,8 +26,9 @@ def main(ckpts, out):
     tok = data.get_tokenizer("char")
     prompts = ["ab=", "cdefgh=", "p=", "abcdefgh=", "mno=", "ij=", "klmnop=", "efg="]
     ids, mask = data.pad_left([tok.encode(p) for p in prompts], tok.eos_id)
-    qr, logp = generate(policy, ids, mask, cfg.response_length, temperature=cfg.temperature, eos_id=tok.eos_id,
-                        pad_id=tok.eos_id, generator=torch.Generator().manual_seed(0))  # the same on every rank
+    with unsharded(policy):  # build_models shards under torchrun; ppo.rollout samples from the whole model too
+        qr, logp = generate(policy, ids, mask, cfg.response_length, temperature=cfg.temperature, eos_id=tok.eos_id,
+                            pad_id=tok.eos_id, generator=torch.Generator().manual_seed(0))  # the same on every rank
     rows = slice(4 * d.rank, 4 * d.rank + 4) if d.distributed else slice(0, 8)
     trainable = torch.nn.ModuleDict({"policy": policy, "critic": critic})
     for m in (policy, critic, ref, rm):
