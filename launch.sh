@@ -7,7 +7,7 @@
 #   bash launch.sh grpo            # GRPO (critic-free, 4 samples per prompt) from the same SFT and RM, into the report
 #   bash launch.sh rloo            # RLOO (leave-one-out baseline) from the same SFT and RM, into the report
 #   bash launch.sh ablate-ensemble # single RM vs an ensemble (mean, worst-case, uncertainty-weighted) at beta 0 and 0.1
-#   bash launch.sh scale           # SFT at three sizes (tiny to the default 4x128, 20x+ in parameters), PPO on the smallest
+#   bash launch.sh scale           # SFT at three sizes (2x64, 4x128, 6x128: 11x in parameters), RM and PPO on the smallest
 #   SEEDS="0 1 2" bash launch.sh ablate-kl   # any mode once per seed (RUN_DIR/seed<s>/), then mean +- std of its table
 #
 # Every mode writes PNGs next to its report (plots.py): ppo_curves.png, gao.png (gold and learned reward vs
@@ -213,21 +213,25 @@ case "$MODE" in
     python plots.py gao --runs="$RUNS" --out="$RUN_DIR/ablate_ensemble"
     ;;
   scale)
-    # InstructGPT's headline in miniature: SFT at three sizes from scratch (the default pipeline's 4x128 is the
-    # largest), then an RM and PPO on the smallest. Is PPO on the smallest better than SFT on 20x+ more parameters?
-    run_stage sft_tiny sft.py --init_from=scratch --tokenizer="$TOKENIZER" --dataset="$SFT_DATA" --model_size=tiny \
+    # InstructGPT's headline in miniature: SFT at three sizes from scratch, RM and PPO on the smallest. Is PPO on the
+    # smallest better than SFT on 10x+ more parameters? The smallest (2x64, ~0.1M) is the smallest that learns the
+    # task (2x32 reached gold 0.25); the largest (6x128, ~1.2M) is 11x it; the default 4x128 (~0.8M) sits between.
+    SMALL=(--n_layer=2 --n_embd=64)
+    run_stage sft_small sft.py --init_from=scratch --tokenizer="$TOKENIZER" --dataset="$SFT_DATA" "${SMALL[@]}" \
       $SEED_ARG $SFT_ARGS
-    run_stage sft_mid sft.py --init_from=scratch --tokenizer="$TOKENIZER" --dataset="$SFT_DATA" --model_size=cpu-small \
-      --n_layer=2 --n_embd=64 $SEED_ARG $SFT_ARGS
-    run_stage rm_tiny reward_model.py --sft="$RUN_DIR/sft_tiny/final" --dataset="$PREF_DATA" $SEED_ARG $RM_ARGS
-    run_stage ppo_tiny ppo.py --sft="$RUN_DIR/sft_tiny/final" --reward_model="$RUN_DIR/rm_tiny/final" \
+    run_stage sft_large sft.py --init_from=scratch --tokenizer="$TOKENIZER" --dataset="$SFT_DATA" --n_layer=6 \
+      $SEED_ARG $SFT_ARGS
+    run_stage rm_small reward_model.py --sft="$RUN_DIR/sft_small/final" --dataset="$PREF_DATA" $SEED_ARG $RM_ARGS
+    run_stage ppo_small ppo.py --sft="$RUN_DIR/sft_small/final" --reward_model="$RUN_DIR/rm_small/final" \
       --dataset="$PROMPT_DATA" $SEED_ARG $PPO_ARGS
-    POLICIES="sft-tiny:$RUN_DIR/sft_tiny/final,ppo-tiny:$RUN_DIR/ppo_tiny/final,sft-mid:$RUN_DIR/sft_mid/final,sft-small:$RUN_DIR/sft/final"
-    # The report's reference is the tiny SFT: only ppo-tiny's KL column means something (the others are other models).
-    python evaluate.py --policies="$POLICIES" --reference="$RUN_DIR/sft_tiny/final" --reward_model="$RUN_DIR/rm/final" \
-      --dataset="$PROMPT_DATA" --stage_times="$TIMES" --ppo_metrics="$RUN_DIR/ppo_tiny/metrics.jsonl" --out="$RUN_DIR/scale"
+    POLICIES="sft-small:$RUN_DIR/sft_small/final,ppo-small:$RUN_DIR/ppo_small/final,sft-default:$RUN_DIR/sft/final"
+    POLICIES="$POLICIES,sft-large:$RUN_DIR/sft_large/final"
+    # The report's reference is the small SFT: only ppo-small's KL column means something (the others are other
+    # models); the learned reward is the default-size RM's, the same proxy for every row.
+    python evaluate.py --policies="$POLICIES" --reference="$RUN_DIR/sft_small/final" --reward_model="$RUN_DIR/rm/final" \
+      --dataset="$PROMPT_DATA" --stage_times="$TIMES" --ppo_metrics="$RUN_DIR/ppo_small/metrics.jsonl" --out="$RUN_DIR/scale"
     python -c "import json, sys; from model import GPT; run = sys.argv[1]
-dirs = {'sft-tiny': 'sft_tiny', 'ppo-tiny': 'sft_tiny', 'sft-mid': 'sft_mid', 'sft-small': 'sft'}
+dirs = {'sft-small': 'sft_small', 'ppo-small': 'sft_small', 'sft-default': 'sft', 'sft-large': 'sft_large'}
 print(json.dumps({k: sum(p.numel() for p in GPT.from_pretrained(f'{run}/{v}/final/policy').parameters()) for k, v in dirs.items()}))" \
       "$RUN_DIR" > "$RUN_DIR/scale/params.json"
     python plots.py scale --report="$RUN_DIR/scale/report.json" --params="$RUN_DIR/scale/params.json" --out="$RUN_DIR/scale"
