@@ -10,7 +10,8 @@ L238-341, loaded by path: see framework_code.py), the whole step after the forwa
      action token, add -beta * KL on every token (the KL is zero with `--algo.kl.use_loss`, L205-214);
   3. `get_cumulative_returns` (L390-421): the per-token return, gamma forced to 1 except for reinforce (L308-310);
   4. reinforce and reinforce_baseline only: whitening over all tokens of all experiences, population variance,
-     `var.clamp(min=1e-8).rsqrt()` (L325-338; ours is rsqrt(var + 1e-8): equal here to 1e-9 relative).
+     `var.clamp(min=1e-8).rsqrt()` (L325-338; ours is rsqrt(var + 1e-8), which differs from it by 1e-8 / (2 var)
+     relative: below 1e-8 on these batches, whose advantage variance is above 1).
 
 Ours: `ppo.make_experience` itself (the production code path, with the tiny random checkpoints; the policy's
 weights are nudged so that it differs from the reference and the KL is not zero), its reward model's scores
@@ -25,7 +26,8 @@ The settings of ours that match (each passes ppo.validate):
   rloo, KL in loss       ... --advantage_estimator=rloo --kl_location=loss
 Pinned as strict xfails: group_norm and rloo with the KL in the reward (OpenRLHF's baseline sees the score
 alone and its advantage varies along the response; ours is one number per response, from score + summed KL),
-the reward clip after the baseline (ours clips the score before it), and group_norm on a tied group whose float
+the reward clip after the baseline (ours clips the score before it), reinforce_baseline's gamma (OpenRLHF forces
+1; ours discounts), and group_norm on a tied group whose float
 mean is off by a rounding residue (OpenRLHF divides that residue by a std of 0 + 1e-9 and the reward clip makes it
 10 on every token; ours gives exactly 0).
 """
@@ -214,3 +216,17 @@ def test_group_norm_on_a_tied_group_differs(openrlhf, models, checkpoints, monke
     _pinned(openrlhf, models, checkpoints, monkeypatch, "group_norm", True,
             {"advantage_estimator": "grpo", "group_std_eps": 1e-9, "kl_location": "loss", "kl_estimator": "k3",
              "advantage_whitening": "none"}, scores, 8, n_prompts=2)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "OpenRLHF experience_maker.py:308-310 sets gamma to 1.0 (with a warning) for every estimator but reinforce, "
+    "so reinforce_baseline ignores --algo.advantage.gamma; ours (reinforce_pp_baseline) discounts with --gamma "
+    "as reinforce_pp does. They agree at gamma 1 (test_group_advantages_match_openrlhf[reinforce_baseline])."))
+def test_reinforce_baseline_ignores_gamma_in_openrlhf(openrlhf, models, checkpoints, monkeypatch):
+    n = 4
+    qr, qmask = rollout(3, n)
+    scores = group_scores(qr.size(0))
+    cfg = our_config(checkpoints, n, advantage_estimator="reinforce_pp_baseline", gamma=0.9)
+    exp = ours(models, qr, qmask, scores, cfg, monkeypatch)
+    expected = theirs(openrlhf, exp, scores, "reinforce_baseline", n, False, gamma=0.9)
+    torch.testing.assert_close(exp["advantages"], expected, **TOL)
