@@ -17,19 +17,19 @@ Ours: `ppo.make_experience` itself (the production code path, with the tiny rand
 weights are nudged so that it differs from the reference and the KL is not zero), its reward model's scores
 replaced by fixed ones, and OpenRLHF fed the same scores, action masks and the log-probs of that same forward.
 
-The settings of ours that match (each passes ppo.validate):
-  reinforce              --preset=openrlhf_reinforce_pp (any gamma)
-  reinforce_baseline     --preset=openrlhf_reinforce_pp --advantage_estimator=reinforce_pp_baseline
+The settings of ours that match (each passes ppo.validate; "..." is the first line's preset; "KL in loss" also
+takes --kl_estimator=k3 and, for the group ones, --advantage_whitening=none):
+  reinforce              --preset=openrlhf_reinforce_pp (gamma 1 and 0.9, KL in the reward or the loss)
+  reinforce_baseline     ... --advantage_estimator=reinforce_pp_baseline
   dr_grpo, KL in reward  ... --advantage_estimator=reinforce_pp_baseline --advantage_whitening=none
   dr_grpo, KL in loss    ... --advantage_estimator=grpo --group_std_scaling=none --kl_location=loss
   group_norm, KL in loss ... --advantage_estimator=grpo --group_std_eps=1e-9 --kl_location=loss
   rloo, KL in loss       ... --advantage_estimator=rloo --kl_location=loss
-Pinned as strict xfails: group_norm and rloo with the KL in the reward (OpenRLHF's baseline sees the score
-alone and its advantage varies along the response; ours is one number per response, from score + summed KL),
-the reward clip after the baseline (ours clips the score before it), reinforce_baseline's gamma (OpenRLHF forces
-1; ours discounts), and group_norm on a tied group whose float
-mean is off by a rounding residue (OpenRLHF divides that residue by a std of 0 + 1e-9 and the reward clip makes it
-10 on every token; ours gives exactly 0).
+Pinned as strict xfails: group_norm and rloo with the KL in the reward (OpenRLHF's baseline sees the score alone
+and its advantage varies along the response; ours is one number per response, from score + summed KL); the reward
+clip after the baseline (ours clips the score before it); reinforce_baseline's gamma (OpenRLHF forces 1, ours
+discounts); group_norm on a tied group whose float mean is off by a rounding residue (OpenRLHF divides that
+residue by a std of 0 + 1e-9 and its reward clip makes it 10 on every token; ours gives exactly 0).
 """
 
 import types
