@@ -1,7 +1,7 @@
 """Group methods in ppo.py (GRPO, Dr. GRPO, RLOO, REINFORCE++), against hand-worked values.
 
-Parity with verl's and TRL's own code is in tests/test_parity_verl_group.py and tests/test_parity_trl_grpo.py;
-the bug classes of issue #16 that these methods raise are in tests/test_bug0*.py.
+Parity with verl's, TRL's and OpenRLHF's own code is in tests/test_parity_verl_group.py, test_parity_trl_grpo.py and
+test_parity_openrlhf_group.py; the bug classes of issue #16 that these methods raise are in tests/test_bug0*.py.
 """
 
 import json
