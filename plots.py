@@ -77,24 +77,36 @@ def eval_curve(metrics_path: str) -> list[dict]:
 
 
 def gao_analysis(runs: dict[str, str]) -> dict:
-    """For each run (name -> PPO run dir with metrics.jsonl): its curve, and the fit of gold gain over the step-0
-    evaluation (ppo.py --eval_at_start) against d. A run without a step-0 evaluation is not fitted."""
-    out = {}
-    for name, run_dir in runs.items():
-        curve = eval_curve(os.path.join(run_dir, "metrics.jsonl"))
-        entry = {"curve": curve}
-        if curve and curve[0]["step"] == 0 and len(curve) >= 3:
-            gold0 = curve[0]["gold"]
-            d = torch.tensor([p["d"] for p in curve])
-            gain = torch.tensor([p["gold"] - gold0 for p in curve])
-            alpha, beta = gao_rl_fit(d, gain)
-            fitted = gao_rl(d, alpha, beta)
-            best = max(curve, key=lambda p: p["gold"])
-            entry.update(gold0=gold0, alpha=alpha, beta=beta, peak=gao_peak(alpha, beta),
-                         rmse=((fitted - gain.double()) ** 2).mean().sqrt().item(),
-                         measured_peak={"d": best["d"], "gold": best["gold"], "step": best["step"]})
-        out[name] = entry
-    return out
+    """For each run (name -> PPO run dir with metrics.jsonl): its curve and gao_fit of it."""
+    return {name: gao_fit([eval_curve(os.path.join(run_dir, "metrics.jsonl"))]) for name, run_dir in runs.items()}
+
+
+def gao_fit(curves: list[list[dict]]) -> dict:
+    """Gao et al.'s fit of the gold gain against d, over one run's curve or several seeds' curves of the same
+    setting: each point's gain is over its own run's step-0 evaluation (ppo.py --eval_at_start), and the points of
+    all runs are pooled into one least-squares fit. "curve" is the step-by-step mean over the runs (every run
+    evaluates at the same steps); the measured best is that mean curve's. Runs without a step-0 evaluation are
+    not fitted."""
+    curve = mean_curve(curves)
+    entry = {"curve": curve, "num_runs": len(curves)}
+    fitted_runs = [c for c in curves if c and c[0]["step"] == 0 and len(c) >= 3]
+    if len(fitted_runs) == len(curves) and curves:
+        d = torch.tensor([p["d"] for c in curves for p in c])
+        gain = torch.tensor([p["gold"] - c[0]["gold"] for c in curves for p in c])
+        alpha, beta = gao_rl_fit(d, gain)
+        best = max(curve, key=lambda p: p["gold"])
+        entry.update(gold0=curve[0]["gold"], alpha=alpha, beta=beta, peak=gao_peak(alpha, beta),
+                     rmse=((gao_rl(d, alpha, beta) - gain.double()) ** 2).mean().sqrt().item(),
+                     measured_peak={"d": best["d"], "gold": best["gold"], "step": best["step"]})
+    return entry
+
+
+def mean_curve(curves: list[list[dict]]) -> list[dict]:
+    """The step-by-step mean of several runs' eval_curve rows (steps all runs have), in step order."""
+    steps = sorted(set.intersection(*(set(p["step"] for p in c) for c in curves))) if curves else []
+    by_step = [{p["step"]: p for p in c} for c in curves]
+    return [{"step": s, **{k: sum(c[s][k] for c in by_step) / len(by_step) for k in ("kl", "d", "gold", "learned")}}
+            for s in steps]
 
 
 # -----------------------------------------------------------------------------
@@ -178,8 +190,13 @@ def write(out: str, name: str, obj: dict, md: list[str]):
 
 
 def cmd_gao(runs: str, out: str):
-    analysis = gao_analysis(dict(item.split(":", 1) for item in runs.split(",")))
-    md = ["# Over-optimization: gold reward vs d = sqrt(KL) (Gao et al. 2023 RL form, R(d) = d(alpha - beta log d))", "",
+    write_gao(gao_analysis(dict(item.split(":", 1) for item in runs.split(","))), out)
+
+
+def write_gao(analysis: dict, out: str, title_note: str = ""):
+    """out/gao.{png,md,json}: the fits' table and the figure."""
+    md = ["# Over-optimization: gold reward vs d = sqrt(KL) (Gao et al. 2023 RL form, R(d) = d(alpha - beta log d))"
+          + title_note, "",
           "| run | gold at d=0 | alpha | beta | fitted peak d* | fitted peak gold | fit RMSE | measured best gold (d, update) | final gold | final d |",
           "|---|---|---|---|---|---|---|---|---|---|"]
     for name, e in analysis.items():
@@ -234,6 +251,13 @@ def cmd_seeds(reports: str, out: str):
     summary = {"num_seeds": len(reps), "policies": policies, "reports": reports.split(",")}
     write(out, "report", summary, md)
     plot_bars(summary, os.path.join(out, "bars.png"))
+    # The modes with over-optimization curves (ablate-kl, ablate-ensemble) wrote gao.json beside each report: pool
+    # each run's seeds into one fit and a mean curve.
+    gao_files = [os.path.join(os.path.dirname(p), "gao.json") for p in reports.split(",")]
+    if all(os.path.isfile(f) for f in gao_files):
+        per_seed = [json.load(open(f)) for f in gao_files]
+        analysis = {name: gao_fit([seed[name]["curve"] for seed in per_seed]) for name in per_seed[0]}
+        write_gao(analysis, out, f"; {len(per_seed)} seeds pooled, mean curves")
 
 
 def main(argv=None):

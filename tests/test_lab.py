@@ -160,3 +160,40 @@ def test_gao_analysis_on_a_synthetic_metrics_file(tmp_path):
 def test_mean_std_by_hand():
     assert plots.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
     assert plots.mean_std([0.7]) == (0.7, 0.0)
+
+
+def test_gao_fit_pools_seeds_each_over_its_own_start():
+    """Three seeds on the same curve shape but different starting gold: pooling the gains over each seed's own
+    step-0 gold recovers the coefficients exactly; the mean curve averages step by step."""
+    alpha, beta = 0.3, 0.25
+    curves = []
+    for gold0, scale in ((0.4, 1.0), (0.5, 1.1), (0.6, 0.9)):  # seeds drift to different d at each step
+        ds = [0.0] + [scale * 0.5 * k for k in range(1, 7)]
+        curves.append([{"step": 10 * k, "d": d, "kl": d * d, "learned": d,
+                        "gold": gold0 + plots.gao_rl(torch.tensor([d]), alpha, beta).item()} for k, d in enumerate(ds)])
+    out = plots.gao_fit(curves)
+    assert out["alpha"] == pytest.approx(alpha, abs=1e-6) and out["beta"] == pytest.approx(beta, abs=1e-6)
+    assert out["gold0"] == pytest.approx(0.5) and out["num_runs"] == 3
+    assert out["curve"][2]["d"] == pytest.approx((1.0 + 1.1 + 0.9) / 3)
+    # A fit that used each point's gain over the pooled mean start instead would be off:
+    wrong = plots.gao_rl_fit(torch.tensor([p["d"] for c in curves for p in c]),
+                             torch.tensor([p["gold"] - 0.5 for c in curves for p in c]))
+    assert abs(wrong[0] - alpha) > 1e-3
+
+
+def test_seeds_pools_gao_curves(tmp_path):
+    """plots.py seeds finds gao.json beside each seed's report and writes the pooled fit next to the mean table."""
+    reports = []
+    for seed, gold0 in enumerate((0.45, 0.55)):
+        d_ = tmp_path / f"seed{seed}" / "ablate_kl"
+        d_.mkdir(parents=True)
+        rep = {"policies": {"beta=0": {"gold_reward": gold0 + 0.1, "learned_reward": 1.0, "kl_to_reference": 4.0}}}
+        (d_ / "report.json").write_text(json.dumps(rep))
+        curve = [{"step": 10 * k, "d": 0.5 * k, "kl": 0.25 * k * k, "learned": k,
+                  "gold": gold0 + plots.gao_rl(torch.tensor([0.5 * k]), 0.3, 0.25).item()} for k in range(6)]
+        (d_ / "gao.json").write_text(json.dumps({"beta=0": {"curve": curve}}))
+        reports.append(str(d_ / "report.json"))
+    plots.main(["seeds", f"--reports={','.join(reports)}", f"--out={tmp_path / 'seeds'}"])
+    pooled = json.loads((tmp_path / "seeds" / "gao.json").read_text())["beta=0"]
+    assert pooled["alpha"] == pytest.approx(0.3, abs=1e-6) and pooled["beta"] == pytest.approx(0.25, abs=1e-6)
+    assert (tmp_path / "seeds" / "gao.png").stat().st_size > 1000
