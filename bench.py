@@ -4,6 +4,7 @@ BENCHMARKS.md.
     python bench.py train_step      # forward + backward + AdamW: our GPT vs transformers.GPT2LMHeadModel
     python bench.py sft --size=gpt2 --vocab_size=50257   # an SFT step on HH-shaped rows (384 + 128 tokens) vs HF
     python bench.py generate        # rollouts at batch 16: our KV cache vs HF generate vs no cache, 32/128/512 tokens
+    python bench.py generate_compiled  # the same with generate(compile_step=True) (torch.compile'd decode step) added
     python bench.py ppo_iteration   # one PPO update (rollout, score, update): ours vs TRL's PPOTrainer
     python bench.py memory          # peak memory of each stage (as a subprocess); bytes per PPO model
     python bench.py mfu             # CUDA only: SFT MFU of GPT-2 124M at 1024 tokens, bf16, eager and compiled
@@ -439,6 +440,59 @@ def bench_generate(cfg: Config, device, env):
                                    "ms_per_step", "step_cost_vs_shortest"], env, load)
 
 
+def bench_generate_compiled(cfg: Config, device, env):
+    """generate(compile_step=True) (the decode step through torch.compile, gpt-fast style) against the eager KV-cache
+    path and HF generate, the same calls as `generate` otherwise. Each length compiles its own graph during the
+    warm-up; `compile_s` is that warm-up call's time (compile plus one run), paid once per process and shape."""
+    from transformers import GenerationConfig
+    from model import generate
+    load = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf, ours = hf_and_ours(cfg, device, tmp)
+    hf.eval(), ours.eval()
+    B, P = cfg.gen_batch, cfg.gen_prompt_len
+    g = torch.Generator().manual_seed(cfg.seed)
+    prompt = torch.randint(0, cfg.vocab_size - 1, (B, P), generator=g).to(device)
+    mask = torch.ones_like(prompt)
+    temperature = 0.0 if cfg.greedy else 1.0
+
+    def ours_fn(n, compile_step):
+        def run():
+            gen = torch.Generator(device=device).manual_seed(cfg.seed)
+            seq, _ = generate(ours, prompt, mask, n, temperature=temperature, eos_id=None, pad_id=0, generator=gen,
+                              compile_step=compile_step)
+            assert seq.shape == (B, P + n), seq.shape
+            return seq
+        return run
+
+    def hf_fn(n):
+        sampling = {} if cfg.greedy else dict(temperature=1.0, top_k=0, top_p=1.0)
+        gen_cfg = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=not cfg.greedy, eos_token_id=None,
+                                   pad_token_id=0, use_cache=True, **sampling)
+        return lambda: hf.generate(input_ids=prompt, attention_mask=mask, generation_config=gen_cfg)
+
+    rows = []
+    for n in [int(x) for x in cfg.gen_lengths.split(",") if x]:
+        if P + n > cfg.block_size:
+            raise SystemExit(f"prompt {P} + {n} new tokens > block_size {cfg.block_size}")
+        fns = {"ours_kv": ours_fn(n, False), "ours_kv_compiled": ours_fn(n, True), "hf_generate": hf_fn(n)}
+        sync(device)
+        start = time.perf_counter()
+        same = torch.equal(fns["ours_kv_compiled"](), fns["ours_kv"]())  # the compile happens here
+        sync(device)
+        compile_s = time.perf_counter() - start
+        times = alternate(fns, cfg.repeats, cfg.warmup, device)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        for name in fns:
+            rows.append({"case": f"{model_desc(ours)} B{B} P{P}", "new_tokens": n, "impl": name, "median_s": med[name],
+                         "times_s": times[name], "new_tokens_per_s": B * n / med[name],
+                         "speedup_vs_hf": med["hf_generate"] / med[name], "speedup_vs_eager": med["ours_kv"] / med[name],
+                         "compile_s": compile_s if name == "ours_kv_compiled" else None,
+                         "same_tokens_as_eager": same if name == "ours_kv_compiled" else None})
+    record(cfg, "generate_compiled", rows, ["case", "new_tokens", "impl", "median_s", "new_tokens_per_s", "speedup_vs_hf",
+                                            "speedup_vs_eager", "compile_s", "same_tokens_as_eager"], env, load)
+
+
 # -----------------------------------------------------------------------------
 # 3. One PPO iteration, ours vs TRL
 
@@ -791,7 +845,8 @@ def bench_mfu(cfg: Config, device, env):
 # -----------------------------------------------------------------------------
 
 
-COMMANDS = {"train_step": bench_train_step, "sft": bench_sft, "generate": bench_generate, "ppo_iteration": bench_ppo_iteration,
+COMMANDS = {"train_step": bench_train_step, "sft": bench_sft, "generate": bench_generate,
+            "generate_compiled": bench_generate_compiled, "ppo_iteration": bench_ppo_iteration,
             "memory": bench_memory, "mfu": bench_mfu}
 
 

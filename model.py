@@ -131,9 +131,18 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0
+        # Fixed-shape decoding (`decode_step`): a (1,) tensor holding the position to write. Then `update`
+        # writes there and returns all max_len slots, so every step has the same shapes and a compiled step is
+        # traced once (gpt-fast's static cache); the attention mask hides the slots not written yet.
+        self.index = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, nkv, T, hs) at positions [pos, pos+T); return the keys and values of [0, pos+T)."""
+        """Store k, v (B, nkv, T, hs) at positions [pos, pos+T); return the keys and values of [0, pos+T).
+        With `index` set: store the one new position (T = 1) at `index`; return every slot."""
+        if self.index is not None:
+            self.k[layer].index_copy_(2, self.index, k)
+            self.v[layer].index_copy_(2, self.index, v)
+            return self.k[layer], self.v[layer]
         end = self.pos + k.size(2)
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
@@ -372,14 +381,19 @@ class GPT(nn.Module):
         log-softmax (see `token_logprobs`).
         """
         B, T = idx.size()
-        past = kv_cache.pos if kv_cache is not None else 0
-        if attention_mask is None:
-            attention_mask = torch.ones(B, past + T, dtype=torch.long, device=idx.device)
-        if position_ids is None:
-            position_ids = position_ids_from_mask(attention_mask)[:, past:]
-        assert past + T <= self.config.block_size, f"sequence of {past + T} tokens > block_size {self.config.block_size}"
-        # The fused causal kernel needs no mask when nothing is padded and nothing is cached.
-        attn_mask = None if (kv_cache is None and bool(attention_mask.all())) else build_attn_mask(attention_mask, T)
+        if kv_cache is not None and kv_cache.index is not None:  # a fixed-shape decode step (`decode_step`)
+            assert position_ids is not None and attention_mask is not None, "decode_step passes both"
+            attn_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, max_len): it hides unwritten slots itself
+            past = None
+        else:
+            past = kv_cache.pos if kv_cache is not None else 0
+            if attention_mask is None:
+                attention_mask = torch.ones(B, past + T, dtype=torch.long, device=idx.device)
+            if position_ids is None:
+                position_ids = position_ids_from_mask(attention_mask)[:, past:]
+            assert past + T <= self.config.block_size, f"sequence of {past + T} tokens > block_size {self.config.block_size}"
+            # The fused causal kernel needs no mask when nothing is padded and nothing is cached.
+            attn_mask = None if (kv_cache is None and bool(attention_mask.all())) else build_attn_mask(attention_mask, T)
 
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
@@ -394,7 +408,7 @@ class GPT(nn.Module):
             else:
                 x = block(x, attn_mask, rope, kv_cache, layer)
         x = self.transformer.ln_f(x)
-        if kv_cache is not None:
+        if kv_cache is not None and past is not None:
             kv_cache.pos += T
 
         if logits_from:
@@ -892,9 +906,37 @@ def sample_inverse_cdf(probs: torch.Tensor, generator=None) -> torch.Tensor:
     return torch.searchsorted(cdf, u, right=True).clamp(max=probs.size(-1) - 1).squeeze(-1)
 
 
+def decode_step(model, token, mask, positions, cache):
+    """Logits (B, V), float32, for the token after `token` (B, 1), which sits at column `cache.index` (a (1,) long
+    tensor) of the full-length 0/1 `mask` and `positions` (B, L = the cache's max_len). Keys past that column are
+    hidden, since they are not written yet. Every shape is the same at every step, so torch.compile traces this
+    once (`compiled_decode_step`), as gpt-fast's `decode_one_token` over its static KV cache."""
+    index = cache.index
+    visible = mask.bool() & (torch.arange(mask.size(1), device=mask.device) <= index)  # (B, L)
+    logits = model(token, attention_mask=visible, position_ids=positions.index_select(1, index), kv_cache=cache)
+    # A copy: under CUDA graphs the output lives in the graph's memory, which the next replay overwrites.
+    return logits[:, -1, :].float().clone()
+
+
+_COMPILED_DECODE = {}  # one compiled decode_step per mode for the process: dynamo's cache then holds its graphs
+
+
+def compiled_decode_step(device_type: str):
+    """`decode_step` under torch.compile, built once per process: mode "reduce-overhead" on CUDA (CUDA graphs: one
+    launch per step instead of one per kernel, gpt-fast's setting), inductor's default mode elsewhere (CPU: C++
+    kernels, fused elementwise ops; no graphs). fullgraph=True: a graph break would be an error, not a slow path."""
+    mode = "reduce-overhead" if device_type == "cuda" else "default"
+    if mode not in _COMPILED_DECODE:
+        # dynamic=False: each (batch, length) gets its own static graph, rather than a symbolic-shape one after the
+        # second shape seen (dynamo's automatic dynamic shapes), which CUDA graphs and fixed-size kernels want.
+        _COMPILED_DECODE[mode] = torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=False)
+    return _COMPILED_DECODE[mode]
+
+
 @torch.no_grad()
 def generate(model, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0, eos_id=None,
-             stop_id=None, pad_id=0, generator=None, use_cache=True, top_k=0, top_p=1.0, check_every=None):
+             stop_id=None, pad_id=0, generator=None, use_cache=True, top_k=0, top_p=1.0, check_every=None,
+             compile_step=False):
     """Sample continuations of left-padded prompts, with a KV cache.
 
     prompt_ids, prompt_mask: (B, P), left-padded. temperature 0 means greedy; top_k > 0 and top_p < 1
@@ -915,6 +957,12 @@ def generate(model, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0, eo
     same whatever check_every: the steps run past the stop only emit pad_id with log-prob 0 and are cut
     off. They do draw from `generator`, so its state after the call may differ (every caller seeds a
     fresh one per call).
+
+    compile_step: run each one-token step after the prefill through `compiled_decode_step` (torch.compile over a
+    fixed-shape KV cache, gpt-fast style; the prefill and the sampling stay eager). The first call compiles (tens
+    of seconds on a CPU); later calls with the same shapes reuse it, a new batch size or length compiles again.
+    Same tokens and log-probs as eager to float32 rounding (tests/test_perf_paths.py): each step attends over
+    all max_len slots with the unwritten ones masked, so its sums run in another order.
     """
     B, P = prompt_ids.shape
     device = prompt_ids.device
@@ -926,6 +974,8 @@ def generate(model, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0, eo
         # gradients of the next backward (a 2-rank PPO update differed from 1 process by 0.1): refuse it.
         raise ValueError("generate: the model's weights are sharded (FSDP2); sample inside runtime.unsharded(model), "
                          "as ppo.rollout and evaluate.sample_responses do")
+    if compile_step and not use_cache:
+        raise ValueError("generate: compile_step needs the KV cache (use_cache=True)")
     cache = KVCache(model.config, B, P + max_new_tokens, device, param.dtype if param.is_floating_point() else torch.float32) if use_cache else None
     # Sequences and the attention mask are allocated once at full length and filled in; step t reads the
     # first P + t columns (a view), instead of a torch.cat per step.
@@ -934,9 +984,18 @@ def generate(model, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0, eo
     logprobs = torch.zeros(B, max_new_tokens, device=device)
     all_done = torch.zeros(max_new_tokens, dtype=torch.bool, device=device)  # after step t, had every row stopped?
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    if compile_step:
+        step_fn = compiled_decode_step(device.type)
+        positions = position_ids_from_mask(mask)  # (B, P + N): what the eager path computes from each prefix
+        if device.type == "cuda":  # CUDA graphs replay fixed addresses; the cache is written in place (as HF's StaticCache)
+            torch._dynamo.mark_static_address(cache.k)
+            torch._dynamo.mark_static_address(cache.v)
     steps = 0
     for t in range(max_new_tokens):
-        if use_cache:  # prefill: the whole prompt, logits at its last position only; then one token per step
+        if compile_step and t > 0:
+            cache.index = torch.tensor([P + t - 1], device=device)
+            logits = step_fn(model, seq[:, P + t - 1:P + t], mask, positions, cache)
+        elif use_cache:  # prefill: the whole prompt, logits at its last position only; then one token per step
             step_input = seq[:, :P] if t == 0 else seq[:, P + t - 1:P + t]
             logits = model(step_input, attention_mask=mask[:, :P + t], kv_cache=cache, logits_from=-1)[:, -1, :]
         else:

@@ -156,6 +156,10 @@ class Config:
     val/mismatch_kl, the top-k/top-p check): run it on every Nth update (1 = every update); 0 = on the updates that are
     logged (log_every), so every logged row still has them. Updates without it omit those two metrics; training is
     the same. With old_logprobs=recompute or a shared critic (one pass gives the values too) it runs every update"""
+    compile_decode: bool = False
+    """sample with model.generate(compile_step=True): the one-token decode step through torch.compile over a fixed-shape
+    KV cache (CUDA graphs on CUDA, gpt-fast style; inductor's C++ kernels on CPU). Same tokens as eager; the first
+    rollout pays the compile (tens of seconds on a CPU). Measured on CPU only (BENCHMARKS.md); off by default"""
     rollout_batch_size: int = 64
     """PROMPTS per update, over all processes; each is sampled samples_per_prompt times, so an update trains on
     rollout_batch_size x samples_per_prompt sequences whatever the number of processes (groups never straddle ranks)"""
@@ -1150,7 +1154,7 @@ def rollout(policy, query, query_mask, update: int, tok, cfg: Config, d: Dist):
     with unsharded(policy), autocast(d, cfg.bf16):
         out = generate(policy, query, query_mask, cfg.response_length, temperature=cfg.temperature, eos_id=tok.eos_id,
                        stop_id=cfg.stop_token_id if cfg.stop_token_id >= 0 else None, pad_id=tok.eos_id, generator=gen,
-                       top_k=cfg.top_k, top_p=cfg.top_p)
+                       top_k=cfg.top_k, top_p=cfg.top_p, compile_step=cfg.compile_decode)
     policy.train()
     return out
 

@@ -37,3 +37,15 @@ def test_ppo_model_bytes_counts_adamw_state():
     rows = {r["role"]: r for r in bench.ppo_model_bytes(config_for("tiny", vocab_size=64), cuda=False)}
     assert rows["policy"]["adamw_MiB"] == pytest.approx(2 * rows["policy"]["params_MiB"], rel=1e-3)  # exp_avg, exp_avg_sq
     assert rows["reference"]["grads_MiB"] == 0 and rows["reward"]["adamw_MiB"] == 0
+
+
+@pytest.mark.slow  # compiles the decode step (~20 s on a 2-core CPU)
+def test_generate_compiled_writes_result_lines(tmp_path):
+    results = tmp_path / "results.jsonl"
+    bench.main(["generate_compiled", *TOY, "--gen_batch=2", "--gen_prompt_len=4", "--gen_lengths=4",
+                f"--results={results}"])
+    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    assert {line["impl"] for line in lines} == {"ours_kv", "ours_kv_compiled", "hf_generate"}
+    assert all(line["bench"] == "generate_compiled" for line in lines)
+    compiled = next(line for line in lines if line["impl"] == "ours_kv_compiled")
+    assert compiled["same_tokens_as_eager"] is True and compiled["compile_s"] > 0

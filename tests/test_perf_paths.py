@@ -6,6 +6,8 @@
 - model.generate (preallocated sequence and mask, head on the last prompt position, stop checked every k tokens)
   returns the same tokens and log-probs as the implementation it replaced, copied below as `generate_before`,
   for fixed seeds, greedy and sampled, with top-k/top-p and early stops, whatever check_every;
+- generate(compile_step=True) (a fixed-shape KV cache, the decode step through torch.compile) gives the same
+  tokens as the eager path, greedy and seeded sampling, and log-probs to 1e-6; the step alone uncompiled too;
 - runtime.adamw (fused on CPU) takes the same steps as torch's per-tensor AdamW to 1e-6 over 5 steps, for
   make_adamw and ppo.make_optimizer;
 - make_experience(check_logprobs=False) skips only the diagnostic recompute: every training tensor is equal.
@@ -213,6 +215,73 @@ def test_generate_stops_early_at_the_same_length():
                                check_every=check_every, **kwargs)
             assert torch.equal(seq, seq_b), (T, check_every, seq, seq_b)
             torch.testing.assert_close(lp, lp_b, atol=1e-6, rtol=0)
+
+
+# ---- (2b) the fixed-shape decode step, eager and compiled (generate(compile_step=True))
+
+
+def _same_as_eager(model, settings, n=12):
+    """generate(compile_step=True) against the eager KV-cache path: equal tokens, log-probs to 1e-6 (fp32)."""
+    ids, mask, P = left_padded(B=6, P=5, N=0, seed=1)
+    for T, k, p, eos, stop, _ in settings:
+        kwargs = dict(temperature=T, eos_id=eos, stop_id=stop, pad_id=VOCAB - 1, top_k=k, top_p=p)
+        for seed in range(2):
+            seq_e, lp_e = generate(model, ids, mask, n, generator=torch.Generator().manual_seed(seed), **kwargs)
+            seq_c, lp_c = generate(model, ids, mask, n, generator=torch.Generator().manual_seed(seed),
+                                   compile_step=True, **kwargs)
+            assert torch.equal(seq_c, seq_e), (T, k, p, eos, stop, seed, seq_c, seq_e)
+            torch.testing.assert_close(lp_c, lp_e, atol=1e-6, rtol=0)
+
+
+CACHED_SETTINGS = [s for s in GEN_SETTINGS if s[-1]]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fixed_shape_decode_step_matches_eager(family, monkeypatch):
+    """The fixed-shape step itself (full-length cache written at a tensor index, unwritten slots masked), run
+    uncompiled: fast, and it isolates the masking and position logic from torch.compile."""
+    import model as model_module
+    monkeypatch.setattr(model_module, "compiled_decode_step", lambda device_type: model_module.decode_step)
+    _same_as_eager(tiny(family).eval(), CACHED_SETTINGS)
+
+
+@pytest.mark.slow  # torch.compile of the step: ~20 s per model family on a 2-core CPU
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compiled_decode_step_matches_eager_and_compiles_once(family):
+    """torch.compile(decode_step) (inductor, CPU): same tokens under greedy decoding and under a seeded sampler,
+    log-probs to fp32 rounding. After the first call, no setting at the same shapes compiles again."""
+    import torch._dynamo
+    model = tiny(family).eval()
+    _same_as_eager(model, CACHED_SETTINGS[:1])  # compiles here
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        _same_as_eager(model, CACHED_SETTINGS[1:])
+
+
+def test_ppo_compile_decode_reaches_generate(monkeypatch):
+    """--compile_decode is passed to generate by ppo.rollout (the step uncompiled here, so the test is fast): the
+    rollout is the eager one, and the fixed-shape step ran."""
+    import model as model_module
+    calls = []
+
+    def uncompiled(device_type):
+        calls.append(device_type)
+        return model_module.decode_step
+
+    monkeypatch.setattr(model_module, "compiled_decode_step", uncompiled)
+    tok = data.get_tokenizer("char")
+    policy = tiny("gpt2")
+    ids, mask = data.pad_left([tok.encode(s) for s in ["ab=", "cdefgh=", "p="]], tok.eos_id)
+    outs = [ppo.rollout(policy, ids, mask, 0, tok, ppo.Config(response_length=6, compile_decode=flag), Dist())
+            for flag in (False, True)]
+    assert calls == ["cpu"]
+    assert torch.equal(outs[0][0], outs[1][0])
+    torch.testing.assert_close(outs[0][1], outs[1][1], atol=1e-6, rtol=0)
+
+
+def test_compile_step_needs_the_cache():
+    ids, mask, _ = left_padded(B=2, P=5, N=0)
+    with pytest.raises(ValueError, match="compile_step"):
+        generate(tiny("gpt2"), ids, mask, 4, use_cache=False, compile_step=True)
 
 
 # ---- (3) fused AdamW
