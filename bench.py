@@ -6,6 +6,7 @@ BENCHMARKS.md.
     python bench.py generate        # rollouts at batch 16: our KV cache vs HF generate vs no cache, 32/128/512 tokens
     python bench.py generate_compiled  # the same with generate(compile_step=True) (torch.compile'd decode step) added
     python bench.py ppo_iteration   # one PPO update (rollout, score, update): ours vs TRL's PPOTrainer
+    python bench.py grpo_iteration  # one GRPO update (group advantages, no critic): ours vs TRL's GRPOTrainer
     python bench.py memory          # peak memory of each stage (as a subprocess); bytes per PPO model
     python bench.py mfu             # CUDA only: SFT MFU of GPT-2 124M at 1024 tokens, bf16, eager and compiled
 
@@ -89,6 +90,8 @@ class Config:
     """PPO epochs per update"""
     ppo_updates: int = 2
     """updates per timed run (TRL: one trainer.train() of this many updates); time per update = run / this"""
+    grpo_samples_per_prompt: int = 4
+    """grpo_iteration: the group size (TRL num_generations); ppo_batch sequences per update = ppo_batch / this prompts"""
     # --- memory
     memory_model_size: str = "cpu-small"
     """model.GPT_SIZES name for the stage runs (sft.py --model_size)"""
@@ -691,6 +694,161 @@ def bench_ppo_iteration(cfg: Config, device, env):
                                         "update_s", "gc_collect_s", "response_len"], env, load)
 
 
+def build_trl_grpo(cfg: Config, dirs: dict, prompts: list, workdir: str, device):
+    """TRL's GRPOTrainer at the sizes of `bench_grpo_iteration`: every completion of an update in one batch
+    (per_device_train_batch_size = prompts x group, no accumulation, so one optimizer step per iteration),
+    num_iterations = ppo_epochs. The reward is a reward *model*: TRL loads the saved sequence classifier from its
+    directory (with the word-level tokenizer saved next to it) and runs it on prompt + completion text, which this
+    tokenizer maps back to the same ids. beta 0 (TRL's default): no reference model."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    import datasets
+    from transformers import GPT2LMHeadModel
+    from transformers.trainer_callback import PrinterCallback
+    from trl import GRPOConfig, GRPOTrainer
+    tok = word_level_tokenizer(cfg.vocab_size)
+    tok.save_pretrained(dirs["reward"])
+    G = cfg.grpo_samples_per_prompt
+    args = GRPOConfig(
+        output_dir=workdir, report_to=[], use_cpu=device.type == "cpu", bf16=False, seed=cfg.seed, learning_rate=LR,
+        per_device_train_batch_size=len(prompts) * G, gradient_accumulation_steps=1, num_generations=G,
+        num_iterations=cfg.ppo_epochs, max_completion_length=cfg.ppo_response_length, temperature=1.0, beta=0.0,
+        max_steps=cfg.ppo_epochs, save_strategy="no", logging_steps=10**6, disable_tqdm=True,
+        dataloader_num_workers=0)
+    # A trailing space: TRL scores prompt + completion as one string, and "w3 w7 " + "w4 w5" splits into 4 words.
+    train = datasets.Dataset.from_dict({"prompt": [" ".join(f"w{i}" for i in p) + " " for p in prompts]})
+    trainer = GRPOTrainer(model=GPT2LMHeadModel.from_pretrained(dirs["policy"]), reward_funcs=dirs["reward"], args=args,
+                          train_dataset=train, processing_class=tok)
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def trl_grpo_phase_spy(trainer, marks: list):
+    """Timestamps each TRL GRPO update's phases by wrapping two of the trainer's methods on the instance:
+    `_generate` (the rollout) and `_generate_and_score_completions` (rollout, reward model, old log-probs when
+    num_iterations > 1, advantages); the update runs from there to the next rollout (or the final "end" mark)."""
+    real_generate, real_score = trainer._generate, trainer._generate_and_score_completions
+
+    def timed_generate(*args, **kwargs):
+        marks.append(("rollout", time.perf_counter()))
+        out = real_generate(*args, **kwargs)
+        marks.append(("score", time.perf_counter()))
+        return out
+
+    def timed_score(*args, **kwargs):
+        out = real_score(*args, **kwargs)
+        marks.append(("update", time.perf_counter()))
+        return out
+
+    trainer._generate, trainer._generate_and_score_completions = timed_generate, timed_score
+
+
+def grpo_phase_split(marks: list) -> list:
+    """(rollout, score, update seconds) per update from `trl_grpo_phase_spy`'s marks."""
+    starts = [i for i, (event, _) in enumerate(marks) if event == "rollout"]
+    return [(marks[i + 1][1] - marks[i][1], marks[i + 2][1] - marks[i + 1][1], marks[i + 3][1] - marks[i + 2][1])
+            for i in starts]
+
+
+def build_ours_grpo(cfg: Config, dirs: dict, n_prompts: int, device):
+    """Policy, reference and reward model from the same HF directories, no critic; ppo.py's trl_grpo preset (TRL
+    GRPOTrainer's defaults) at the bench sizes. Ours computes the reference log-probs even at kl_coef 0 (it logs
+    the KL), TRL at beta 0 skips them: that forward is on our side of the comparison."""
+    import ppo
+    from runtime import Dist, load_model
+    d = Dist(device=device)
+    G = cfg.grpo_samples_per_prompt
+    pcfg = ppo.Config(**{**ppo.PRESETS["trl_grpo"], "preset": "trl_grpo", "rollout_batch_size": n_prompts,
+                         "samples_per_prompt": G, "micro_batch_size": n_prompts * G, "num_minibatches": 1,
+                         "num_ppo_epochs": cfg.ppo_epochs, "response_length": cfg.ppo_response_length, "lr": LR,
+                         "seed": cfg.seed, "device": device.type})
+    ppo.validate(pcfg)
+    policy = load_model(dirs["policy"], "policy", d, trainable=True)
+    ref = load_model(dirs["ref"], "policy", d, trainable=False)
+    reward = load_model(dirs["reward"], "reward", d, trainable=False, scalar_head=True)
+    optimizer = ppo.make_optimizer(policy, None, pcfg)
+    return dict(policy=policy, ref=ref, reward=reward, critic=None, trainable=torch.nn.ModuleDict({"policy": policy}),
+                optimizer=optimizer, base_lrs=[g["lr"] for g in optimizer.param_groups], cfg=pcfg, d=d)
+
+
+def bench_grpo_iteration(cfg: Config, device, env):
+    """Seconds per GRPO update (rollout / score / update), ours (ppo.py with the trl_grpo preset: group advantages,
+    no critic) vs TRL's GRPOTrainer, same sizes: ppo_batch / grpo_samples_per_prompt prompts of ppo_prompt_len
+    tokens, grpo_samples_per_prompt samples each, ppo_response_length new tokens at temperature 1, ppo_epochs
+    epochs (TRL num_iterations) of one minibatch, one reward-model forward per completion on each side.
+    TRL runs as one trainer.train() of ppo_updates updates per timed run; `trl_setup_s` is the time from
+    train() to its first rollout (dataloader, accelerate), which s_per_update includes and the phases do not."""
+    from types import SimpleNamespace
+    import ppo
+    load = os.getloadavg()
+    G, N = cfg.grpo_samples_per_prompt, cfg.ppo_updates
+    if cfg.ppo_batch % G:
+        raise SystemExit(f"--ppo_batch={cfg.ppo_batch} must be a multiple of --grpo_samples_per_prompt={G}")
+    n_prompts = cfg.ppo_batch // G
+    g = torch.Generator().manual_seed(cfg.seed)
+    prompts = torch.randint(0, cfg.vocab_size - 2, (n_prompts, cfg.ppo_prompt_len), generator=g)
+    eos_id = cfg.vocab_size - 2
+    tmp = tempfile.TemporaryDirectory()  # TRL reads the reward model's tokenizer from its directory at init only
+    with tmp:
+        dirs = save_ppo_models(cfg, tmp.name)
+        trainer = build_trl_grpo(cfg, dirs, prompts.tolist(), os.path.join(tmp.name, "trl"), device)
+        ours = build_ours_grpo(cfg, dirs, n_prompts, device)
+    query = prompts.repeat_interleave(G, 0).to(device)  # groups: each prompt's G rows consecutive, as ppo.main
+    query_mask = torch.ones_like(query)
+    tok = SimpleNamespace(eos_id=eos_id)
+    total_steps = (cfg.warmup + cfg.repeats * N + 1) * cfg.ppo_epochs
+    splits = {"ours": [], "trl": [], "trl_setup": []}
+    counter = {"update": 0}
+    marks = []
+    trl_grpo_phase_spy(trainer, marks)
+
+    def run_trl(n):
+        marks.clear()
+        marks.append(("start", time.perf_counter()))
+        trainer.args.max_steps = n * cfg.ppo_epochs  # one update = num_iterations optimizer steps on one rollout
+        trainer.train()
+        marks.append(("end", time.perf_counter()))
+        splits["trl"].extend(grpo_phase_split(marks))
+        splits["trl_setup"].append(marks[1][1] - marks[0][1])
+
+    def run_ours(n):
+        m, pcfg = ours, ours["cfg"]
+        for _ in range(n):
+            update = counter["update"]
+            t0 = time.perf_counter()
+            query_response, sample_logp = ppo.rollout(m["policy"], query, query_mask, update, tok, pcfg, m["d"])
+            sync(device)
+            t1 = time.perf_counter()
+            exp = ppo.make_experience(m["policy"], None, m["ref"], m["reward"], query_response, query_mask, sample_logp,
+                                      pcfg.kl_coef, tok, pcfg, m["d"], check_logprobs=ppo.checks_logprobs(update, pcfg))
+            sync(device)
+            t2 = time.perf_counter()
+            ppo.ppo_update(m["policy"], None, m["trainable"], m["optimizer"], m["base_lrs"], exp, update, total_steps,
+                           pcfg, m["d"])
+            sync(device)
+            splits["ours"].append((t1 - t0, t2 - t1, time.perf_counter() - t2))
+            counter["update"] += 1
+
+    for _ in range(cfg.warmup):
+        run_trl(1), run_ours(1)
+    for v in splits.values():
+        v.clear()
+    times = alternate({"trl": lambda: run_trl(N), "ours": lambda: run_ours(N)}, cfg.repeats, 0, device)
+    med = {k: statistics.median(v) / N for k, v in times.items()}
+    case = (f"{model_desc(ours['policy'])} {n_prompts} prompts x G{G} P{cfg.ppo_prompt_len} "
+            f"N{cfg.ppo_response_length} epochs{cfg.ppo_epochs}")
+    rows = []
+    for name in ("ours", "trl"):
+        rollout, score, update = (statistics.median(s[i] for s in splits[name]) for i in range(3))
+        rows.append({"case": case, "impl": name, "s_per_update": med[name], "times_s": [t / N for t in times[name]],
+                     "speedup_vs_trl": med["trl"] / med[name], "rollout_s": rollout, "score_s": score,
+                     "update_s": update, "phases_speedup_vs_trl": None, "updates_per_run": N,
+                     "trl_setup_s": statistics.median(splits["trl_setup"]) if name == "trl" else None})
+    phases = {r["impl"]: r["rollout_s"] + r["score_s"] + r["update_s"] for r in rows}
+    rows[0]["phases_speedup_vs_trl"] = phases["trl"] / phases["ours"]  # without TRL's per-train() setup
+    record(cfg, "grpo_iteration", rows, ["case", "impl", "s_per_update", "speedup_vs_trl", "rollout_s", "score_s",
+                                         "update_s", "phases_speedup_vs_trl", "trl_setup_s"], env, load)
+
+
 # -----------------------------------------------------------------------------
 # 4. Memory
 
@@ -847,6 +1005,7 @@ def bench_mfu(cfg: Config, device, env):
 
 COMMANDS = {"train_step": bench_train_step, "sft": bench_sft, "generate": bench_generate,
             "generate_compiled": bench_generate_compiled, "ppo_iteration": bench_ppo_iteration,
+            "grpo_iteration": bench_grpo_iteration,
             "memory": bench_memory, "mfu": bench_mfu}
 
 

@@ -49,3 +49,14 @@ def test_generate_compiled_writes_result_lines(tmp_path):
     assert all(line["bench"] == "generate_compiled" for line in lines)
     compiled = next(line for line in lines if line["impl"] == "ours_kv_compiled")
     assert compiled["same_tokens_as_eager"] is True and compiled["compile_s"] > 0
+
+
+@pytest.mark.slow
+def test_grpo_iteration_writes_result_lines(tmp_path):
+    results = tmp_path / "results.jsonl"
+    bench.main(["grpo_iteration", *TOY, "--ppo_batch=8", "--ppo_prompt_len=4", "--ppo_response_length=4",
+                "--ppo_epochs=2", "--ppo_updates=1", f"--results={results}"])
+    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [line["impl"] for line in lines] == ["ours", "trl"]
+    assert all(line["bench"] == "grpo_iteration" and line["rollout_s"] > 0 and line["update_s"] > 0 for line in lines)
+    assert lines[0]["case"].endswith("2 prompts x G4 P4 N4 epochs2") and lines[1]["trl_setup_s"] > 0
