@@ -127,9 +127,11 @@ class KVCache:
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
-        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
+        # One tensor per layer, not one (n_layer, ...) tensor: a compiled step that writes into a view of a shared
+        # buffer copies the whole buffer back per layer (functionalization), which made it 10x slower on CPU.
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.pos = 0
         # Fixed-shape decoding (`decode_step`): a (1,) tensor holding the position to write. Then `update`
         # writes there and returns all max_len slots, so every step has the same shapes and a compiled step is
@@ -144,9 +146,9 @@ class KVCache:
             self.v[layer].index_copy_(2, self.index, v)
             return self.k[layer], self.v[layer]
         end = self.pos + k.size(2)
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 # -----------------------------------------------------------------------------
@@ -987,13 +989,14 @@ def generate(model, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0, eo
     if compile_step:
         step_fn = compiled_decode_step(device.type)
         positions = position_ids_from_mask(mask)  # (B, P + N): what the eager path computes from each prefix
+        columns = torch.arange(P + max_new_tokens, device=device)  # step t reads columns[P+t-1 : P+t]: no copy per step
         if device.type == "cuda":  # CUDA graphs replay fixed addresses; the cache is written in place (as HF's StaticCache)
-            torch._dynamo.mark_static_address(cache.k)
-            torch._dynamo.mark_static_address(cache.v)
+            for buffer in cache.k + cache.v:
+                torch._dynamo.mark_static_address(buffer)
     steps = 0
     for t in range(max_new_tokens):
         if compile_step and t > 0:
-            cache.index = torch.tensor([P + t - 1], device=device)
+            cache.index = columns[P + t - 1:P + t]
             logits = step_fn(model, seq[:, P + t - 1:P + t], mask, positions, cache)
         elif use_cache:  # prefill: the whole prompt, logits at its last position only; then one token per step
             step_input = seq[:, :P] if t == 0 else seq[:, P + t - 1:P + t]

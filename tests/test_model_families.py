@@ -200,7 +200,7 @@ def test_kv_cache_decoding_equals_full_forward(hf_dirs, family):
         for i, t in enumerate(range(P, ids.size(1) + 1)):
             full = model(ids[:, :t], attention_mask=mask[:, :t])[:, -1]
             assert (step_logits[i] - full).abs().max().item() <= 1e-5, f"step {t}"
-    assert cache.k.shape[2] == model.config.n_kv_head  # GQA: only the kv heads are cached
+    assert cache.k[0].shape[1] == model.config.n_kv_head  # GQA: only the kv heads are cached
 
 
 @pytest.mark.parametrize("family", FAMILIES)
