@@ -7,6 +7,7 @@ BENCHMARKS.md.
     python bench.py ppo_iteration   # one PPO update (rollout, score, update): ours vs TRL's PPOTrainer
     python bench.py memory          # peak memory of each stage (as a subprocess); bytes per PPO model
     python bench.py mfu             # CUDA only: SFT MFU of GPT-2 124M at 1024 tokens, bf16, eager and compiled
+    python bench.py plan            # expected bytes per GPU for PPO (4 models) and the group methods (3), 1 and 8 GPUs
 
 How every comparison is taken. Both sides live in one process, are built from the same weights (a random
 HF model, written with save_pretrained and read into ours with GPT.from_pretrained) and get the same
@@ -91,6 +92,19 @@ class Config:
     # --- memory
     memory_model_size: str = "cpu-small"
     """model.GPT_SIZES name for the stage runs (sft.py --model_size)"""
+    # --- plan (no model is run: bytes from the configs, counted on the meta device)
+    plan_models: str = "gpt2,gpt2-medium,gpt2-large,gpt2-xl,Qwen2.5-0.5B,Qwen2.5-1.5B"
+    """comma-separated: model.GPT_SIZES names or PUBLISHED_CONFIGS names"""
+    plan_gpus: str = "1,8"
+    """comma-separated GPU counts (FSDP2 ranks)"""
+    plan_micro_batch: int = 8
+    """sequences per forward/backward per GPU (ppo.REAL_DATA micro_batch_size)"""
+    plan_prompt_len: int = 384
+    """prompt tokens (ppo.REAL_DATA max_prompt_tokens)"""
+    plan_response_len: int = 128
+    """response tokens (ppo.REAL_DATA response_length)"""
+    plan_rollout: int = 64
+    """sequences per rollout over all GPUs (ppo.Config rollout_batch_size x samples_per_prompt 1): the KV cache"""
     # --- mfu (CUDA)
     mfu_batch: int = 8
     """sequences per step"""
@@ -736,6 +750,233 @@ def bench_memory(cfg: Config, device, env):
 
 
 # -----------------------------------------------------------------------------
+# 4b. Memory plan: expected bytes per GPU, from the configs (nothing is run)
+
+GiB = 2**30
+
+# Published architectures, as config.json dicts for model.config_from_hf, so the plan needs no download. Values
+# from each model's config.json on the HF hub (Qwen/Qwen2.5-0.5B, Qwen/Qwen2.5-1.5B, Qwen/Qwen3-0.6B,
+# Qwen/Qwen3-1.7B, HuggingFaceTB/SmolLM2-135M, HuggingFaceTB/SmolLM2-360M, meta-llama/Llama-3.2-1B; the -Instruct
+# models share their base's architecture). Only what changes the parameter count or the activations is given.
+def _hf(model_type, **k):
+    return dict(model_type=model_type, rms_norm_eps=1e-6, tie_word_embeddings=True, **k)
+
+
+PUBLISHED_CONFIGS = {
+    "Qwen2.5-0.5B": _hf("qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                        num_attention_heads=14, num_key_value_heads=2, rope_theta=1e6, max_position_embeddings=32768),
+    "Qwen2.5-1.5B": _hf("qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                        num_attention_heads=12, num_key_value_heads=2, rope_theta=1e6, max_position_embeddings=131072),
+    "Qwen3-0.6B": _hf("qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                      num_attention_heads=16, num_key_value_heads=8, head_dim=128, rope_theta=1e6,
+                      max_position_embeddings=40960),
+    "Qwen3-1.7B": _hf("qwen3", vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                      num_attention_heads=16, num_key_value_heads=8, head_dim=128, rope_theta=1e6,
+                      max_position_embeddings=40960),
+    "SmolLM2-135M": _hf("llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                        num_attention_heads=9, num_key_value_heads=3, rope_theta=1e5, max_position_embeddings=8192),
+    "SmolLM2-360M": _hf("llama", vocab_size=49152, hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+                        num_attention_heads=15, num_key_value_heads=5, rope_theta=1e5, max_position_embeddings=8192),
+    "Llama-3.2-1B": _hf("llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                        num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=5e5,
+                        max_position_embeddings=131072,
+                        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+}
+
+
+def plan_config(name: str):
+    """A GPTConfig for a model.GPT_SIZES name (vocab 50257) or a PUBLISHED_CONFIGS name."""
+    from model import GPT_SIZES, config_for, config_from_hf
+    if name in GPT_SIZES:
+        return config_for(name)
+    if name in PUBLISHED_CONFIGS:
+        return config_from_hf(PUBLISHED_CONFIGS[name], name)
+    raise SystemExit(f"plan: unknown model {name!r}; choose from {sorted(GPT_SIZES) + sorted(PUBLISHED_CONFIGS)}")
+
+
+def count_parameters(config, scalar_head: bool = False) -> tuple[int, int]:
+    """(elements, tensors) of the real model, built on the meta device (no memory): tied weights count once,
+    as model.parameters() yields them."""
+    from model import GPT
+    with torch.device("meta"):
+        params = list(GPT(dataclasses.replace(config, scalar_head=scalar_head)).parameters())
+    return sum(p.numel() for p in params), len(params)
+
+
+def model_state_bytes(numel: int, tensors: int, trainable: bool, weight_dtype, world_size: int = 1) -> dict:
+    """Bytes one GPU holds for one model's weights, gradients and AdamW state, FSDP2-sharded over world_size
+    ranks (each rank 1/world_size of every tensor; FSDP2's padding of dim 0 to a multiple of the ranks is
+    ignored). Gradients have the weights' dtype; torch.optim.AdamW keeps exp_avg and exp_avg_sq in it too, plus
+    a float32 `step` scalar per parameter tensor (not sharded). weight_dtype: runtime.precision(...).weights."""
+    size = torch.empty((), dtype=weight_dtype).element_size()
+    weights = numel * size / world_size
+    if not trainable:
+        return {"weights": weights, "grads": 0.0, "adamw": 0.0}
+    return {"weights": weights, "grads": weights, "adamw": 2 * weights + 4 * tensors}
+
+
+def block_saved_bytes(config, tokens: int, act_bytes: int = 2, norm_stat_bytes: int = 4) -> int:
+    """Bytes one transformer block of model.py saves for backward at `tokens` = B x T positions, activations in
+    bf16 (act_bytes 2), SDPA with a flash-style kernel (no mask: it saves q, k, v, the output and a float32
+    logsumexp per head, never the T x T scores), dropout off. With padding (left-padded prompts) SDPA gets a
+    boolean mask: on CUDA the memory-efficient kernel saves the same plus that (B, 1, T, T) mask, one tensor for
+    all layers (B x T^2 bytes); on CPU the math kernel also keeps the T x T attention weights. Per position, with h = n_embd, q = n_head x
+    head_dim, I = the MLP width:
+      GPT-2: 2 LayerNorms (input + mean/rstd) 2h + 4 stats, c_attn input h, q/k/v 3q, SDPA output q (c_proj reads
+        it without a copy), c_fc input h, GELU input I, c_proj input I: (4h + 4q + 2I) x act_bytes;
+        with q = h and I = 4h that is 16h x 2 = 32h bytes, Korthikanti et al. 2022 ("Reducing Activation
+        Recomputation", eq. 2) 34·s·b·h less their two dropout masks (2·s·b·h), and no 5·a·s²·b attention term.
+      Llama family: 2 RMSNorms, each a float32 copy of its input (4h bytes), the float32 rsqrt and the normalized
+        bf16 output; c_attn input h; q after RoPE, k and v repeated to n_head heads (GQA: as SDPA sees them) 3q;
+        SDPA output q; SwiGLU: c_fc output (gate and up) 2I, silu(gate) I, the product I (c_proj's input);
+        Qwen3's QK-norm adds an RMSNorm over q and over k.
+    Checked against a saved-tensors hook on our GPT (tests/test_bench.py: test_activation_formula_matches_saved_tensors)."""
+    h, q, I = config.n_embd, config.n_head * config.head_dim, config.intermediate_size
+    lse = 4 * config.n_head  # SDPA's float32 logsumexp, one per head and position
+    if not config.llama:
+        per_token = (4 * h + 4 * q + 2 * I) * act_bytes + 2 * 2 * norm_stat_bytes + lse
+    else:
+        norms = 2 * (4 * h + 4 + h * act_bytes)  # float32 copy, float32 rsqrt, normalized output
+        per_token = norms + (2 * h + 4 * q + 4 * I) * act_bytes + lse
+        if config.qk_norm:
+            kv = config.n_kv_head * config.head_dim
+            per_token += (4 + act_bytes) * (q + kv) + 4 * (config.n_head + config.n_kv_head)
+    return per_token * tokens
+
+
+def head_saved_bytes(config, batch: int, seq: int, response: int, lm: bool, act_bytes: int = 2,
+                     norm_stat_bytes: int = 4) -> int:
+    """Bytes saved for backward outside the blocks: the token ids (and GPT-2's position ids, or the Llama family's
+    RoPE cos/sin), the final norm, the heads' input, and for the LM head (lm=True) the float32 logits of the
+    response positions that token_logprobs' logsumexp keeps (batch x response x vocab x 4 bytes: the largest
+    single tensor at Qwen's 151,936-token vocabulary)."""
+    tokens, h = batch * seq, config.n_embd
+    if config.llama:
+        inputs = 8 + 2 * config.head_dim * act_bytes  # ids; cos and sin (B, 1, T, hs)
+        final_norm = 4 * h + 4 + h * act_bytes
+    else:
+        inputs = 16  # token and position ids
+        final_norm = h * act_bytes + 2 * norm_stat_bytes
+    # The heads read the final norm's output at the response positions only (GPT.forward's logits_from): a copy of
+    # response + 1 positions per row (the slice is not contiguous over rows).
+    head_input = batch * (response + 1) * h * act_bytes
+    # The targets are a view of the token ids, already counted; logsumexp keeps its input and its float32 output.
+    logits = batch * response * (config.vocab_size * 4 + 4) if lm else 0
+    return tokens * (inputs + final_norm) + head_input + logits
+
+
+def activation_bytes(config, batch: int, seq: int, response: int, lm: bool, checkpointing: bool,
+                     act_bytes: int = 2, norm_stat_bytes: int = 4) -> int:
+    """Bytes saved for backward by one forward of one model on a micro-batch (the peak of the update, reached
+    just before backward). With activation checkpointing (model.GPT.gradient_checkpointing: torch.utils.checkpoint
+    per block) each block keeps only its input (h x act_bytes per position), and backward recomputes one block
+    at a time, whose saved tensors come on top."""
+    tokens = batch * seq
+    block = block_saved_bytes(config, tokens, act_bytes, norm_stat_bytes)
+    blocks = (config.n_layer * config.n_embd * act_bytes * tokens + block) if checkpointing else config.n_layer * block
+    return blocks + head_saved_bytes(config, batch, seq, response, lm, act_bytes, norm_stat_bytes)
+
+
+def kv_cache_bytes(config, batch: int, seq: int, dtype) -> int:
+    """model.KVCache: keys and values of n_kv_head heads for every layer, (L, B, nkv, T, hs) each."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.n_layer * batch * config.n_kv_head * seq * config.head_dim * size
+
+
+def saved_tensor_bytes(fn, model):
+    """(bytes, fn()): the distinct storages autograd saves for backward while fn() runs, the model's parameters
+    left out (they are weights, counted apart). torch.autograd.graph.saved_tensors_hooks sees every tensor saved;
+    a view counts as its whole storage, once. How tests/test_bench.py checks `activation_bytes`."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+# The models of each method: (role, trainable, scalar head).
+PLAN_METHODS = {
+    "PPO": [("policy", True, False), ("critic", True, True), ("reference", False, False), ("reward", False, True)],
+    "group": [("policy", True, False), ("reference", False, False), ("reward", False, True)],
+}
+
+
+def memory_plan(config, method: str, world_size: int, batch: int, prompt: int, response: int, rollout: int,
+                device_type: str = "cuda", bf16: bool = True) -> dict:
+    """Expected bytes per GPU for one method's models at `world_size` FSDP2 ranks, dtypes from runtime.precision
+    (CUDA + bf16: trainable float32 master weights, gradients and AdamW; frozen bf16):
+      weights, grads, adamw: every model sharded over the ranks (frozen ones too, as load_model shards them);
+      rollout: the KV cache of this rank's rollout sequences, plus on 2+ GPUs the bf16 policy that
+        runtime.unsharded gathers whole for generation (one GPU: the float32 weights are used as they are);
+      activations (without / with checkpointing): what the update's forward saves for backward on one
+        micro-batch: the policy's, plus the critic's for PPO (ppo_update runs both before one backward).
+    peak = weights + grads + adamw + the larger of rollout and activations (the two phases do not overlap)."""
+    from runtime import precision
+    distributed = world_size > 1
+    out = {"params": 0, "weights": 0.0, "grads": 0.0, "adamw": 0.0}
+    for role, trainable, scalar in PLAN_METHODS[method]:
+        numel, tensors = count_parameters(config, scalar)
+        prec = precision(device_type, distributed, bf16, trainable)
+        for key, value in model_state_bytes(numel, tensors, trainable, prec.weights, world_size).items():
+            out[key] += value
+        out["params"] += numel
+    policy = precision(device_type, distributed, bf16, True)
+    compute = policy.fsdp_param_dtype or (torch.bfloat16 if policy.autocast else policy.weights)
+    act = torch.empty((), dtype=compute).element_size()
+    local_rollout = -(-rollout // world_size)
+    out["rollout"] = kv_cache_bytes(config, local_rollout, prompt + response, policy.fsdp_param_dtype or policy.weights)
+    if distributed:
+        out["rollout"] += count_parameters(config)[0] * act
+    seq = prompt + response
+    for ckpt in (False, True):
+        key = "activations_ckpt" if ckpt else "activations"
+        out[key] = sum(activation_bytes(config, batch, seq, response, lm=not scalar, checkpointing=ckpt, act_bytes=act)
+                       for role, trainable, scalar in PLAN_METHODS[method] if trainable)
+    states = out["weights"] + out["grads"] + out["adamw"]
+    out["peak"] = states + max(out["rollout"], out["activations"])
+    out["peak_ckpt"] = states + max(out["rollout"], out["activations_ckpt"])
+    return out
+
+
+def naive_7b_note() -> str:
+    """The seed's figure, 4 x 14 GB of bf16 weights for a 7B PPO, against this plan's bytes per parameter."""
+    per_param = sum(model_state_bytes(1, 0, t, torch.float32 if t else torch.bfloat16)[k]
+                    for _, t, _ in PLAN_METHODS["PPO"] for k in ("weights", "grads", "adamw"))
+    return (f"note: the naive 4 x 14 GB = 56 GB of bf16 weights for a 7B PPO counts weights only; with float32 master "
+            f"weights, gradients and AdamW for the 2 trainable models the 4 models hold {per_param:.0f} bytes/param, "
+            f"{per_param * 7e9 / 1e9:.0f} GB at 7B on one GPU and {per_param * 7e9 / 8e9:.1f} GB per GPU over 8, "
+            f"before activations and the rollout")
+
+
+def bench_plan(cfg: Config, device, env):
+    """Prints the memory plan (memory_plan) for each model, method and GPU count, in GiB per GPU."""
+    load = os.getloadavg()
+    rows = []
+    B, P, N = cfg.plan_micro_batch, cfg.plan_prompt_len, cfg.plan_response_len
+    for name in [m for m in cfg.plan_models.split(",") if m]:
+        config = plan_config(name)
+        for method in PLAN_METHODS:
+            for gpus in [int(g) for g in cfg.plan_gpus.split(",") if g]:
+                plan = memory_plan(config, method, gpus, B, P, N, cfg.plan_rollout)
+                row = {"model": f"{name} ({count_parameters(config)[0] / 1e6:.0f}M)", "method": method, "GPUs": gpus}
+                row.update({k: v / GiB for k, v in plan.items() if k != "params"})
+                rows.append(row)
+    print(f"plan: GiB per GPU; update micro-batch {B} x ({P} prompt + {N} response) tokens per GPU, rollout of "
+          f"{cfg.plan_rollout} sequences over all GPUs; CUDA, --bf16=true (runtime.precision)")
+    record(cfg, "plan", rows, ["model", "method", "GPUs", "weights", "grads", "adamw", "rollout", "activations",
+                               "activations_ckpt", "peak", "peak_ckpt"], env, load)
+    print(naive_7b_note())
+
+
+# -----------------------------------------------------------------------------
 # 5. MFU (CUDA only)
 
 
@@ -792,7 +1033,7 @@ def bench_mfu(cfg: Config, device, env):
 
 
 COMMANDS = {"train_step": bench_train_step, "sft": bench_sft, "generate": bench_generate, "ppo_iteration": bench_ppo_iteration,
-            "memory": bench_memory, "mfu": bench_mfu}
+            "memory": bench_memory, "mfu": bench_mfu, "plan": bench_plan}
 
 
 def main(argv=None):

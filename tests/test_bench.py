@@ -1,9 +1,11 @@
 """bench.py runs each measurement end to end at a toy size and writes its result lines. No timing is
 asserted: timings belong to the machine (BENCHMARKS.md)."""
 
+import dataclasses
 import json
 
 import pytest
+import torch
 
 import bench
 
@@ -37,3 +39,70 @@ def test_ppo_model_bytes_counts_adamw_state():
     rows = {r["role"]: r for r in bench.ppo_model_bytes(config_for("tiny", vocab_size=64), cuda=False)}
     assert rows["policy"]["adamw_MiB"] == pytest.approx(2 * rows["policy"]["params_MiB"], rel=1e-3)  # exp_avg, exp_avg_sq
     assert rows["reference"]["grads_MiB"] == 0 and rows["reward"]["adamw_MiB"] == 0
+
+
+# -----------------------------------------------------------------------------
+# The memory plan (bench.py plan) against what the models hold and what autograd saves
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_plan_state_bytes_equal_ppo_model_bytes(cuda):
+    """The plan's weights + gradients + AdamW bytes (from the configs, on the meta device, dtypes from
+    runtime.precision) equal what ppo_model_bytes counts on real models after one AdamW step, exactly, for all
+    four PPO models (CPU: everything float32; CUDA: frozen models bf16)."""
+    from model import config_for
+    from runtime import precision
+    config = config_for("tiny", vocab_size=64)
+    measured = {r["role"]: r for r in bench.ppo_model_bytes(config, cuda=cuda)}
+    for role, trainable, scalar in bench.PLAN_METHODS["PPO"]:
+        numel, tensors = bench.count_parameters(config, scalar)
+        dtype = precision("cuda" if cuda else "cpu", False, True, trainable).weights
+        plan = bench.model_state_bytes(numel, tensors, trainable, dtype)
+        got = {k: measured[role][f"{k}_MiB"] * 2**20 for k in ("params", "grads", "adamw")}
+        assert (plan["weights"], plan["grads"], plan["adamw"]) == (got["params"], got["grads"], got["adamw"]), role
+
+
+def test_plan_shards_every_model_over_the_gpus():
+    from model import config_for
+    config = config_for("tiny", vocab_size=64)
+    one, eight = (bench.memory_plan(config, "PPO", n, 2, 8, 4, 8) for n in (1, 8))
+    for key in ("weights", "grads", "adamw"):
+        assert eight[key] < one[key] / 7  # 1/8, plus AdamW's unsharded step scalars
+    assert eight["activations"] == one["activations"]  # a micro-batch per GPU either way
+    group = bench.memory_plan(config, "group", 1, 2, 8, 4, 8)
+    assert one["grads"] - group["grads"] == 4 * bench.count_parameters(config, scalar_head=True)[0]  # no critic
+    assert bench.Config().plan_micro_batch == __import__("ppo").REAL_DATA["micro_batch_size"]
+
+
+TINY_FAMILIES = {
+    "gpt2": dict(n_layer=3, n_head=4, n_embd=64, vocab_size=96, block_size=64),
+    "qwen2": dict(model_type="qwen2", n_layer=3, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=96,
+                  vocab_size=96, qkv_bias=True, block_size=64),
+    "qwen3": dict(model_type="qwen3", n_layer=3, n_head=4, n_kv_head=2, n_embd=64, head_dim=32, intermediate_size=96,
+                  vocab_size=96, qk_norm=True, block_size=64),
+}
+
+
+@pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
+@pytest.mark.parametrize("head", ["lm", "score"])
+def test_activation_formula_matches_saved_tensors(family, head):
+    """bench.activation_bytes (no checkpointing) against the bytes autograd really saves in one training forward of
+    a bf16 GPT on CPU, as ppo_update runs it (response_logprobs for the policy, critic_values for the critic), no
+    padding (SDPA's flash kernel). On CPU LayerNorm keeps its mean/rstd in bf16 (2 bytes; CUDA: float32), so
+    norm_stat_bytes=2 here. Measured ratio formula / saved: 1.000 for all six cases (exact)."""
+    import ppo
+    from model import GPT, GPTConfig
+    config = GPTConfig(**TINY_FAMILIES[family])
+    model = GPT(dataclasses.replace(config, scalar_head=head == "score"))
+    model.init_weights(seed=0)
+    model.to(torch.bfloat16).train()
+    B, P, N = 3, 20, 12
+    qr = torch.randint(0, config.vocab_size, (B, P + N), generator=torch.Generator().manual_seed(0))
+    attn = torch.ones_like(qr)
+    if head == "lm":
+        saved, _ = bench.saved_tensor_bytes(lambda: ppo.response_logprobs(model, qr, attn, P, 1.0), model)
+    else:
+        saved, _ = bench.saved_tensor_bytes(lambda: ppo.critic_values(model, qr, attn, P), model)
+    formula = bench.activation_bytes(config, B, P + N, N, lm=head == "lm", checkpointing=False, act_bytes=2,
+                                     norm_stat_bytes=2)
+    assert formula == saved, (formula, saved, formula / saved)
