@@ -9,7 +9,7 @@ functions below (world_size=1, shard_model a no-op) and compares.
 Scenarios:
   sgd_step  loss of a fixed batch split across ranks (each rank its contiguous rows, normalized by the
             token count of the whole batch as sft.py does), one SGD step of lr 0.1, then the full weights
-            (runtime.full_state_dict, all-gathered). Rank 0 only writes.
+            (runtime.full_state_dict, all-gathered) and the world size. Rank 0 only writes.
   generate  greedy tokens of model.generate on left-padded prompts inside runtime.unsharded(model), from
             a tiny GPT trained for a few steps first (trained_model). Every rank writes, so the test
             can also check that the ranks agree.
@@ -58,7 +58,7 @@ def sgd_step(d: Dist) -> dict:
     (loss_sum * d.world_size / n_tokens).backward()  # FSDP averages gradients over ranks, as in sft.py
     torch.optim.SGD(model.parameters(), lr=0.1).step()
     loss = all_reduce_sum(loss_sum.detach(), d) / n_tokens
-    return {"loss": loss, "weights": full_state_dict(model)}
+    return {"loss": loss, "weights": full_state_dict(model), "world_size": d.world_size}
 
 
 def trained_model(steps: int = 60) -> GPT:
