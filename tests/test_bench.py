@@ -106,3 +106,28 @@ def test_activation_formula_matches_saved_tensors(family, head):
     formula = bench.activation_bytes(config, B, P + N, N, lm=head == "lm", checkpointing=False, act_bytes=2,
                                      norm_stat_bytes=2)
     assert formula == saved, (formula, saved, formula / saved)
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_writes_every_section(tmp_path):
+    """`bench.py gpu --dry`: every part of the GPU check on CPU at toy sizes (torchrun with 2 gloo processes for the
+    FSDP2 part, torch.compile with the aot_eager backend), one JSON with numbers in every section, all checks
+    passed. Measured ~20 s on the 2-core CPU."""
+    out = tmp_path / "gpu.json"
+    bench.main(["gpu", "--dry", "--threads=1", f"--gpu_out={out}", f"--results={tmp_path / 'results.jsonl'}"])
+    result = json.loads(out.read_text())
+    assert result["dry"] and result["errors"] == []
+    assert result["checks"] == {"first_ratio": True, "kv_cache": True, "fsdp": True}
+    ratio = result["first_ratio"]
+    for case in ("micro_batch_equal_rollout", "micro_batch_half"):
+        assert ratio[case]["max_abs_ratio_minus_1"] == 0.0  # float32 on CPU: exact
+    assert 0 < result["kv_cache"]["bfloat16"]["max_abs_logp_diff"] < 0.1  # bf16 on CPU: measured, not exact
+    assert result["fsdp"]["world_size"] == 2 and result["fsdp"]["max_abs_weight_diff"] <= bench.FSDP_ATOL
+    assert {row["impl"] for row in result["mfu"]} == {"eager", "torch.compile (aot_eager)"}
+    assert all(row["tokens_per_s"] > 0 for row in result["mfu"])
+    ppo_it = result["ppo_iteration"]
+    for phase in ("rollout", "score", "update"):
+        assert ppo_it["seconds"][phase] > 0 and ppo_it["peak_GiB"][phase] > 0
+    assert ppo_it["plan_GiB"]["peak"] > 0
+    assert {row["impl"] for row in result["rollout"]} == {"ours_kv", "hf_generate"}
+    assert all(row["new_tokens_per_s"] > 0 for row in result["rollout"])
