@@ -1287,10 +1287,6 @@ def bench_gpu(cfg: Config, device, env):
                                   gen_prompt_len=s["gen_prompt"], gen_lengths=str(s["gen_tokens"]), nocache_lengths="",
                                   block_size=max(1024, s["gen_prompt"] + s["gen_tokens"]), repeats=s["repeats"],
                                   greedy=False, profile=False)
-    if not s["gen_size"] in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):  # a toy size: its dims from GPT_SIZES
-        from model import GPT_SIZES
-        gen_cfg = dataclasses.replace(gen_cfg, size="", **{k: GPT_SIZES[s["gen_size"]][k]
-                                                          for k in ("n_layer", "n_head", "n_embd")}, block_size=64)
     part("rollout", lambda: bench_generate(gen_cfg, device, env))
     checks = {k: result[k].get("passed") for k in ("first_ratio", "kv_cache", "fsdp") if isinstance(result[k], dict)}
     errors = [k for k, v in result.items() if isinstance(v, dict) and "error" in v]

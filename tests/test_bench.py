@@ -71,7 +71,9 @@ def test_plan_shards_every_model_over_the_gpus():
     assert eight["activations"] == one["activations"]  # a micro-batch per GPU either way
     group = bench.memory_plan(config, "group", 1, 2, 8, 4, 8)
     assert one["grads"] - group["grads"] == 4 * bench.count_parameters(config, scalar_head=True)[0]  # no critic
-    assert bench.Config().plan_micro_batch == __import__("ppo").REAL_DATA["micro_batch_size"]
+    real, c = __import__("ppo").REAL_DATA, bench.Config()  # the plan's defaults are ppo.py's real-data profile
+    assert (c.plan_micro_batch, c.plan_prompt_len, c.plan_response_len) == (
+        real["micro_batch_size"], real["max_prompt_tokens"], real["response_length"])
 
 
 TINY_FAMILIES = {
