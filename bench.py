@@ -9,7 +9,7 @@ BENCHMARKS.md.
     python bench.py mfu             # CUDA only: SFT MFU of GPT-2 124M at 1024 tokens, bf16, eager and compiled
     python bench.py plan            # expected bytes per GPU for PPO (4 models) and the group methods (3), 1 and 8 GPUs
     python bench.py gpu             # CUDA: the GPU checks, MFU, a gpt2-xl PPO iteration, rollout tokens/s -> one JSON
-    python bench.py gpu --dry       # the same on CPU at toy sizes (every code path but CUDA)
+    python bench.py gpu --dry --device=cpu   # the same at toy sizes on CPU (every code path but CUDA)
 
 How every comparison is taken. Both sides live in one process, are built from the same weights (a random
 HF model, written with save_pretrained and read into ours with GPT.from_pretrained) and get the same
@@ -116,7 +116,8 @@ class Config:
     """steps per timed run"""
     # --- gpu
     dry: bool = False
-    """gpu: run every part on CPU at toy sizes (GPU_CHECK_SIZES["dry"])"""
+    """gpu: run every part at toy sizes (GPU_CHECK_SIZES["dry"]): on CPU, every code path but CUDA; with
+    --device=cuda, a quick smoke run on the GPU before the real one"""
     gpu_out: str = "gpu_check.json"
     """gpu: where the JSON goes"""
     # --- method
@@ -1260,7 +1261,7 @@ def bench_gpu(cfg: Config, device, env):
     and torch.compile; (c) one PPO iteration of gpt2-xl with 4 models, seconds and peak memory per phase; (d)
     rollout new tokens/s at batch 64, 512 new tokens, ours vs HF generate. Each part runs even if one before it
     failed (its error is written instead). Writes one JSON to --gpu_out; exits 1 if a check failed or a part
-    raised. --dry: all of it on CPU at toy sizes (everything but CUDA itself)."""
+    raised. --dry: all of it at toy sizes (on CPU: everything but CUDA itself)."""
     import traceback
     if device.type != "cuda" and not cfg.dry:
         raise SystemExit("gpu: no CUDA device; `python bench.py gpu --dry` runs every part on CPU at toy sizes")

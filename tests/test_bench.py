@@ -124,7 +124,7 @@ def test_gpu_check_dry_run_writes_every_section(tmp_path):
     FSDP2 part, torch.compile with the aot_eager backend), one JSON with numbers in every section, all checks
     passed. Measured ~20 s on the 2-core CPU."""
     out = tmp_path / "gpu.json"
-    bench.main(["gpu", "--dry", "--threads=1", f"--gpu_out={out}", f"--results={tmp_path / 'results.jsonl'}"])
+    bench.main(["gpu", "--dry", "--device=cpu", "--threads=1", f"--gpu_out={out}", f"--results={tmp_path / 'results.jsonl'}"])
     result = json.loads(out.read_text())
     assert result["dry"] and result["errors"] == []
     assert result["checks"] == {"first_ratio": True, "kv_cache": True, "fsdp": True}
