@@ -9,6 +9,9 @@ BENCHMARKS.md.
     python bench.py grpo_iteration  # one GRPO update (group advantages, no critic): ours vs TRL's GRPOTrainer
     python bench.py memory          # peak memory of each stage (as a subprocess); bytes per PPO model
     python bench.py mfu             # CUDA only: SFT MFU of GPT-2 124M at 1024 tokens, bf16, eager and compiled
+    python bench.py plan            # expected bytes per GPU for PPO (4 models) and the group methods (3), 1 and 8 GPUs
+    python bench.py gpu             # CUDA: the GPU checks, MFU, a gpt2-xl PPO iteration, rollout tokens/s -> one JSON
+    python bench.py gpu --dry --device=cpu   # the same at toy sizes on CPU (every code path but CUDA)
 
 How every comparison is taken. Both sides live in one process, are built from the same weights (a random
 HF model, written with save_pretrained and read into ours with GPT.from_pretrained) and get the same
@@ -95,6 +98,19 @@ class Config:
     # --- memory
     memory_model_size: str = "cpu-small"
     """model.GPT_SIZES name for the stage runs (sft.py --model_size)"""
+    # --- plan (no model is run: bytes from the configs, counted on the meta device)
+    plan_models: str = "gpt2,gpt2-medium,gpt2-large,gpt2-xl,Qwen2.5-0.5B,Qwen2.5-1.5B"
+    """comma-separated: model.GPT_SIZES names or PUBLISHED_CONFIGS names"""
+    plan_gpus: str = "1,8"
+    """comma-separated GPU counts (FSDP2 ranks)"""
+    plan_micro_batch: int = 8
+    """sequences per forward/backward per GPU (ppo.REAL_DATA micro_batch_size)"""
+    plan_prompt_len: int = 384
+    """prompt tokens (ppo.REAL_DATA max_prompt_tokens)"""
+    plan_response_len: int = 128
+    """response tokens (ppo.REAL_DATA response_length)"""
+    plan_rollout: int = 64
+    """sequences per rollout over all GPUs (ppo.Config rollout_batch_size x samples_per_prompt 1): the KV cache"""
     # --- mfu (CUDA)
     mfu_batch: int = 8
     """sequences per step"""
@@ -102,6 +118,12 @@ class Config:
     """tokens per sequence"""
     mfu_steps: int = 10
     """steps per timed run"""
+    # --- gpu
+    dry: bool = False
+    """gpu: run every part at toy sizes (GPU_CHECK_SIZES["dry"]): on CPU, every code path but CUDA; with
+    --device=cuda, a quick smoke run on the GPU before the real one"""
+    gpu_out: str = "gpu_check.json"
+    """gpu: where the JSON goes"""
     # --- method
     repeats: int = 3
     """timed runs per side; the median is reported"""
@@ -441,6 +463,7 @@ def bench_generate(cfg: Config, device, env):
             rows.append({"case": "profile", "impl": p.pop("impl"), **p})
     record(cfg, "generate", rows, ["case", "new_tokens", "impl", "median_s", "new_tokens_per_s", "speedup_vs_hf",
                                    "ms_per_step", "step_cost_vs_shortest"], env, load)
+    return rows
 
 
 def bench_generate_compiled(cfg: Config, device, env):
@@ -601,42 +624,95 @@ def phase_split(marks: list) -> list:
     return out
 
 
-def build_ours(cfg: Config, dirs: dict, device):
-    """Our four models from the same HF directories, the optimizer and config as ppo.main builds them."""
+def ours_config(cfg: Config, device, **overrides):
+    """The ppo.Config of our side: TRL's preset at the benchmark's sizes (overrides win), validated as ppo.main does."""
     import ppo
-    from runtime import Dist, load_model
-    d = Dist(device=device)
     pcfg = ppo.Config(**{**ppo.PRESETS["trl"], "preset": "trl", "rollout_batch_size": cfg.ppo_batch,
                          "micro_batch_size": cfg.ppo_batch, "num_minibatches": 1, "num_ppo_epochs": cfg.ppo_epochs,
                          "response_length": cfg.ppo_response_length, "lr": LR, "seed": cfg.seed,
-                         "device": device.type})
+                         "device": device.type, **overrides})
     ppo.validate(pcfg)
+    return pcfg
+
+
+def build_ours(cfg: Config, dirs: dict, device):
+    """Our four models from the same HF directories, the optimizer and config as ppo.main builds them."""
+    from runtime import Dist, load_model
+    d = Dist(device=device)
+    pcfg = ours_config(cfg, device)
     policy = load_model(dirs["policy"], "policy", d, trainable=True)
     ref = load_model(dirs["ref"], "policy", d, trainable=False)
     reward = load_model(dirs["reward"], "reward", d, trainable=False, scalar_head=True)
     critic = load_model(dirs["value"], "reward", d, trainable=True, scalar_head=True)
+    return assemble_ours(pcfg, d, policy, ref, reward, critic)
+
+
+def random_ours(cfg: Config, config, device, **overrides):
+    """build_ours without files, for sizes too large to write four times (gpt2-xl): a random policy and reward
+    model (model.init_weights), the reference a copy of the policy and the critic a copy of the reward model,
+    each in the dtype load_model gives it (runtime.precision: on CUDA with bf16, frozen models in bf16)."""
+    import copy
+    from model import GPT
+    from runtime import Dist, precision
+    d = Dist(device=device)
+    pcfg = ours_config(cfg, device, **overrides)
+
+    def random_model(scalar_head: bool, seed: int):
+        with torch.device(device):
+            model = GPT(dataclasses.replace(config, scalar_head=scalar_head))
+        model.init_weights(seed=seed)
+        return model
+
+    def frozen(model):
+        return model.to(precision(device.type, False, pcfg.bf16, trainable=False).weights).requires_grad_(False).eval()
+
+    policy, critic = random_model(False, cfg.seed), random_model(True, cfg.seed + 1)
+    ref, reward = frozen(copy.deepcopy(policy)), frozen(copy.deepcopy(critic))
+    return assemble_ours(pcfg, d, policy, ref, reward, critic)
+
+
+def assemble_ours(pcfg, d, policy, ref, reward, critic) -> dict:
+    """The four models with the optimizer and its base learning rates, as our_ppo_iteration takes them."""
+    import ppo
     trainable = torch.nn.ModuleDict({"policy": policy, "critic": critic})
     optimizer = ppo.make_optimizer(policy, critic, pcfg)
     return dict(policy=policy, ref=ref, reward=reward, critic=critic, trainable=trainable, optimizer=optimizer,
                 base_lrs=[g["lr"] for g in optimizer.param_groups], cfg=pcfg, d=d)
 
 
-def our_ppo_iteration(m: dict, query, query_mask, update: int, total_steps: int, eos_id: int, splits: list):
-    """Steps 1-5 of ppo.main's loop, by its own functions: rollout, make_experience, ppo_update."""
+def our_ppo_iteration(m: dict, query, query_mask, update: int, total_steps: int, eos_id: int, splits: list,
+                      peaks: list | None = None):
+    """Steps 1-5 of ppo.main's loop, by its own functions: rollout, make_experience, ppo_update. Appends the
+    seconds of each phase (and the mean response length) to `splits` and, when `peaks` is a list, the peak memory
+    of each phase in bytes (peak_memory). Returns (experience, ppo_update's statistics)."""
     from types import SimpleNamespace
     import ppo
     cfg, d, policy, tok = m["cfg"], m["d"], m["policy"], SimpleNamespace(eos_id=eos_id)
-    t0 = time.perf_counter()
+    marks, phase_peaks = [], []
+
+    def phase_end():
+        sync(d.device)
+        marks.append(time.perf_counter())
+        if peaks is not None:
+            phase_peaks.append(peak_memory(d.device))
+            reset_peak_memory(d.device)
+
+    if peaks is not None:
+        reset_peak_memory(d.device)
+    marks.append(time.perf_counter())
     query_response, sample_logp = ppo.rollout(policy, query, query_mask, update, tok, cfg, d)
-    sync(d.device)
-    t1 = time.perf_counter()
+    phase_end()
     exp = ppo.make_experience(policy, m["critic"], m["ref"], m["reward"], query_response, query_mask, sample_logp,
                               cfg.kl_coef, tok, cfg, d, check_logprobs=ppo.checks_logprobs(update, cfg))
-    sync(d.device)
-    t2 = time.perf_counter()
-    ppo.ppo_update(policy, m["critic"], m["trainable"], m["optimizer"], m["base_lrs"], exp, update, total_steps, cfg, d)
-    sync(d.device)
-    splits.append((t1 - t0, t2 - t1, time.perf_counter() - t2, float(exp["action_mask"].sum(1).float().mean())))
+    phase_end()
+    stats = ppo.ppo_update(policy, m["critic"], m["trainable"], m["optimizer"], m["base_lrs"], exp, update, total_steps,
+                           cfg, d)
+    phase_end()
+    splits.append((marks[1] - marks[0], marks[2] - marks[1], marks[3] - marks[2],
+                   float(exp["action_mask"].sum(1).float().mean())))
+    if peaks is not None:
+        peaks.append(tuple(phase_peaks))
+    return exp, stats
 
 
 def bench_ppo_iteration(cfg: Config, device, env):
@@ -853,6 +929,29 @@ def bench_grpo_iteration(cfg: Config, device, env):
 # 4. Memory
 
 
+def proc_status_bytes(field: str) -> int:
+    """A field of /proc/self/status (Linux) in bytes, e.g. VmRSS (resident now) or VmHWM (peak resident)."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024  # kB
+
+
+def reset_peak_memory(device):
+    """Start a new peak: CUDA's allocator counter; on CPU the process's peak resident set (Linux: writing 5 to
+    /proc/self/clear_refs resets VmHWM to the current RSS)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def peak_memory(device) -> int:
+    """Bytes at the peak since reset_peak_memory: torch.cuda.max_memory_allocated, or on CPU VmHWM (the whole
+    process's resident set, libraries included)."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else proc_status_bytes("VmHWM")
+
+
 def stage_commands(cfg: Config, root: str) -> list:
     """(name, script, args) for each stage on the default task at its default batch sizes and model size,
     cut to a few steps: peak memory is reached in the first steps."""
@@ -948,35 +1047,271 @@ def bench_memory(cfg: Config, device, env):
 
 
 # -----------------------------------------------------------------------------
+# 4b. Memory plan: expected bytes per GPU, from the configs (nothing is run)
+
+GiB = 2**30
+
+# Published architectures, as config.json dicts for model.config_from_hf, so the plan needs no download. Values
+# from each model's config.json on the HF hub (Qwen/Qwen2.5-0.5B, Qwen/Qwen2.5-1.5B, Qwen/Qwen3-0.6B,
+# Qwen/Qwen3-1.7B, HuggingFaceTB/SmolLM2-135M, HuggingFaceTB/SmolLM2-360M, meta-llama/Llama-3.2-1B; the -Instruct
+# models share their base's architecture). Only what changes the parameter count or the activations is given.
+def _hf(model_type, **k):
+    return dict(model_type=model_type, rms_norm_eps=1e-6, tie_word_embeddings=True, **k)
+
+
+PUBLISHED_CONFIGS = {
+    "Qwen2.5-0.5B": _hf("qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                        num_attention_heads=14, num_key_value_heads=2, rope_theta=1e6, max_position_embeddings=32768),
+    "Qwen2.5-1.5B": _hf("qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                        num_attention_heads=12, num_key_value_heads=2, rope_theta=1e6, max_position_embeddings=131072),
+    "Qwen3-0.6B": _hf("qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                      num_attention_heads=16, num_key_value_heads=8, head_dim=128, rope_theta=1e6,
+                      max_position_embeddings=40960),
+    "Qwen3-1.7B": _hf("qwen3", vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                      num_attention_heads=16, num_key_value_heads=8, head_dim=128, rope_theta=1e6,
+                      max_position_embeddings=40960),
+    "SmolLM2-135M": _hf("llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                        num_attention_heads=9, num_key_value_heads=3, rope_theta=1e5, max_position_embeddings=8192),
+    "SmolLM2-360M": _hf("llama", vocab_size=49152, hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+                        num_attention_heads=15, num_key_value_heads=5, rope_theta=1e5, max_position_embeddings=8192),
+    "Llama-3.2-1B": _hf("llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                        num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=5e5,
+                        max_position_embeddings=131072,
+                        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+}
+
+
+def plan_config(name: str):
+    """A GPTConfig for a model.GPT_SIZES name (vocab 50257) or a PUBLISHED_CONFIGS name."""
+    from model import GPT_SIZES, config_for, config_from_hf
+    if name in GPT_SIZES:
+        return config_for(name)
+    if name in PUBLISHED_CONFIGS:
+        return config_from_hf(PUBLISHED_CONFIGS[name], name)
+    raise SystemExit(f"plan: unknown model {name!r}; choose from {sorted(GPT_SIZES) + sorted(PUBLISHED_CONFIGS)}")
+
+
+def count_parameters(config, scalar_head: bool = False) -> tuple[int, int]:
+    """(elements, tensors) of the real model, built on the meta device (no memory): tied weights count once,
+    as model.parameters() yields them."""
+    from model import GPT
+    with torch.device("meta"):
+        params = list(GPT(dataclasses.replace(config, scalar_head=scalar_head)).parameters())
+    return sum(p.numel() for p in params), len(params)
+
+
+def model_state_bytes(numel: int, tensors: int, trainable: bool, weight_dtype, world_size: int = 1) -> dict:
+    """Bytes one GPU holds for one model's weights, gradients and AdamW state, FSDP2-sharded over world_size
+    ranks (each rank 1/world_size of every tensor; FSDP2's padding of dim 0 to a multiple of the ranks is
+    ignored). Gradients have the weights' dtype; torch.optim.AdamW keeps exp_avg and exp_avg_sq in it too, plus
+    a float32 `step` scalar per parameter tensor (not sharded). weight_dtype: runtime.precision(...).weights."""
+    size = torch.empty((), dtype=weight_dtype).element_size()
+    weights = numel * size / world_size
+    if not trainable:
+        return {"weights": weights, "grads": 0.0, "adamw": 0.0}
+    return {"weights": weights, "grads": weights, "adamw": 2 * weights + 4 * tensors}
+
+
+def block_saved_bytes(config, tokens: int, act_bytes: int = 2, norm_stat_bytes: int = 4) -> int:
+    """Bytes one transformer block of model.py saves for backward at `tokens` = B x T positions, activations in
+    bf16 (act_bytes 2), SDPA with a flash-style kernel (no mask: it saves q, k, v, the output and a float32
+    logsumexp per head, never the T x T scores), dropout off. With padding (left-padded prompts) SDPA gets a
+    boolean mask: on CUDA the memory-efficient kernel saves the same plus that (B, 1, T, T) mask, one tensor for
+    all layers (B x T^2 bytes); on CPU the math kernel also keeps the T x T attention weights. Per position, with h = n_embd, q = n_head x
+    head_dim, I = the MLP width:
+      GPT-2: 2 LayerNorms (input + mean/rstd) 2h + 4 stats, c_attn input h, q/k/v 3q, SDPA output q (c_proj reads
+        it without a copy), c_fc input h, GELU input I, c_proj input I: (4h + 4q + 2I) x act_bytes;
+        with q = h and I = 4h that is 16h x 2 = 32h bytes, Korthikanti et al. 2022 ("Reducing Activation
+        Recomputation", eq. 2) 34·s·b·h less their two dropout masks (2·s·b·h), and no 5·a·s²·b attention term.
+      Llama family: 2 RMSNorms, each a float32 copy of its input (4h bytes), the float32 rsqrt and the normalized
+        bf16 output; c_attn input h; q after RoPE, k and v repeated to n_head heads (GQA: as SDPA sees them) 3q;
+        SDPA output q; SwiGLU: c_fc output (gate and up) 2I, silu(gate) I, the product I (c_proj's input);
+        Qwen3's QK-norm adds an RMSNorm over q and over k.
+    Checked against a saved-tensors hook on our GPT (tests/test_bench.py: test_activation_formula_matches_saved_tensors)."""
+    h, q, I = config.n_embd, config.n_head * config.head_dim, config.intermediate_size
+    lse = 4 * config.n_head  # SDPA's float32 logsumexp, one per head and position
+    if not config.llama:
+        per_token = (4 * h + 4 * q + 2 * I) * act_bytes + 2 * 2 * norm_stat_bytes + lse
+    else:
+        norms = 2 * (4 * h + 4 + h * act_bytes)  # float32 copy, float32 rsqrt, normalized output
+        per_token = norms + (2 * h + 4 * q + 4 * I) * act_bytes + lse
+        if config.qk_norm:
+            kv = config.n_kv_head * config.head_dim
+            per_token += (4 + act_bytes) * (q + kv) + 4 * (config.n_head + config.n_kv_head)
+    return per_token * tokens
+
+
+def head_saved_bytes(config, batch: int, seq: int, response: int, lm: bool, act_bytes: int = 2,
+                     norm_stat_bytes: int = 4) -> int:
+    """Bytes saved for backward outside the blocks: the token ids (and GPT-2's position ids, or the Llama family's
+    RoPE cos/sin), the final norm, the heads' input, and for the LM head (lm=True) the float32 logits of the
+    response positions that token_logprobs' logsumexp keeps (batch x response x vocab x 4 bytes: the largest
+    single tensor at Qwen's 151,936-token vocabulary)."""
+    tokens, h = batch * seq, config.n_embd
+    if config.llama:
+        inputs = 8 + 2 * config.head_dim * act_bytes  # ids; cos and sin (B, 1, T, hs)
+        final_norm = 4 * h + 4 + h * act_bytes
+    else:
+        inputs = 16  # token and position ids
+        final_norm = h * act_bytes + 2 * norm_stat_bytes
+    # The heads read the final norm's output at the response positions only (GPT.forward's logits_from): a copy of
+    # response + 1 positions per row (the slice is not contiguous over rows).
+    head_input = batch * (response + 1) * h * act_bytes
+    # The targets are a view of the token ids, already counted; logsumexp keeps its input and its float32 output.
+    logits = batch * response * (config.vocab_size * 4 + 4) if lm else 0
+    return tokens * (inputs + final_norm) + head_input + logits
+
+
+def activation_bytes(config, batch: int, seq: int, response: int, lm: bool, checkpointing: bool,
+                     act_bytes: int = 2, norm_stat_bytes: int = 4) -> int:
+    """Bytes saved for backward by one forward of one model on a micro-batch (the peak of the update, reached
+    just before backward). With activation checkpointing (model.GPT.gradient_checkpointing: torch.utils.checkpoint
+    per block) each block keeps only its input (h x act_bytes per position), and backward recomputes one block
+    at a time, whose saved tensors come on top."""
+    tokens = batch * seq
+    block = block_saved_bytes(config, tokens, act_bytes, norm_stat_bytes)
+    blocks = (config.n_layer * config.n_embd * act_bytes * tokens + block) if checkpointing else config.n_layer * block
+    return blocks + head_saved_bytes(config, batch, seq, response, lm, act_bytes, norm_stat_bytes)
+
+
+def kv_cache_bytes(config, batch: int, seq: int, dtype) -> int:
+    """model.KVCache: keys and values of n_kv_head heads for every layer, (L, B, nkv, T, hs) each."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.n_layer * batch * config.n_kv_head * seq * config.head_dim * size
+
+
+def saved_tensor_bytes(fn, model):
+    """(bytes, fn()): the distinct storages autograd saves for backward while fn() runs, the model's parameters
+    left out (they are weights, counted apart). torch.autograd.graph.saved_tensors_hooks sees every tensor saved;
+    a view counts as its whole storage, once. How tests/test_bench.py checks `activation_bytes`."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+# The models of each method: (role, trainable, scalar head).
+PLAN_METHODS = {
+    "PPO": [("policy", True, False), ("critic", True, True), ("reference", False, False), ("reward", False, True)],
+    "group": [("policy", True, False), ("reference", False, False), ("reward", False, True)],
+}
+
+
+def memory_plan(config, method: str, world_size: int, batch: int, prompt: int, response: int, rollout: int,
+                device_type: str = "cuda", bf16: bool = True) -> dict:
+    """Expected bytes per GPU for one method's models at `world_size` FSDP2 ranks, dtypes from runtime.precision
+    (CUDA + bf16: trainable float32 master weights, gradients and AdamW; frozen bf16):
+      weights, grads, adamw: every model sharded over the ranks (frozen ones too, as load_model shards them);
+      rollout: the KV cache of this rank's rollout sequences, plus on 2+ GPUs the bf16 policy that
+        runtime.unsharded gathers whole for generation (one GPU: the float32 weights are used as they are);
+      activations (without / with checkpointing): what the update's forward saves for backward on one
+        micro-batch: the policy's, plus the critic's for PPO (ppo_update runs both before one backward).
+    peak = weights + grads + adamw + the larger of rollout and activations (the two phases do not overlap)."""
+    from runtime import precision
+    distributed = world_size > 1
+    out = {"params": 0, "weights": 0.0, "grads": 0.0, "adamw": 0.0}
+    for role, trainable, scalar in PLAN_METHODS[method]:
+        numel, tensors = count_parameters(config, scalar)
+        prec = precision(device_type, distributed, bf16, trainable)
+        for key, value in model_state_bytes(numel, tensors, trainable, prec.weights, world_size).items():
+            out[key] += value
+        out["params"] += numel
+    policy = precision(device_type, distributed, bf16, True)
+    compute = policy.fsdp_param_dtype or (torch.bfloat16 if policy.autocast else policy.weights)
+    act = torch.empty((), dtype=compute).element_size()
+    local_rollout = -(-rollout // world_size)
+    out["rollout"] = kv_cache_bytes(config, local_rollout, prompt + response, policy.fsdp_param_dtype or policy.weights)
+    if distributed:
+        out["rollout"] += count_parameters(config)[0] * act
+    seq = prompt + response
+    for ckpt in (False, True):
+        key = "activations_ckpt" if ckpt else "activations"
+        out[key] = sum(activation_bytes(config, batch, seq, response, lm=not scalar, checkpointing=ckpt, act_bytes=act)
+                       for role, trainable, scalar in PLAN_METHODS[method] if trainable)
+    states = out["weights"] + out["grads"] + out["adamw"]
+    out["peak"] = states + max(out["rollout"], out["activations"])
+    out["peak_ckpt"] = states + max(out["rollout"], out["activations_ckpt"])
+    return out
+
+
+def naive_7b_note() -> str:
+    """The seed's figure, 4 x 14 GB of bf16 weights for a 7B PPO, against this plan's bytes per parameter."""
+    per_param = sum(model_state_bytes(1, 0, t, torch.float32 if t else torch.bfloat16)[k]
+                    for _, t, _ in PLAN_METHODS["PPO"] for k in ("weights", "grads", "adamw"))
+    return (f"note: the naive 4 x 14 GB = 56 GB of bf16 weights for a 7B PPO counts weights only; with float32 master "
+            f"weights, gradients and AdamW for the 2 trainable models the 4 models hold {per_param:.0f} bytes/param, "
+            f"{per_param * 7e9 / 1e9:.0f} GB at 7B on one GPU and {per_param * 7e9 / 8e9:.1f} GB per GPU over 8, "
+            f"before activations and the rollout")
+
+
+def bench_plan(cfg: Config, device, env):
+    """Prints the memory plan (memory_plan) for each model, method and GPU count, in GiB per GPU."""
+    load = os.getloadavg()
+    rows = []
+    B, P, N = cfg.plan_micro_batch, cfg.plan_prompt_len, cfg.plan_response_len
+    for name in [m for m in cfg.plan_models.split(",") if m]:
+        config = plan_config(name)
+        for method in PLAN_METHODS:
+            for gpus in [int(g) for g in cfg.plan_gpus.split(",") if g]:
+                plan = memory_plan(config, method, gpus, B, P, N, cfg.plan_rollout)
+                row = {"model": f"{name} ({count_parameters(config)[0] / 1e6:.0f}M)", "method": method, "GPUs": gpus}
+                row.update({k: v / GiB for k, v in plan.items() if k != "params"})
+                rows.append(row)
+    print(f"plan: GiB per GPU; update micro-batch {B} x ({P} prompt + {N} response) tokens per GPU, rollout of "
+          f"{cfg.plan_rollout} sequences over all GPUs; CUDA, --bf16=true (runtime.precision)")
+    record(cfg, "plan", rows, ["model", "method", "GPUs", "weights", "grads", "adamw", "rollout", "activations",
+                               "activations_ckpt", "peak", "peak_ckpt"], env, load)
+    print(naive_7b_note())
+
+
+# -----------------------------------------------------------------------------
 # 5. MFU (CUDA only)
 
 
 def bench_mfu(cfg: Config, device, env):
     """SFT step of GPT-2 124M (random init, random tokens) at mfu_seq_len in bf16 autocast, eager and
-    torch.compile, alternating. MFU = flops_per_token (6N + 12 L H Q T) x tokens/s / the device's peak
-    bf16 FLOP/s (runtime.PEAK_BF16_FLOPS)."""
-    from model import GPT, config_for
-    from runtime import Dist, flops_per_token, peak_flops
+    torch.compile, alternating (measure_mfu). CUDA only: on CPU a line saying it was not measured."""
     load = os.getloadavg()
     if device.type != "cuda":
         print("mfu: no CUDA device: not measured")
         record(cfg, "mfu", [{"case": "gpt2 124M", "impl": "-", "status": "no CUDA device: not measured"}],
                ["case", "impl", "status"], env, load)
         return
+    rows = measure_mfu(cfg, device, "gpt2")
+    record(cfg, "mfu", rows, ["case", "impl", "median_s", "tokens_per_s", "mfu"], env, load)
+
+
+def measure_mfu(cfg: Config, device, size: str, compile_backend: str = "inductor") -> list:
+    """mfu_steps SFT steps (forward, float32 cross-entropy, backward, fused AdamW) of a random model.GPT_SIZES
+    model on random tokens, mfu_batch x mfu_seq_len, eager and torch.compile, alternating; bf16 autocast on CUDA
+    (float32 elsewhere, where MFU is None). MFU = flops_per_token (6N + 12 L H Q T) x tokens/s / the device's
+    peak bf16 FLOP/s (runtime.PEAK_BF16_FLOPS)."""
+    from model import GPT, config_for
+    from runtime import Dist, flops_per_token, peak_flops
     T, B = cfg.mfu_seq_len, cfg.mfu_batch
-    model = GPT(config_for("gpt2", block_size=max(T, 1024)))
+    model = GPT(config_for(size, block_size=max(T, 1024)))
     model.init_weights(seed=cfg.seed)
     model.to(device).train()
-    compiled = torch.compile(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, fused=True)
+    compiled = torch.compile(model, backend=compile_backend)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, fused=device.type == "cuda")
     g = torch.Generator().manual_seed(cfg.seed)
     ids = torch.randint(0, model.config.vocab_size, (B, T + 1), generator=g).to(device)
     x, y = ids[:, :-1], ids[:, 1:]
+    cast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
 
     def steps(m):
         def run():
             for _ in range(cfg.mfu_steps):
-                with torch.autocast("cuda", dtype=torch.bfloat16):
+                with cast():
                     logits = m(x)
                 loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
                 loss.backward()
@@ -984,7 +1319,7 @@ def bench_mfu(cfg: Config, device, env):
                 optimizer.zero_grad(set_to_none=True)
         return run
 
-    fns = {"eager": steps(model), "torch.compile": steps(compiled)}
+    fns = {"eager": steps(model), f"torch.compile ({compile_backend})": steps(compiled)}
     times = alternate(fns, cfg.repeats, max(cfg.warmup, 1), device)
     c = model.config
     n_params = sum(p.numel() for p in model.parameters())  # as sft.py counts them
@@ -993,11 +1328,187 @@ def bench_mfu(cfg: Config, device, env):
     rows = []
     for name in fns:
         tok_s = B * T * cfg.mfu_steps / statistics.median(times[name])
-        rows.append({"case": f"gpt2 124M B{B} T{T} bf16", "impl": name, "median_s": statistics.median(times[name]),
-                     "times_s": times[name], "tokens_per_s": tok_s, "mfu": fpt * tok_s / peak if peak else None,
-                     "flops_per_token": fpt, "peak_flops": peak,
-                     "max_memory_allocated_GiB": torch.cuda.max_memory_allocated(device) / 2**30})
-    record(cfg, "mfu", rows, ["case", "impl", "median_s", "tokens_per_s", "mfu"], env, load)
+        rows.append({"case": f"{size} {n_params / 1e6:.0f}M B{B} T{T} {'bf16' if device.type == 'cuda' else 'fp32'}",
+                     "impl": name, "median_s": statistics.median(times[name]), "times_s": times[name],
+                     "tokens_per_s": tok_s, "mfu": fpt * tok_s / peak if peak else None, "flops_per_token": fpt,
+                     "peak_flops": peak,
+                     "max_memory_allocated_GiB": torch.cuda.max_memory_allocated(device) / 2**30
+                     if device.type == "cuda" else None})
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# 6. GPU check: what needs CUDA, in one command and one JSON file
+
+# The sizes of each part. "cuda": meant to take a few minutes on one H100 (an estimate: not yet run on a GPU);
+# "dry" (--dry): every code path on CPU at toy sizes, in under a minute.
+GPU_CHECK_SIZES = {
+    "cuda": dict(check_size="gpt2", check_vocab=50257, check_batch=16, check_prompt=64, check_response=64,
+                 mfu_size="gpt2", mfu_batch=8, mfu_seq_len=1024, mfu_steps=10, compile_backend="inductor",
+                 ppo_size="gpt2-xl", ppo_batch=16, ppo_micro_batch=4, ppo_prompt=128, ppo_response=128, ppo_epochs=1,
+                 gen_size="gpt2", gen_vocab=50257, gen_batch=64, gen_prompt=16, gen_tokens=512, repeats=3),
+    "dry": dict(check_size="tiny", check_vocab=64, check_batch=4, check_prompt=8, check_response=8,
+                mfu_size="tiny", mfu_batch=2, mfu_seq_len=32, mfu_steps=2, compile_backend="aot_eager",
+                ppo_size="tiny", ppo_batch=4, ppo_micro_batch=2, ppo_prompt=8, ppo_response=8, ppo_epochs=1,
+                gen_size="tiny", gen_vocab=64, gen_batch=4, gen_prompt=4, gen_tokens=16, repeats=1),
+}
+RATIO_TOL = 1e-6  # |ratio - 1| on the first update: equal log-probs give exactly 1 in float32
+KV_KL_TOL = 1e-3  # mismatch KL per token, KV-cache sampling vs full forward: test_bug06's bf16-vs-fp32 forward bound
+FSDP_ATOL = 1e-5  # weights after one float32 SGD step, N GPUs vs 1 (CPU gloo measures 7.5e-9: reduction order)
+
+
+def first_ratio_check(cfg: Config, device, s: dict) -> dict:
+    """The first PPO update's ratios with old log-probs recomputed (--old_logprobs=recompute), in the run's
+    precision (CUDA: the policy under bf16 autocast over float32 weights, frozen models bf16; runtime.precision),
+    one epoch of one minibatch, so no optimizer step comes between the recompute and the update's forwards.
+    micro-batch = the rollout (same shapes, rows shuffled): every ratio must be 1 (RATIO_TOL). micro-batch = half:
+    the update's forwards see other batch shapes than make_experience's, and the gap is bf16 batch variance
+    (reported, not judged; tests/test_bug04_batch_invariance.py is the CPU side). Also reports the sampler
+    (KV cache) vs recompute gap, ppo's val/logprob_recompute_maxdiff."""
+    from model import config_for
+    config = config_for(s["check_size"], vocab_size=s["check_vocab"], block_size=s["check_prompt"] + s["check_response"])
+    B, P, N = s["check_batch"], s["check_prompt"], s["check_response"]
+    query = torch.randint(0, config.vocab_size - 2, (B, P), generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    out = {"model": s["check_size"], "batch": B, "prompt": P, "response": N, "tolerance": RATIO_TOL}
+    for name, micro in (("micro_batch_equal_rollout", B), ("micro_batch_half", B // 2)):
+        m = random_ours(cfg, config, device, old_logprobs="recompute", num_ppo_epochs=1, rollout_batch_size=B,
+                        micro_batch_size=micro, response_length=N)
+        exp, stats = our_ppo_iteration(m, query, torch.ones_like(query), 0, 1, config.vocab_size - 2, [])
+        mask = exp["action_mask"]
+        out[name] = {"max_abs_ratio_minus_1": float((stats["ratios"] - 1).abs().max()),
+                     "sampler_vs_recompute_max_abs": float(((exp["recomputed_logp"] - exp["logp"]) * mask).abs().max())
+                     if exp["recomputed_logp"] is not None else None}
+    out["passed"] = out["micro_batch_equal_rollout"]["max_abs_ratio_minus_1"] <= RATIO_TOL
+    return out
+
+
+def kv_cache_check(cfg: Config, device, s: dict) -> dict:
+    """model.generate with the KV cache vs one full forward over the same sequences, on left-padded prompts: the
+    per-token log-probs (float32 log-softmax both times), with the weights in float32 and in bf16 (as FSDP2's
+    bf16 policy gathers them for the rollout). Passes when the bf16 mismatch KL (ppo.mismatch_kl, k3 per token)
+    is below KV_KL_TOL."""
+    import ppo
+    from model import GPT, config_for, generate, token_logprobs
+    B, P, N = s["check_batch"], s["check_prompt"], s["check_response"]
+    config = config_for(s["check_size"], vocab_size=s["check_vocab"], block_size=P + N)
+    g = torch.Generator().manual_seed(cfg.seed)
+    ids = torch.randint(0, config.vocab_size, (B, P), generator=g)
+    mask = torch.ones_like(ids)
+    mask[: B // 2, : P // 2] = 0  # half the rows left-padded to half length: positions from the mask
+    ids, mask = ids.to(device), mask.to(device)
+    model = GPT(config)
+    model.init_weights(seed=cfg.seed)
+    out = {"model": s["check_size"], "batch": B, "prompt": P, "new_tokens": N, "tolerance_mismatch_kl": KV_KL_TOL}
+    for dtype in (torch.float32, torch.bfloat16):
+        model.to(device, dtype).eval()
+        with torch.no_grad():
+            seqs, sample_logp = generate(model, ids, mask, N, temperature=1.0, eos_id=None, pad_id=0,
+                                         generator=torch.Generator(device=device).manual_seed(cfg.seed))
+            full_mask = torch.cat([mask, torch.ones_like(seqs[:, P:])], 1)
+            full = token_logprobs(model(seqs, attention_mask=full_mask, logits_from=P - 1)[:, :-1], seqs[:, P:])
+        every = torch.ones_like(full, dtype=torch.bool)
+        out[str(dtype).removeprefix("torch.")] = {"max_abs_logp_diff": float((full - sample_logp).abs().max()),
+                                                  "mismatch_kl": float(ppo.mismatch_kl(sample_logp, full, every))}
+    out["passed"] = out["bfloat16"]["mismatch_kl"] < KV_KL_TOL
+    return out
+
+
+def fsdp_check(cfg: Config, device, s: dict) -> dict:
+    """tests/dist_helpers.py's sgd_step (a tiny GPT, one float32 SGD step on a fixed batch split over the ranks)
+    under torchrun on every visible GPU (NCCL; --dry: 2 CPU processes, gloo) vs the same step in this process:
+    the weights must agree to FSDP_ATOL. Needs 2+ GPUs."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import dist_helpers
+    from runtime import Dist
+    n = torch.cuda.device_count() if device.type == "cuda" else 2
+    out = {"processes": n, "backend": "nccl" if device.type == "cuda" else "gloo", "tolerance": FSDP_ATOL}
+    if n < 2:
+        return {**out, "passed": None, "status": f"{n} GPU visible: FSDP2 across GPUs needs 2 or more; not run"}
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+               "tests/dist_helpers.py", "sgd_step", tmp]
+        env = {**os.environ, "DIST_HELPERS_DEVICE": device.type, "OMP_NUM_THREADS": "1"}
+        env.pop("WORLD_SIZE", None)
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            return {**out, "passed": False, "status": f"torchrun exited {proc.returncode}: {proc.stderr[-2000:]}"}
+        got = torch.load(os.path.join(tmp, "sgd_step.rank0.pt"), map_location="cpu", weights_only=True)
+    ref = dist_helpers.sgd_step(Dist(device=device))
+    diff = max(float((got["weights"][k] - w.cpu()).abs().max()) for k, w in ref["weights"].items())
+    out.update(world_size=got["world_size"], max_abs_weight_diff=diff,
+               loss_diff=abs(float(got["loss"]) - float(ref["loss"])))
+    out["passed"] = got["world_size"] == n and diff <= FSDP_ATOL
+    return out
+
+
+def ppo_iteration_check(cfg: Config, device, s: dict) -> dict:
+    """One PPO iteration of 4 random models at ppo_size (our_ppo_iteration: ppo.rollout, make_experience,
+    ppo_update, TRL's preset, bf16 on CUDA as runtime.precision gives it), twice; the second is reported (the
+    first pays for CUDA's lazy init): seconds and peak memory per phase (peak_memory: CUDA allocated; CPU the
+    process's peak resident set), next to the plan's estimate for the same sizes (memory_plan, one GPU)."""
+    from model import config_for
+    B, P, N = s["ppo_batch"], s["ppo_prompt"], s["ppo_response"]
+    config = config_for(s["ppo_size"], block_size=P + N)
+    m = random_ours(cfg, config, device, rollout_batch_size=B, micro_batch_size=s["ppo_micro_batch"],
+                    num_ppo_epochs=s["ppo_epochs"], response_length=N)
+    query = torch.randint(0, config.vocab_size - 2, (B, P), generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    splits, peaks = [], []
+    for update in range(2):
+        our_ppo_iteration(m, query, torch.ones_like(query), update, 2 * s["ppo_epochs"], config.vocab_size - 2,
+                          splits, peaks)
+    phases = ("rollout", "score", "update")
+    plan = memory_plan(config, "PPO", 1, s["ppo_micro_batch"], P, N, B, device_type=device.type)
+    return {"model": s["ppo_size"], "params": count_parameters(config)[0], "batch": B,
+            "micro_batch": s["ppo_micro_batch"], "prompt": P, "response": N, "epochs": s["ppo_epochs"],
+            "mean_response_len": splits[-1][3], "seconds": dict(zip(phases, splits[-1][:3])),
+            "seconds_first_iteration": dict(zip(phases, splits[0][:3])),
+            "peak_GiB": {k: v / GiB for k, v in zip(phases, peaks[-1])},
+            "plan_GiB": {k: plan[k] / GiB for k in ("weights", "grads", "adamw", "rollout", "activations", "peak")},
+            "peak_memory": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process VmHWM (CPU)"}
+
+
+def bench_gpu(cfg: Config, device, env):
+    """The GPU check (see GPU_CHECK_SIZES): (a) first PPO ratio == 1 with recomputed log-probs in bf16, KV cache
+    vs full forward in bf16, FSDP2 over all visible GPUs vs one; (b) SFT MFU of GPT-2 124M at 1024 tokens, eager
+    and torch.compile; (c) one PPO iteration of gpt2-xl with 4 models, seconds and peak memory per phase; (d)
+    rollout new tokens/s at batch 64, 512 new tokens, ours vs HF generate. Each part runs even if one before it
+    failed (its error is written instead). Writes one JSON to --gpu_out; exits 1 if a check failed or a part
+    raised. --dry: all of it at toy sizes (on CPU: everything but CUDA itself)."""
+    import traceback
+    if device.type != "cuda" and not cfg.dry:
+        raise SystemExit("gpu: no CUDA device; `python bench.py gpu --dry` runs every part on CPU at toy sizes")
+    s = GPU_CHECK_SIZES["dry" if cfg.dry else "cuda"]
+    result = {"env": env, "dry": cfg.dry, "sizes": s}
+    start = time.perf_counter()
+
+    def part(name, fn):
+        t0 = time.perf_counter()
+        try:
+            result[name] = fn()
+        except Exception:  # keep going: one GPU session should bring back every part it can
+            result[name] = {"error": traceback.format_exc()[-3000:]}
+        print(f"gpu: {name} done in {time.perf_counter() - t0:.1f} s: {json.dumps(result[name], default=str)[:600]}")
+
+    part("first_ratio", lambda: first_ratio_check(cfg, device, s))
+    part("kv_cache", lambda: kv_cache_check(cfg, device, s))
+    part("fsdp", lambda: fsdp_check(cfg, device, s))
+    mfu_cfg = dataclasses.replace(cfg, mfu_batch=s["mfu_batch"], mfu_seq_len=s["mfu_seq_len"],
+                                  mfu_steps=s["mfu_steps"], repeats=s["repeats"])
+    part("mfu", lambda: measure_mfu(mfu_cfg, device, s["mfu_size"], s["compile_backend"]))
+    part("ppo_iteration", lambda: ppo_iteration_check(cfg, device, s))
+    gen_cfg = dataclasses.replace(cfg, size=s["gen_size"], vocab_size=s["gen_vocab"], gen_batch=s["gen_batch"],
+                                  gen_prompt_len=s["gen_prompt"], gen_lengths=str(s["gen_tokens"]), nocache_lengths="",
+                                  block_size=max(1024, s["gen_prompt"] + s["gen_tokens"]), repeats=s["repeats"],
+                                  greedy=False, profile=False)
+    part("rollout", lambda: bench_generate(gen_cfg, device, env))
+    checks = {k: result[k].get("passed") for k in ("first_ratio", "kv_cache", "fsdp") if isinstance(result[k], dict)}
+    errors = [k for k, v in result.items() if isinstance(v, dict) and "error" in v]
+    result.update(checks=checks, errors=errors, seconds=time.perf_counter() - start)
+    with open(cfg.gpu_out, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    print(f"gpu: wrote {cfg.gpu_out} in {result['seconds']:.0f} s; checks {checks}; parts that raised: {errors or 'none'}")
+    if errors or any(v is False for v in checks.values()):
+        raise SystemExit(1)
 
 
 # -----------------------------------------------------------------------------
@@ -1005,8 +1516,8 @@ def bench_mfu(cfg: Config, device, env):
 
 COMMANDS = {"train_step": bench_train_step, "sft": bench_sft, "generate": bench_generate,
             "generate_compiled": bench_generate_compiled, "ppo_iteration": bench_ppo_iteration,
-            "grpo_iteration": bench_grpo_iteration,
-            "memory": bench_memory, "mfu": bench_mfu}
+            "grpo_iteration": bench_grpo_iteration, "memory": bench_memory, "mfu": bench_mfu, "plan": bench_plan,
+            "gpu": bench_gpu}
 
 
 def main(argv=None):

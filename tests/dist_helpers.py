@@ -2,14 +2,15 @@
 
     torchrun --standalone --nproc_per_node=2 tests/dist_helpers.py SCENARIO[,SCENARIO...] OUT_DIR
 
-Each scenario runs a tiny GPT under FSDP2 (runtime.shard_model, gloo on CPU) and writes its result to
+Each scenario runs a tiny GPT under FSDP2 (runtime.shard_model, gloo on CPU; with DIST_HELPERS_DEVICE=cuda,
+NCCL on one GPU per process, float32, as `bench.py gpu` runs sgd_step) and writes its result to
 OUT_DIR/SCENARIO.rank{R}.pt with torch.save. The test computes the same thing in one process with the
 functions below (world_size=1, shard_model a no-op) and compares.
 
 Scenarios:
   sgd_step  loss of a fixed batch split across ranks (each rank its contiguous rows, normalized by the
             token count of the whole batch as sft.py does), one SGD step of lr 0.1, then the full weights
-            (runtime.full_state_dict, all-gathered). Rank 0 only writes.
+            (runtime.full_state_dict, all-gathered) and the world size. Rank 0 only writes.
   generate  greedy tokens of model.generate on left-padded prompts inside runtime.unsharded(model), from
             a tiny GPT trained for a few steps first (trained_model). Every rank writes, so the test
             can also check that the ranks agree.
@@ -48,8 +49,8 @@ def fixed_batch() -> dict:
 
 def sgd_step(d: Dist) -> dict:
     """One SGD step on this rank's rows of fixed_batch(); returns the global loss and the full weights."""
-    model = shard_model(tiny_model(), d)
-    batch = fixed_batch()
+    model = shard_model(tiny_model().to(d.device), d, bf16=False)  # float32 on CUDA too: compared with one process
+    batch = {k: v.to(d.device) for k, v in fixed_batch().items()}
     rows = batch["input_ids"].size(0) // d.world_size
     mine = {k: v[d.rank * rows:(d.rank + 1) * rows] for k, v in batch.items()}
     n_tokens = all_reduce_sum(mine["loss_mask"][:, 1:].sum().float(), d)
@@ -58,7 +59,7 @@ def sgd_step(d: Dist) -> dict:
     (loss_sum * d.world_size / n_tokens).backward()  # FSDP averages gradients over ranks, as in sft.py
     torch.optim.SGD(model.parameters(), lr=0.1).step()
     loss = all_reduce_sum(loss_sum.detach(), d) / n_tokens
-    return {"loss": loss, "weights": full_state_dict(model)}
+    return {"loss": loss, "weights": full_state_dict(model), "world_size": d.world_size}
 
 
 def trained_model(steps: int = 60) -> GPT:
@@ -91,7 +92,7 @@ SCENARIOS = {"sgd_step": sgd_step, "generate": greedy_tokens}
 
 def main():
     names, out_dir = sys.argv[1].split(","), sys.argv[2]
-    d = init_distributed("cpu")
+    d = init_distributed(os.environ.get("DIST_HELPERS_DEVICE", "cpu"))  # "cuda": NCCL (bench.py gpu)
     for name in names:
         result = SCENARIOS[name](d)
         if d.is_main or name == "generate":

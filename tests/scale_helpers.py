@@ -17,19 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch
 from safetensors.torch import save_file
 
+from bench import proc_status_bytes, reset_peak_memory
 from runtime import full_state_dict, init_distributed, load_model, shutdown_distributed
-
-
-def proc_status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        line = next(line for line in f if line.startswith(field + ":"))
-    return int(line.split()[1]) * 1024  # kB
-
-
-def reset_peak_rss():
-    """Linux: writing 5 to clear_refs resets VmHWM (the peak resident set) to the current RSS."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def main():
@@ -37,7 +26,7 @@ def main():
     shard = len(sys.argv) > 4 and sys.argv[4] == "shard"
     assert scenario == "load"
     d = init_distributed("cpu")
-    reset_peak_rss()
+    reset_peak_memory(torch.device("cpu"))  # VmHWM back to the current RSS
     before = proc_status_bytes("VmRSS")
     model = load_model(model_dir, "policy", d, trainable=True, shard=shard)
     peak = proc_status_bytes("VmHWM") - before

@@ -1,9 +1,11 @@
 """Two processes (torchrun, gloo on CPU, FSDP2) compute what one process computes: one SGD step, whole SFT
-runs with and without gradient accumulation, checkpoints that change world size on resume, and greedy
-generation from a sharded model. The per-rank code of the first and last is tests/dist_helpers.py."""
+runs with and without gradient accumulation, checkpoints that change world size on resume, greedy
+generation from a sharded model, and `torchrun --nnodes=2` with two single-process "nodes" over loopback.
+The per-rank code of the SGD step, generation and the two-node run is tests/dist_helpers.py."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -63,6 +65,38 @@ def test_fsdp_sgd_step_matches_one_process(helper_results):
         torch.testing.assert_close(got["weights"][k], w, rtol=0, atol=1e-6, msg=k)
     moved = max((ref["weights"][k] - init[k]).abs().max().item() for k in init)
     assert moved > 1e-3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_over_loopback(tmp_path):
+    """`torchrun --nnodes=2`: two torchrun agents, one process each, started separately as on two machines, meet
+    through the c10d rendezvous on 127.0.0.1 (the commands of README's "Running on GPUs" with HOST = 127.0.0.1),
+    form one gloo group of 2 and run the FSDP2 SGD step of dist_helpers: the weights equal one process's."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=test-{port}", "tests/dist_helpers.py", "sgd_step", tmp_path]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    nodes = [subprocess.Popen(list(map(str, cmd)), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    try:
+        logs = [node.communicate(timeout=120)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    assert all(node.returncode == 0 for node in nodes), "\n---\n".join(log[-3000:] for log in logs)
+    got = torch.load(tmp_path / "sgd_step.rank0.pt", weights_only=True)
+    assert got["world_size"] == 2  # one group over both agents, not two jobs of one process each
+    ref = dist_helpers.sgd_step(Dist())
+    assert abs(got["loss"].item() - ref["loss"].item()) <= 1e-6  # tolerances of test_fsdp_sgd_step_matches_one_process
+    for k, w in ref["weights"].items():
+        torch.testing.assert_close(got["weights"][k], w, rtol=0, atol=1e-6, msg=k)
 
 
 def test_generate_under_unsharded_matches_one_process(helper_results):
