@@ -517,6 +517,7 @@ def bench_generate_compiled(cfg: Config, device, env):
                          "same_tokens_as_eager": same if name == "ours_kv_compiled" else None})
     record(cfg, "generate_compiled", rows, ["case", "new_tokens", "impl", "median_s", "new_tokens_per_s", "speedup_vs_hf",
                                             "speedup_vs_eager", "compile_s", "same_tokens_as_eager"], env, load)
+    return rows
 
 
 # -----------------------------------------------------------------------------
@@ -1471,7 +1472,8 @@ def bench_gpu(cfg: Config, device, env):
     """The GPU check (see GPU_CHECK_SIZES): (a) first PPO ratio == 1 with recomputed log-probs in bf16, KV cache
     vs full forward in bf16, FSDP2 over all visible GPUs vs one; (b) SFT MFU of GPT-2 124M at 1024 tokens, eager
     and torch.compile; (c) one PPO iteration of gpt2-xl with 4 models, seconds and peak memory per phase; (d)
-    rollout new tokens/s at batch 64, 512 new tokens, ours vs HF generate. Each part runs even if one before it
+    rollout new tokens/s at batch 64, 512 new tokens, ours vs HF generate, then again with ours' decode step compiled
+    (generate(compile_step=True): CUDA graphs). Each part runs even if one before it
     failed (its error is written instead). Writes one JSON to --gpu_out; exits 1 if a check failed or a part
     raised. --dry: all of it at toy sizes (on CPU: everything but CUDA itself)."""
     import traceback
@@ -1501,6 +1503,8 @@ def bench_gpu(cfg: Config, device, env):
                                   block_size=max(1024, s["gen_prompt"] + s["gen_tokens"]), repeats=s["repeats"],
                                   greedy=False, profile=False)
     part("rollout", lambda: bench_generate(gen_cfg, device, env))
+    # Last, so a slow compile cannot cost the parts above: the same rollout with the decode step compiled (CUDA graphs).
+    part("rollout_compiled", lambda: bench_generate_compiled(gen_cfg, device, env))
     checks = {k: result[k].get("passed") for k in ("first_ratio", "kv_cache", "fsdp") if isinstance(result[k], dict)}
     errors = [k for k, v in result.items() if isinstance(v, dict) and "error" in v]
     result.update(checks=checks, errors=errors, seconds=time.perf_counter() - start)

@@ -141,6 +141,8 @@ def test_gpu_check_dry_run_writes_every_section(tmp_path):
     assert ppo_it["plan_GiB"]["peak"] > 0
     assert {row["impl"] for row in result["rollout"]} == {"ours_kv", "hf_generate"}
     assert all(row["new_tokens_per_s"] > 0 for row in result["rollout"])
+    assert {row["impl"] for row in result["rollout_compiled"]} == {"ours_kv", "ours_kv_compiled", "hf_generate"}
+    assert all(row["same_tokens_as_eager"] for row in result["rollout_compiled"] if row["impl"] == "ours_kv_compiled")
 
 
 @pytest.mark.slow  # compiles the decode step (~20 s on a 2-core CPU)
