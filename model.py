@@ -990,7 +990,11 @@ def generate(model, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0, eo
         step_fn = compiled_decode_step(device.type)
         positions = position_ids_from_mask(mask)  # (B, P + N): what the eager path computes from each prefix
         columns = torch.arange(P + max_new_tokens, device=device)  # step t reads columns[P+t-1 : P+t]: no copy per step
-        if device.type == "cuda":  # CUDA graphs replay fixed addresses; the cache is written in place (as HF's StaticCache)
+        # CUDA graphs replay fixed addresses; the cache is written in place (as HF's StaticCache). Each call allocates a
+        # new cache, so the graph is re-recorded once per call (unguarded static address: no recompile). Inductor
+        # stops using graphs after cudagraph_unexpected_rerecord_limit re-records (128); reusing one cache across
+        # calls, as HF's StaticCache does, would avoid that. Unmeasured: no GPU has run this path yet.
+        if device.type == "cuda":
             for buffer in cache.k + cache.v:
                 torch._dynamo.mark_static_address(buffer)
     steps = 0
