@@ -920,6 +920,14 @@ def decode_step(model, token, mask, positions, cache):
     return logits[:, -1, :].float().clone()
 
 
+def static_cache_len(n: int) -> int:
+    """The cache length generate(compile_step=True) allocates for n positions: the next power of two, at least 64.
+    The compiled step's shapes depend on the batch size and this length only, so rollouts whose longest prompt
+    differs share a graph, and one batch size needs at most ~log2(block_size / 32) graphs: under dynamo's
+    recompile_limit (8), past which a fullgraph compile raises. The extra slots stay masked."""
+    return max(64, 1 << (n - 1).bit_length())
+
+
 _COMPILED_DECODE = {}  # one compiled decode_step per mode for the process: dynamo's cache then holds its graphs
 
 
@@ -962,7 +970,8 @@ def generate(model, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0, eo
 
     compile_step: run each one-token step after the prefill through `compiled_decode_step` (torch.compile over a
     fixed-shape KV cache, gpt-fast style; the prefill and the sampling stay eager). The first call compiles (tens
-    of seconds on a CPU); later calls with the same shapes reuse it, a new batch size or length compiles again.
+    of seconds on a CPU); later calls reuse it while the batch size and the cache length (`static_cache_len`: P +
+    max_new_tokens rounded up to a power of two) are the same; another shape compiles once more.
     Same tokens and log-probs as eager to float32 rounding (tests/test_perf_paths.py): each step attends over
     all max_len slots with the unwritten ones masked, so its sums run in another order.
     """
@@ -978,7 +987,8 @@ def generate(model, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0, eo
                          "as ppo.rollout and evaluate.sample_responses do")
     if compile_step and not use_cache:
         raise ValueError("generate: compile_step needs the KV cache (use_cache=True)")
-    cache = KVCache(model.config, B, P + max_new_tokens, device, param.dtype if param.is_floating_point() else torch.float32) if use_cache else None
+    cache_len = static_cache_len(P + max_new_tokens) if compile_step else P + max_new_tokens
+    cache = KVCache(model.config, B, cache_len, device, param.dtype if param.is_floating_point() else torch.float32) if use_cache else None
     # Sequences and the attention mask are allocated once at full length and filled in; step t reads the
     # first P + t columns (a view), instead of a torch.cat per step.
     seq = torch.cat([prompt_ids, torch.full((B, max_new_tokens), pad_id, dtype=prompt_ids.dtype, device=device)], 1)
@@ -988,8 +998,9 @@ def generate(model, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0, eo
     done = torch.zeros(B, dtype=torch.bool, device=device)
     if compile_step:
         step_fn = compiled_decode_step(device.type)
-        positions = position_ids_from_mask(mask)  # (B, P + N): what the eager path computes from each prefix
-        columns = torch.arange(P + max_new_tokens, device=device)  # step t reads columns[P+t-1 : P+t]: no copy per step
+        key_mask = F.pad(mask, (0, cache_len - mask.size(1)))  # (B, cache_len): the bucket's extra slots are never keys
+        positions = position_ids_from_mask(key_mask)  # what the eager path computes from each prefix
+        columns = torch.arange(cache_len, device=device)  # step t reads columns[P+t-1 : P+t]: no copy per step
         # CUDA graphs replay fixed addresses; the cache is written in place (as HF's StaticCache). Each call allocates a
         # new cache, so the graph is re-recorded once per call (unguarded static address: no recompile). Inductor
         # stops using graphs after cudagraph_unexpected_rerecord_limit re-records (128); reusing one cache across
@@ -1001,7 +1012,8 @@ def generate(model, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0, eo
     for t in range(max_new_tokens):
         if compile_step and t > 0:
             cache.index = columns[P + t - 1:P + t]
-            logits = step_fn(model, seq[:, P + t - 1:P + t], mask, positions, cache)
+            # contiguous: a view of seq has seq's row stride, which differs with P + N and would recompile the step
+            logits = step_fn(model, seq[:, P + t - 1:P + t].contiguous(), key_mask, positions, cache)
         elif use_cache:  # prefill: the whole prompt, logits at its last position only; then one token per step
             step_input = seq[:, :P] if t == 0 else seq[:, P + t - 1:P + t]
             logits = model(step_input, attention_mask=mask[:, :P + t], kv_cache=cache, logits_from=-1)[:, -1, :]

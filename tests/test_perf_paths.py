@@ -255,6 +255,7 @@ def test_compiled_decode_step_matches_eager_and_compiles_once(family):
     _same_as_eager(model, CACHED_SETTINGS[:1])  # compiles here
     with torch._dynamo.config.patch(error_on_recompile=True):
         _same_as_eager(model, CACHED_SETTINGS[1:])
+        _same_as_eager(model, CACHED_SETTINGS[:1], n=20)  # another length in the same cache bucket: the same graph
 
 
 def test_ppo_compile_decode_reaches_generate(monkeypatch):
@@ -276,6 +277,11 @@ def test_ppo_compile_decode_reaches_generate(monkeypatch):
     assert calls == ["cpu"]
     assert torch.equal(outs[0][0], outs[1][0])
     torch.testing.assert_close(outs[0][1], outs[1][1], atol=1e-6, rtol=0)
+
+
+def test_static_cache_len_buckets():
+    from model import static_cache_len
+    assert [static_cache_len(n) for n in (1, 64, 65, 128, 129, 528, 1024)] == [64, 64, 128, 128, 256, 1024, 1024]
 
 
 def test_compile_step_needs_the_cache():
