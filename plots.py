@@ -205,7 +205,13 @@ def write_gao(analysis: dict, out: str, title_note: str = ""):
             md.append(f"| {name} | (no step-0 evaluation: not fitted) |||||||||")
             continue
         peak = e["peak"]
-        peak_s = (f"{peak[0]:.2f} | {e['gold0'] + peak[1]:.3f}") if peak else "none (beta <= 0) | -"
+        max_d = max(p["d"] for p in e["curve"])
+        if peak is None:
+            peak_s = "none (beta <= 0) | -"
+        elif peak[0] > max_d:  # a near-zero beta puts d* = exp(alpha / beta - 1) far out: an extrapolation, not a peak
+            peak_s = f"beyond the data (d* = {peak[0]:.3g} > {max_d:.2f}) | -"
+        else:
+            peak_s = f"{peak[0]:.2f} | {e['gold0'] + peak[1]:.3f}"
         m = e["measured_peak"]
         md.append(f"| {name} | {e['gold0']:.3f} | {e['alpha']:.3f} | {e['beta']:.3f} | {peak_s} | {e['rmse']:.3f} | "
                   f"{m['gold']:.3f} ({m['d']:.2f}, {m['step']}) | {last['gold']:.3f} | {last['d']:.2f} |")

@@ -197,3 +197,19 @@ def test_seeds_pools_gao_curves(tmp_path):
     pooled = json.loads((tmp_path / "seeds" / "gao.json").read_text())["beta=0"]
     assert pooled["alpha"] == pytest.approx(0.3, abs=1e-6) and pooled["beta"] == pytest.approx(0.25, abs=1e-6)
     assert (tmp_path / "seeds" / "gao.png").stat().st_size > 1000
+
+
+def test_write_gao_names_a_peak_beyond_the_data(tmp_path):
+    """A near-zero fitted beta puts d* = exp(alpha / beta - 1) astronomically far (a real 3-seed run gave 1e30):
+    the table says it lies beyond the measured d instead of printing it as a peak; one inside the data prints."""
+    curve = [{"step": 10 * k, "d": 0.5 * k, "kl": 0.25 * k * k, "learned": 0.5 * k, "gold": 0.5 + 0.1 * k}
+             for k in range(5)]  # measured d up to 2.0
+    base = {"curve": curve, "gold0": 0.5, "rmse": 0.01, "measured_peak": {"d": 2.0, "gold": 0.9, "step": 40}}
+    analysis = {"far": {**base, "alpha": 0.164, "beta": 0.002, "peak": plots.gao_peak(0.164, 0.002)},
+                "near": {**base, "alpha": 0.3, "beta": 0.25, "peak": plots.gao_peak(0.3, 0.25)}}
+    plots.write_gao(analysis, str(tmp_path))
+    md = (tmp_path / "gao.md").read_text()
+    far = next(line for line in md.splitlines() if line.startswith("| far |"))
+    near = next(line for line in md.splitlines() if line.startswith("| near |"))
+    assert "beyond the data (d* = " in far and "> 2.00)" in far
+    assert "| 1.22 | 0.805 |" in near  # d* = exp(0.2), gold0 + beta d* = 0.5 + 0.305
