@@ -673,9 +673,10 @@ def random_ours(cfg: Config, config, device, **overrides):
 
 
 def assemble_ours(pcfg, d, policy, ref, reward, critic) -> dict:
-    """The four models with the optimizer and its base learning rates, as our_ppo_iteration takes them."""
+    """The models (critic None: a group method) with the optimizer and its base learning rates, as our_ppo_iteration
+    takes them."""
     import ppo
-    trainable = torch.nn.ModuleDict({"policy": policy, "critic": critic})
+    trainable = torch.nn.ModuleDict({"policy": policy} if critic is None else {"policy": policy, "critic": critic})
     optimizer = ppo.make_optimizer(policy, critic, pcfg)
     return dict(policy=policy, ref=ref, reward=reward, critic=critic, trainable=trainable, optimizer=optimizer,
                 base_lrs=[g["lr"] for g in optimizer.param_groups], cfg=pcfg, d=d)
@@ -716,6 +717,17 @@ def our_ppo_iteration(m: dict, query, query_mask, update: int, total_steps: int,
     return exp, stats
 
 
+def alternate_updates(run_trl, run_ours, splits: dict, n: int, cfg: Config, device):
+    """Warm both sides up (one update each), forget the warm-up's phase splits, then time runs of n updates,
+    alternating (`alternate`). Returns the seconds of each run per side and the median seconds per update."""
+    for _ in range(cfg.warmup):
+        run_trl(1), run_ours(1)
+    for v in splits.values():
+        v.clear()
+    times = alternate({"trl": lambda: run_trl(n), "ours": lambda: run_ours(n)}, cfg.repeats, 0, device)
+    return times, {k: statistics.median(v) / n for k, v in times.items()}
+
+
 def bench_ppo_iteration(cfg: Config, device, env):
     """Seconds per PPO update and its split (rollout / score / update; for TRL also the time in the two
     gc.collect() calls of each update, which fall in score and update), ours vs TRL, same sizes:
@@ -749,12 +761,7 @@ def bench_ppo_iteration(cfg: Config, device, env):
             our_ppo_iteration(ours, query, query_mask, counter["update"], total_steps, eos_id, splits["ours"])
             counter["update"] += 1
 
-    for _ in range(cfg.warmup):
-        run_trl(1), run_ours(1)
-    for v in splits.values():
-        v.clear()
-    times = alternate({"trl": lambda: run_trl(N), "ours": lambda: run_ours(N)}, cfg.repeats, 0, device)
-    med = {k: statistics.median(v) / N for k, v in times.items()}
+    times, med = alternate_updates(run_trl, run_ours, splits, N, cfg, device)
     case = (f"{model_desc(ours['policy'])} B{cfg.ppo_batch} P{cfg.ppo_prompt_len} N{cfg.ppo_response_length} "
             f"epochs{cfg.ppo_epochs}")
     rows = []
@@ -842,9 +849,7 @@ def build_ours_grpo(cfg: Config, dirs: dict, n_prompts: int, device):
     policy = load_model(dirs["policy"], "policy", d, trainable=True)
     ref = load_model(dirs["ref"], "policy", d, trainable=False)
     reward = load_model(dirs["reward"], "reward", d, trainable=False, scalar_head=True)
-    optimizer = ppo.make_optimizer(policy, None, pcfg)
-    return dict(policy=policy, ref=ref, reward=reward, critic=None, trainable=torch.nn.ModuleDict({"policy": policy}),
-                optimizer=optimizer, base_lrs=[g["lr"] for g in optimizer.param_groups], cfg=pcfg, d=d)
+    return assemble_ours(pcfg, d, policy, ref, reward, None)
 
 
 def bench_grpo_iteration(cfg: Config, device, env):
@@ -854,8 +859,6 @@ def bench_grpo_iteration(cfg: Config, device, env):
     epochs (TRL num_iterations) of one minibatch, one reward-model forward per completion on each side.
     TRL runs as one trainer.train() of ppo_updates updates per timed run; `trl_setup_s` is the time from
     train() to its first rollout (dataloader, accelerate), which s_per_update includes and the phases do not."""
-    from types import SimpleNamespace
-    import ppo
     load = os.getloadavg()
     G, N = cfg.grpo_samples_per_prompt, cfg.ppo_updates
     if cfg.ppo_batch % G:
@@ -871,7 +874,6 @@ def bench_grpo_iteration(cfg: Config, device, env):
         ours = build_ours_grpo(cfg, dirs, n_prompts, device)
     query = prompts.repeat_interleave(G, 0).to(device)  # groups: each prompt's G rows consecutive, as ppo.main
     query_mask = torch.ones_like(query)
-    tok = SimpleNamespace(eos_id=eos_id)
     total_steps = (cfg.warmup + cfg.repeats * N + 1) * cfg.ppo_epochs
     splits = {"ours": [], "trl": [], "trl_setup": []}
     counter = {"update": 0}
@@ -888,34 +890,16 @@ def bench_grpo_iteration(cfg: Config, device, env):
         splits["trl_setup"].append(marks[1][1] - marks[0][1])
 
     def run_ours(n):
-        m, pcfg = ours, ours["cfg"]
         for _ in range(n):
-            update = counter["update"]
-            t0 = time.perf_counter()
-            query_response, sample_logp = ppo.rollout(m["policy"], query, query_mask, update, tok, pcfg, m["d"])
-            sync(device)
-            t1 = time.perf_counter()
-            exp = ppo.make_experience(m["policy"], None, m["ref"], m["reward"], query_response, query_mask, sample_logp,
-                                      pcfg.kl_coef, tok, pcfg, m["d"], check_logprobs=ppo.checks_logprobs(update, pcfg))
-            sync(device)
-            t2 = time.perf_counter()
-            ppo.ppo_update(m["policy"], None, m["trainable"], m["optimizer"], m["base_lrs"], exp, update, total_steps,
-                           pcfg, m["d"])
-            sync(device)
-            splits["ours"].append((t1 - t0, t2 - t1, time.perf_counter() - t2))
+            our_ppo_iteration(ours, query, query_mask, counter["update"], total_steps, eos_id, splits["ours"])
             counter["update"] += 1
 
-    for _ in range(cfg.warmup):
-        run_trl(1), run_ours(1)
-    for v in splits.values():
-        v.clear()
-    times = alternate({"trl": lambda: run_trl(N), "ours": lambda: run_ours(N)}, cfg.repeats, 0, device)
-    med = {k: statistics.median(v) / N for k, v in times.items()}
+    times, med = alternate_updates(run_trl, run_ours, splits, N, cfg, device)
     case = (f"{model_desc(ours['policy'])} {n_prompts} prompts x G{G} P{cfg.ppo_prompt_len} "
             f"N{cfg.ppo_response_length} epochs{cfg.ppo_epochs}")
     rows = []
     for name in ("ours", "trl"):
-        rollout, score, update = (statistics.median(s[i] for s in splits[name]) for i in range(3))
+        rollout, score, update = (statistics.median(s[i] for s in splits[name]) for i in range(3))  # ours also has a 4th: length
         rows.append({"case": case, "impl": name, "s_per_update": med[name], "times_s": [t / N for t in times[name]],
                      "speedup_vs_trl": med["trl"] / med[name], "rollout_s": rollout, "score_s": score,
                      "update_s": update, "phases_speedup_vs_trl": None, "updates_per_run": N,
