@@ -91,14 +91,18 @@ if [ "$MODE" = smollm2 ]; then
   [ -f "$HH" ] || { echo "launch.sh smollm2: $HH not found (set HH= to an HH-RLHF .jsonl(.gz) file)" >&2; exit 1; }
   SFT_DATA=$HH PREF_DATA=$HH PROMPT_DATA=$HH
   [ "$RUN_DIR" = runs ] && RUN_DIR=runs/smollm2
-  # Cut to fit <= 45 min on 2 CPU cores (docs/real-model.md says what the cuts cost): prompts 128 tokens (left-cut),
-  # responses 48, a few dozen optimizer steps per stage, 32 held-out examples per evaluation.
-  LEN="--max_prompt_tokens=128"
-  SFT_ARGS="--profile=real $LEN --max_response_tokens=48 --batch_size=8 --micro_batch_size=4 --max_steps=${SMOL_SFT_STEPS:-24} --warmup_steps=2 --eval_every=1000 --eval_examples=16 --save_every=1000 $SFT_ARGS"
-  RM_ARGS="--profile=real $LEN --max_response_tokens=48 --batch_size=8 --micro_batch_size=4 --max_steps=${SMOL_RM_STEPS:-40} --warmup_steps=2 --lr=3e-5 --eval_every=1000 --eval_examples=64 --normalize_examples=16 --save_every=1000 $RM_ARGS"
-  PPO_ARGS="--preset=trl --profile=real $LEN --response_length=48 --rollout_batch_size=8 --micro_batch_size=4 --num_ppo_epochs=2 --num_updates=${SMOL_RL_UPDATES:-8} --lr=1e-5 --eval_every=1000 --eval_examples=16 --save_every=1000 $PPO_ARGS"
-  DPO_ARGS="--profile=real $LEN --max_response_tokens=48 --batch_size=8 --micro_batch_size=4 --max_steps=${SMOL_DPO_STEPS:-24} --warmup_steps=2 --lr=5e-6 --eval_every=1000 --eval_examples=16 --save_every=1000 $DPO_ARGS"
-  GROUP_ARGS="--profile=real $LEN --response_length=48 --micro_batch_size=4 --num_ppo_epochs=2 --num_updates=${SMOL_RL_UPDATES:-8} --lr=1e-5 --kl_coef=0.05 --eval_every=1000 --eval_examples=16 --save_every=1000 $GROUP_ARGS"
+  # Cut to fit a 2-core CPU shared with other jobs (docs/real-model.md has the time and what the cuts cost): prompts
+  # 64 tokens (left-cut; SmolLM2's template adds a ~20-token system turn), responses 32, a handful of optimizer steps
+  # per stage (SMOL_STEPS, SMOL_RL_UPDATES), 16-32 held-out examples per evaluation. Scale these up on a real machine.
+  LEN="--max_prompt_tokens=64"
+  STEPS=${SMOL_STEPS:-8}
+  EVAL="--eval_every=1000 --save_every=1000 --eval_examples=16"
+  RL_EVAL="--eval_every=1000 --save_every=1000 --eval_prompts=16 --eval_at_start=false"
+  SFT_ARGS="--profile=real $LEN --max_response_tokens=32 --batch_size=4 --micro_batch_size=4 --max_steps=$STEPS --warmup_steps=1 $EVAL $SFT_ARGS"
+  RM_ARGS="--profile=real $LEN --max_response_tokens=32 --batch_size=4 --micro_batch_size=4 --max_steps=$STEPS --warmup_steps=1 --lr=3e-5 $EVAL --eval_examples=32 --normalize_examples=8 $RM_ARGS"
+  PPO_ARGS="--preset=trl --profile=real $LEN --response_length=32 --rollout_batch_size=4 --micro_batch_size=4 --num_ppo_epochs=1 --num_updates=${SMOL_RL_UPDATES:-3} --lr=1e-5 $RL_EVAL $PPO_ARGS"
+  DPO_ARGS="--profile=real $LEN --max_response_tokens=32 --batch_size=4 --micro_batch_size=4 --max_steps=$STEPS --warmup_steps=1 --lr=5e-6 $EVAL $DPO_ARGS"
+  GROUP_ARGS="--profile=real $LEN --response_length=32 --micro_batch_size=4 --num_ppo_epochs=1 --num_updates=${SMOL_RL_UPDATES:-3} --lr=1e-5 --kl_coef=0.05 $RL_EVAL $GROUP_ARGS"
 fi
 mkdir -p "$RUN_DIR"
 TIMES="$RUN_DIR/stage_times.json"
@@ -185,14 +189,14 @@ case "$MODE" in
   smollm2)
     run_stage ppo ppo.py --sft="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" --dataset="$PROMPT_DATA" $SEED_ARG $PPO_ARGS
     run_stage dpo dpo.py --sft="$RUN_DIR/sft/final" --dataset="$PREF_DATA" $SEED_ARG $DPO_ARGS
-    # GRPO as the grpo mode runs it (TRL's GRPO conventions), 4 prompts x 4 samples per update.
+    # GRPO as the grpo mode runs it (TRL's GRPO conventions), 2 prompts x 4 samples per update.
     run_stage grpo ppo.py --sft="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" --dataset="$PROMPT_DATA" \
       --advantage_estimator=grpo --kl_location=loss --kl_estimator=k3 --kl_is_weight --loss_aggregation=global_token_mean \
-      --samples_per_prompt=4 --rollout_batch_size=4 --advantage_whitening=none $SEED_ARG $GROUP_ARGS
-    # "base" is SmolLM2 as downloaded (before), "sft" the reference for the KL column; 32 held-out prompts.
+      --samples_per_prompt=4 --rollout_batch_size=2 --advantage_whitening=none $SEED_ARG $GROUP_ARGS
+    # "base" is SmolLM2 as downloaded (before), "sft" the reference for the KL column; 16 held-out prompts.
     python evaluate.py --policies="base:$(python model.py convert-gguf "$BASE_MODEL"),sft:$RUN_DIR/sft/final,ppo:$RUN_DIR/ppo/final,dpo:$RUN_DIR/dpo/final,grpo:$RUN_DIR/grpo/final" \
-      --reference="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" --dataset="$PROMPT_DATA" --num_prompts=32 \
-      --max_prompt_tokens=128 --response_length=48 --stage_times="$TIMES" --ppo_metrics="$RUN_DIR/ppo/metrics.jsonl" \
+      --reference="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" --dataset="$PROMPT_DATA" --num_prompts=16 \
+      --max_prompt_tokens=64 --response_length=32 --stage_times="$TIMES" --ppo_metrics="$RUN_DIR/ppo/metrics.jsonl" \
       --out="$RUN_DIR/report"
     ;;
   grpo|rloo)

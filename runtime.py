@@ -201,9 +201,30 @@ class Precision:
     autocast: bool
 
 
+def cpu_bf16() -> bool:
+    """RLHF_CPU_BF16=1: --bf16 applies on a CPU too, as on CUDA (autocast for the trainable models, bf16 weights for
+    the frozen ones). Opt-in, because --bf16 defaults to true and float32 stays the CPU reference; a CPU without
+    native bf16 (no avx512_bf16/amx_bf16 flag in /proc/cpuinfo) runs it emulated, slower: said once on stderr.
+    docs/real-model.md has the measurements."""
+    if os.environ.get("RLHF_CPU_BF16", "0") != "1":
+        return False
+    global _CPU_BF16_SAID
+    if not _CPU_BF16_SAID:
+        flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+        if "avx512_bf16" not in flags and "amx_bf16" not in flags:
+            print("RLHF_CPU_BF16=1: this CPU has no native bf16 (avx512_bf16/amx_bf16); bf16 runs emulated and is "
+                  "usually slower than float32 here", file=sys.stderr)
+        _CPU_BF16_SAID = True
+    return True
+
+
+_CPU_BF16_SAID = False
+
+
 def precision(device_type: str, distributed: bool, bf16: bool, trainable: bool) -> Precision:
-    """The dtype decisions for one model, as a pure function (callable on CPU with device_type="cuda")."""
-    if not bf16 or device_type != "cuda":
+    """The dtype decisions for one model, as a pure function (callable on CPU with device_type="cuda").
+    On CPU, --bf16 counts only with RLHF_CPU_BF16=1 (`cpu_bf16`)."""
+    if not bf16 or not (device_type == "cuda" or (device_type == "cpu" and cpu_bf16())):
         return Precision(torch.float32, None, None, False)
     if not trainable:  # frozen: bf16 weights, compute in bf16 without autocast
         return Precision(torch.bfloat16, None, None, False)
@@ -259,9 +280,9 @@ def unsharded(model):
 def autocast(d: Dist, enabled: bool = True):
     """bf16 autocast on one CUDA process only (`precision`): under FSDP2 the MixedPrecisionPolicy gives the
     trainable models bf16 compute and frozen models hold bf16 weights, so autocast would only re-cast. Nothing
-    on CPU (tests patch a CPU bf16 autocast in where they need one)."""
+    on CPU unless RLHF_CPU_BF16=1 (`cpu_bf16`; tests patch a CPU bf16 autocast in where they need one)."""
     if precision(d.device.type, d.distributed, enabled, trainable=True).autocast:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast(d.device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
