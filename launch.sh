@@ -193,9 +193,9 @@ case "$MODE" in
     run_stage grpo ppo.py --sft="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" --dataset="$PROMPT_DATA" \
       --advantage_estimator=grpo --kl_location=loss --kl_estimator=k3 --kl_is_weight --loss_aggregation=global_token_mean \
       --samples_per_prompt=4 --rollout_batch_size=2 --advantage_whitening=none $SEED_ARG $GROUP_ARGS
-    # "base" is SmolLM2 as downloaded (before), "sft" the reference for the KL column; 16 held-out prompts.
+    # "base" is SmolLM2 as downloaded (before), "sft" the reference for the KL column; 16 held-out prompts by default.
     python evaluate.py --policies="base:$(python model.py convert-gguf "$BASE_MODEL"),sft:$RUN_DIR/sft/final,ppo:$RUN_DIR/ppo/final,dpo:$RUN_DIR/dpo/final,grpo:$RUN_DIR/grpo/final" \
-      --reference="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" --dataset="$PROMPT_DATA" --num_prompts=16 \
+      --reference="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" --dataset="$PROMPT_DATA" --num_prompts="${SMOL_EVAL_PROMPTS:-16}" \
       --max_prompt_tokens=64 --response_length=32 --stage_times="$TIMES" --ppo_metrics="$RUN_DIR/ppo/metrics.jsonl" \
       --out="$RUN_DIR/report"
     ;;

@@ -1,13 +1,13 @@
 """float32 against bf16 on a CPU, side by side in one process, on SmolLM2-135M-Instruct (docs/real-model.md):
 
-    HF_HUB_OFFLINE=1 RLHF_CPU_BF16=1 python docs/real_model_bench.py [--out=FILE.json]
+    HF_HUB_OFFLINE=1 RLHF_CPU_BF16=1 python docs/real_model_bench.py [--parts=rollout,sft,updates] [--out=FILE.json]
 
-1. SFT step: forward + loss + backward + AdamW on 4 HH examples (prompt <= 128 + response <= 48 tokens); bf16 is
+1. SFT step: forward + loss + backward + AdamW on 4 HH examples (prompt <= 64 + response <= 32 tokens); bf16 is
    autocast over float32 weights (what sft.py does with --bf16 and RLHF_CPU_BF16=1). Tokens/s counts real tokens.
-2. Rollout, batch 16, 64 new tokens sampled (no EOS stop, so every row makes 64): ours (model.generate, KV cache)
+2. Rollout, batch 16 (prompts <= 64 tokens), 64 new tokens sampled (no EOS stop, so every row makes 64): ours (model.generate, KV cache)
    in float32, under bf16 autocast (what ppo.py's rollout does), and with bf16 weights; HF `generate` on the same
    weights in float32 and bf16 weights. Tokens/s = 16 * 64 / seconds.
-3. One PPO (--preset=trl) and one GRPO update (rollout + scoring + update) with --bf16=false and --bf16=true, old
+3. One PPO (--preset=trl, 4 prompts) and one GRPO update (1 prompt x 4 samples; rollout + scoring + update), 32 new tokens, with --bf16=false and --bf16=true, old
    log-probs recomputed: the first ratio, and the sampler/trainer mismatch KL (ppo.mismatch_kl, the sampling
    log-probs against the update's forward) of each.
 Timings are wall clock on whatever else the machine runs: report them with `uptime`.
@@ -38,11 +38,11 @@ def bf16_ctx(on):
     return torch.autocast("cpu", dtype=torch.bfloat16) if on else torch.autocast("cpu", enabled=False)
 
 
-def sft_step_tokens_per_s(hf_dir, tok, records, bf16, steps=3):
+def sft_step_tokens_per_s(hf_dir, tok, records, bf16, steps=2):
     policy = M.GPT.from_pretrained(hf_dir).train()
     opt = adamw([{"params": list(policy.parameters()), "lr": 1e-5}])
     stats = data.TruncationStats()
-    pairs = [data.encode_pair(tok, r["prompt"], r["response"], 128, 48, stats) for r in records[:4]]
+    pairs = [data.encode_pair(tok, r["prompt"], r["response"], 64, 32, stats) for r in records[:4]]
     batch = data.collate_sft(pairs, tok.pad_id)
     first = sft.loss_start(batch["loss_mask"])
     times = []
@@ -74,6 +74,7 @@ def rollout_tokens_per_s(hf_dir, ids, mask, new=64):
                                 generator=torch.Generator().manual_seed(0))
         assert seq.shape[1] == ids.shape[1] + new
         out[name] = ids.shape[0] * new / (time.perf_counter() - t)
+        print(f"rollout {name}: {out[name]:.1f} tokens/s", flush=True)
     del ours, model
     for name, dtype in (("HF generate fp32", torch.float32), ("HF generate bf16 weights", torch.bfloat16)):
         hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).eval()
@@ -83,21 +84,22 @@ def rollout_tokens_per_s(hf_dir, ids, mask, new=64):
         seq = hf.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, **kw)
         assert seq.shape[1] == ids.shape[1] + new
         out[name] = ids.shape[0] * new / (time.perf_counter() - t)
+        print(f"rollout {name}: {out[name]:.1f} tokens/s", flush=True)
         del hf
     return out
 
 
 def one_update(hf_dir, rm_dir, tok, ids, mask, bf16, group):
     """One rollout + make_experience + ppo_update, as ppo.main runs them, with old log-probs recomputed."""
-    flags = [f"--sft={hf_dir}", f"--reward_model={rm_dir}", "--response_length=48", "--micro_batch_size=4",
+    flags = [f"--sft={hf_dir}", f"--reward_model={rm_dir}", "--response_length=32", "--micro_batch_size=4",
              "--num_ppo_epochs=1", "--old_logprobs=recompute", "--lr=1e-5", f"--bf16={str(bf16).lower()}"]
-    if group:  # as launch.sh smollm2 runs GRPO: 2 prompts x 4 samples
+    if group:  # as launch.sh smollm2 runs GRPO, on 1 prompt x 4 samples
         flags += ["--advantage_estimator=grpo", "--kl_location=loss", "--kl_estimator=k3", "--kl_is_weight",
-                  "--loss_aggregation=global_token_mean", "--samples_per_prompt=4", "--rollout_batch_size=2",
+                  "--loss_aggregation=global_token_mean", "--samples_per_prompt=4", "--rollout_batch_size=1",
                   "--advantage_whitening=none", "--kl_coef=0.05"]
         preset = {}
     else:
-        flags += ["--rollout_batch_size=8"]
+        flags += ["--rollout_batch_size=4"]
         preset = apply_preset(["--preset=trl"], ppo.PRESETS)
     cfg = ppo.parse_config(ppo.Config, flags, **preset)
     d = Dist()
@@ -118,22 +120,27 @@ def one_update(hf_dir, rm_dir, tok, ids, mask, bf16, group):
 
 def main():
     out_path = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--out=")), "")
+    parts = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--parts=")), "rollout,sft,updates").split(",")
     torch.manual_seed(0)
     hf_dir = M.gguf_to_hf_dir(M.fetch_smollm2())
     tok = data.get_tokenizer(hf_dir)
     records = data.apply_chat_template(data.load_records(HH, "sft", "test", max_records=16, seed=0), tok)
-    ids, mask = data.pad_left([tok.encode(r["prompt"])[-128:] for r in records], tok.pad_id)
+    ids, mask = data.pad_left([tok.encode(r["prompt"])[-64:] for r in records], tok.pad_id)
     flags = open("/proc/cpuinfo").read()
     result = {"native_bf16": "avx512_bf16" in flags or "amx_bf16" in flags, "torch_threads": torch.get_num_threads(),
               "load_before": os.getloadavg()}
-    for bf16 in (False, True):
+    for bf16 in (False, True) if "sft" in parts else ():
         result[f"sft tokens/s {'bf16' if bf16 else 'fp32'}"] = sft_step_tokens_per_s(hf_dir, tok, records, bf16)
         print(result, flush=True)
-    result["rollout tokens/s (B16, 64 new)"] = rollout_tokens_per_s(hf_dir, ids, mask)
-    print(result, flush=True)
+    if "rollout" in parts:
+        result["rollout tokens/s (B16, 64 new)"] = rollout_tokens_per_s(hf_dir, ids, mask)
+        print(result, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        M.GPT.from_pretrained(hf_dir, scalar_head=True).save_pretrained(os.path.join(tmp, "rm"))
-        for group in (False, True):
+        if "updates" not in parts:
+            parts = []
+        if parts:
+            M.GPT.from_pretrained(hf_dir, scalar_head=True).save_pretrained(os.path.join(tmp, "rm"))
+        for group in (False, True) if parts else ():
             for bf16 in (False, True):
                 key = f"{'grpo' if group else 'ppo'} update {'bf16' if bf16 else 'fp32'}"
                 result[key] = one_update(hf_dir, os.path.join(tmp, "rm"), tok, ids, mask, bf16, group)
