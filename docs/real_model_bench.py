@@ -1,6 +1,6 @@
 """float32 against bf16 on a CPU, side by side in one process, on SmolLM2-135M-Instruct (docs/real-model.md):
 
-    HF_HUB_OFFLINE=1 RLHF_CPU_BF16=1 python docs/real_model_bench.py [--parts=rollout,sft,updates] [--out=FILE.json]
+    HF_HUB_OFFLINE=1 RLHF_CPU_BF16=1 python docs/real_model_bench.py [--parts=rollout,sft,updates] [--rollout=16,64] [--out=FILE.json]
 
 1. SFT step: forward + loss + backward + AdamW on 4 HH examples (prompt <= 64 + response <= 32 tokens); bf16 is
    autocast over float32 weights (what sft.py does with --bf16 and RLHF_CPU_BF16=1). Tokens/s counts real tokens.
@@ -132,8 +132,9 @@ def main():
     for bf16 in (False, True) if "sft" in parts else ():
         result[f"sft tokens/s {'bf16' if bf16 else 'fp32'}"] = sft_step_tokens_per_s(hf_dir, tok, records, bf16)
         print(result, flush=True)
-    if "rollout" in parts:
-        result["rollout tokens/s (B16, 64 new)"] = rollout_tokens_per_s(hf_dir, ids, mask)
+    if "rollout" in parts:  # --rollout=B,N: a smaller rollout where the machine is too slow for B16 x 64
+        B, N = map(int, next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--rollout=")), "16,64").split(","))
+        result[f"rollout tokens/s (B{B}, {N} new)"] = rollout_tokens_per_s(hf_dir, ids[:B], mask[:B], N)
         print(result, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         if "updates" not in parts:
