@@ -892,15 +892,19 @@ def read_gguf(path: str) -> tuple[GPTConfig, dict]:
     except ImportError as e:
         raise ImportError(f"reading {path} needs the gguf package (pip install gguf)") from e
     reader = gguf.GGUFReader(path)
+    # The metadata, less the tokenizer's vocabulary and merges (transformers reads those: gguf_to_hf_dir).
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")
             or k.endswith("_token_id")}
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (only llama)")
+    if meta.get("llama.rope.scaling.type", "none") != "none":
+        raise ValueError(f"{path}: RoPE scaling {meta['llama.rope.scaling.type']!r} in a GGUF file is not implemented here")
     n_head, n_kv = meta["llama.attention.head_count"], meta.get("llama.attention.head_count_kv", meta["llama.attention.head_count"])
     state = {}
     for t in reader.tensors:
-        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).astype("float32", copy=False).copy())
+        # dequantize returns a read-only view for unquantized (F32) tensors: copy, so torch owns writable memory
+        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).astype("float32", copy=True))
         names = t.name.split(".")  # blk.3.attn_q.weight, token_embd.weight
         if names[0] == "blk":
             key = f"model.layers.{names[1]}.{_GGUF_TO_HF[names[2]]}.{names[3]}"
@@ -911,8 +915,6 @@ def read_gguf(path: str) -> tuple[GPTConfig, dict]:
         if names[-2] in ("attn_q", "attn_k"):
             w = unpermute_qk(w, n_head if names[-2] == "attn_q" else n_kv)
         state[key] = w
-    if meta.get("llama.rope.scaling.type", "none") != "none":
-        raise ValueError(f"{path}: RoPE scaling {meta['llama.rope.scaling.type']!r} in a GGUF file is not implemented here")
     d = meta["llama.embedding_length"]
     config = GPTConfig(
         model_type="llama", block_size=meta["llama.context_length"], vocab_size=state["model.embed_tokens.weight"].shape[0],
