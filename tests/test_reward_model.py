@@ -380,3 +380,11 @@ def test_two_processes_match_one(tmp_path):
     assert len(rows[0]) == len(rows[1]) and len(pairs) == 3 * 3 + 2 + 2
     for a, b in pairs:
         assert a == pytest.approx(b, rel=1e-3, abs=1e-5)  # float sums in another order, amplified by Adam
+
+
+def test_length_baselines_hand_worked():
+    # chosen first: shorter in 2 pairs, longer in 1, tied in 1 (half right for both) -> 2.5/4 and 1.5/4
+    lengths = [(3, 5), (1, 6), (4, 2), (2, 2)]
+    items = [{"responses": [[0] * a, [0] * b]} for a, b in lengths]
+    got = rm.length_baselines(items, torch.ones(4, 2, dtype=torch.bool))
+    assert got == {"eval/acc_shorter_wins": 0.625, "eval/acc_longer_wins": 0.375}
