@@ -1,5 +1,5 @@
 """Side-by-side benchmarks against HF transformers and TRL; the results and how they were taken are in
-BENCHMARKS.md.
+docs/benchmarks.md.
 
     python bench.py train_step      # forward + backward + AdamW: our GPT vs transformers.GPT2LMHeadModel
     python bench.py sft --size=gpt2 --vocab_size=50257   # an SFT step on HH-shaped rows (384 + 128 tokens) vs HF
@@ -21,7 +21,7 @@ printed as a table and appended, one JSON line each, to --results, with the mach
 config and the load average at the start and end (a busy shared machine shows there). --profile adds
 where the time goes on each side (torch.profiler for ops, cProfile for the Python between them). Each
 default run takes under 2 minutes on an idle 2-core CPU; on a busy one, pass --threads=1 (see
-BENCHMARKS.md). `python bench.py generate --help` lists the flags.
+docs/benchmarks.md). `python bench.py generate --help` lists the flags.
 """
 
 import contextlib

@@ -13,7 +13,7 @@
 # Every mode writes PNGs next to its report (plots.py): ppo_curves.png, gao.png (gold and learned reward vs
 # sqrt(KL) with Gao et al.'s fit), bars.png (the ablations), scale.png.
 #
-# What each stage costs on a 2-core CPU and what it prints is in README.md ("Quick start"), measured.
+# What each stage costs on a 2-core CPU and what it prints is in README.md ("What `bash launch.sh` prints"), measured.
 # Each stage writes $RUN_DIR/<stage>/final/ and a marker $RUN_DIR/<stage>/DONE; re-running skips
 # finished stages and resumes an interrupted one from its last checkpoint. A failing stage stops the
 # pipeline with a non-zero exit that names the stage.

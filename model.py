@@ -900,7 +900,7 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
 def sample_inverse_cdf(probs: torch.Tensor, generator=None) -> torch.Tensor:
     """One token per row of probs (B, V): the first index whose cumulative probability exceeds a uniform
     draw. Same distribution as torch.multinomial(probs, 1), but one random number per row instead of one
-    per vocabulary entry: 30x faster per step on CPU at V = 50257 (BENCHMARKS.md). The draw is scaled by
+    per vocabulary entry: 30x faster per step on CPU at V = 50257 (docs/benchmarks.md). The draw is scaled by
     the row's float32 total (which can end a hair away from 1), and the first index whose cumulative sum
     is strictly above it has nonzero probability: a token that top-k/top-p removed is never returned."""
     cdf = probs.cumsum(-1)

@@ -19,7 +19,7 @@ The math lives in small pure functions (`compute_gae`, `grpo_advantages`, `rloo_
 `masked_whiten`, `kl_penalty`, `policy_loss`, `value_loss`, `AdaptiveKLController`, ...), each citing the
 convention it follows; tests import them.
 Every convention on which frameworks differ is a config field, and `--preset=trl|openrlhf|verl|...`
-sets them all at once (PRESETS below; README has the table). The defaults follow the N+
+sets them all at once (PRESETS below; docs/conventions.md has the table). The defaults follow the N+
 implementation details (Huang et al. 2024) and TRL, except where a comment says otherwise.
 
     python ppo.py --sft=runs/sft/final --reward_model=runs/rm/final
@@ -243,7 +243,7 @@ class Config:
 REAL_DATA = dict(max_prompt_tokens=384, response_length=128, lr=3e-6, kl_coef=0.05, micro_batch_size=8)
 
 
-# Each framework's conventions, read from its source (REFERENCES.md section 2; README has the table
+# Each framework's conventions, read from its source (REFERENCES.md section 2; docs/conventions.md has the table
 # with file paths). Only knobs that differ from the defaults above need listing, but every preset
 # lists every convention knob so it can be read on its own.
 PRESETS = {
