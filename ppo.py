@@ -159,7 +159,7 @@ class Config:
     compile_decode: bool = False
     """sample with model.generate(compile_step=True): the one-token decode step through torch.compile over a fixed-shape
     KV cache (CUDA graphs on CUDA, gpt-fast style; inductor's C++ kernels on CPU). Same tokens as eager; the first
-    rollout pays the compile (tens of seconds on a CPU). Measured on CPU only (BENCHMARKS.md); off by default"""
+    rollout pays the compile (tens of seconds on a CPU). Measured on CPU only (docs/benchmarks.md); off by default"""
     rollout_batch_size: int = 64
     """PROMPTS per update, over all processes; each is sampled samples_per_prompt times, so an update trains on
     rollout_batch_size x samples_per_prompt sequences whatever the number of processes (groups never straddle ranks)"""
