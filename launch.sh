@@ -93,6 +93,10 @@ fi
 TOKENIZER=char
 [ "$SFT_DATA" = default ] || TOKENIZER=gpt2
 
+# SLURM/Kubernetes send SIGTERM (or SIGUSR1) to the whole job: the stage saves and exits 75 (see run_stage); trapping
+# it here keeps launch.sh alive until then (bash runs the trap once the stage exits), so it can say "preempted".
+trap 'PREEMPT_SIGNAL=1' TERM USR1
+
 # run_stage NAME SCRIPT ARGS...: skip if DONE, resume if a checkpoint exists, time it, name it on failure.
 run_stage() {
   local name=$1 script=$2; shift 2
@@ -116,8 +120,16 @@ run_stage() {
   # --resume continues from the stage's latest checkpoint if it has one (an interrupted run, or a
   # torchrun restart), and starts fresh otherwise.
   echo "== $name: ${LAUNCH[*]} $script --run_dir=$dir $* --resume"
-  local start=$SECONDS
-  if ! "${LAUNCH[@]}" "$script" --run_dir="$dir" "$@" --resume; then
+  local start=$SECONDS rc=0
+  rm -f "$dir/PREEMPTED"
+  "${LAUNCH[@]}" "$script" --run_dir="$dir" "$@" --resume || rc=$?
+  # A stage that got SIGTERM/SIGUSR1 saves its step and exits 75, leaving $dir/PREEMPTED (torchrun's agent itself
+  # exits 1 after forwarding a signal, hence the file).
+  if [ "$rc" -eq 75 ] || [ -f "$dir/PREEMPTED" ]; then
+    echo "launch.sh: stage '$name' preempted; saved $(cat "$dir/PREEMPTED" 2>/dev/null || echo "its last step")." \
+      "Re-run the same command to resume from there (finished stages are kept)" >&2
+    exit 75
+  elif [ "$rc" -ne 0 ]; then
     echo "launch.sh: stage '$name' failed (see the output above); fix it and re-run: finished stages are kept" >&2
     exit 1
   fi
@@ -127,6 +139,10 @@ path, name, secs = sys.argv[1], sys.argv[2], int(sys.argv[3])
 times = json.load(open(path)); times[name] = secs; json.dump(times, open(path, "w"), indent=2)
 EOF
   echo "$args" > "$dir/DONE"
+  if [ -n "${PREEMPT_SIGNAL:-}" ]; then  # the signal reached launch.sh only, after the stage had finished
+    echo "launch.sh: preempted after stage '$name' finished; re-run the same command to go on" >&2
+    exit 75
+  fi
 }
 
 # 1. SFT (~1.5 min on 2 CPU cores): demonstrations -> policy. Prints held-out loss and gold reward.
