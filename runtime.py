@@ -644,19 +644,25 @@ def write_manifest(directory: str):
         json.dump({"files": files}, f, indent=1)
 
 
+def manifest_files(directory: str) -> dict | None:
+    """manifest.json's {relative path: {"size", "sha256"}}; None if the directory has none."""
+    manifest = os.path.join(directory, "manifest.json")
+    if not os.path.exists(manifest):
+        return None
+    with open(manifest) as f:
+        return json.load(f)["files"]
+
+
 def checkpoint_problem(directory: str, prefix: str = "", checksums: bool = True) -> str | None:
     """What is wrong with a checkpoint (or final/) directory by its manifest.json, as "file: reason", or None if
     every listed file under `prefix` has its size (and, with checksums, its sha256). A directory without
     manifest.json (written before manifests existed, or not by us) is not checked: None."""
     manifest = os.path.join(directory, "manifest.json")
-    if not os.path.exists(manifest):
-        return None
     try:
-        with open(manifest) as f:
-            files = json.load(f)["files"]
+        files = manifest_files(directory)
     except (OSError, ValueError, KeyError) as e:
         return f"{manifest}: unreadable ({e})"
-    for rel, want in sorted(files.items()):
+    for rel, want in sorted((files or {}).items()):
         if not rel.startswith(prefix):
             continue
         path = os.path.join(directory, rel)
@@ -687,22 +693,23 @@ def set_aside(path: str) -> str:
     raise SystemExit(f"{path} is damaged and {path}.damaged* are all taken: remove some")
 
 
-def resume_checkpoint(run_dir: str, d: Dist, stage: str) -> str | None:
+def resume_checkpoint(run_dir: str, d: Dist, stage: str, names=()) -> str | None:
     """The checkpoint to resume from: the one `latest` names, else the newest older one, that checks out against
     its manifest (sizes and sha256 of the one chosen: reading it back costs about as much as loading it). A damaged
     one is named with its file and reason and set aside (`set_aside`), and `latest` is pointed at the one chosen.
-    None: no `latest`, or no intact checkpoint (a warning; the run starts fresh). Rank 0 decides, then tells all."""
+    None: no `latest`, or no intact checkpoint (a warning; the run starts fresh). Rank 0 decides, then tells all.
+    names: the stage's model directories; a checkpoint whose manifest lists none under one of them is another
+    stage's, not a damaged one: it is returned as it is, for the load to name what it lacks."""
     chosen, pointer = None, os.path.join(run_dir, "latest")
     if d.is_main and os.path.exists(pointer):
         with open(pointer) as f:
             named = f.read().strip()
         for name in reversed([n for n in checkpoint_names(run_dir) if _ckpt_step(n) <= _ckpt_step(named)]):
             path = os.path.join(run_dir, name)
-            problem = checkpoint_problem(path)
-            if problem is None:
+            if checkpoint_problem(path) is None or _of_another_stage(path, names):
                 chosen = path
                 break
-            print(f"{stage}: warning: checkpoint {path} is damaged: {problem}; set aside as {set_aside(path)} "
+            print(f"{stage}: warning: checkpoint {path} is damaged: {checkpoint_problem(path)}; set aside as {set_aside(path)} "
                   f"(not deleted)", flush=True)
         if chosen and os.path.basename(chosen) != named:
             print(f"{stage}: warning: resuming from {chosen}, the newest intact checkpoint", flush=True)
@@ -714,6 +721,15 @@ def resume_checkpoint(run_dir: str, d: Dist, stage: str) -> str | None:
         dist.broadcast_object_list(box, src=0)
         chosen = box[0]
     return chosen
+
+
+def _of_another_stage(path: str, names) -> bool:
+    """Whether the checkpoint's manifest lists no file under one of the model directories `names`."""
+    try:
+        listed = manifest_files(path)
+    except (OSError, ValueError, KeyError):
+        return False
+    return listed is not None and any(not any(r.startswith(n + "/") for r in listed) for n in names)
 
 
 def _fsync_dir(path: str):
@@ -744,7 +760,7 @@ def start_or_resume(run_dir: str, resume: bool, models: dict, optimizers: dict, 
     into models (name -> model, read from ckpt/name) and optimizers (name -> (model, optimizer)), sharded or not,
     metrics.jsonl is cut back to its step, and a run found at last_step gets a missing final/ published. The
     config (its report_to) chooses the loggers besides metrics.jsonl and is what they record."""
-    ckpt = resume_checkpoint(run_dir, d, stage) if resume else None
+    ckpt = resume_checkpoint(run_dir, d, stage, models.keys()) if resume else None
     if d.is_main and os.path.exists(os.path.join(run_dir, PREEMPTED_MARKER)):
         os.remove(os.path.join(run_dir, PREEMPTED_MARKER))  # this run is under way again
     step, state = _load_checkpoint(ckpt, models, optimizers, d, stage) if ckpt else (0, {})
