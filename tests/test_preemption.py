@@ -327,3 +327,31 @@ def test_a_damaged_input_model_is_named(tmp_path, base, stage, flag, what):
     with pytest.raises(SystemExit) as err:
         module.main([*argv, f"--{flag}={final}", f"--run_dir={tmp_path / 'out2'}"])
     assert str(runs / what) in str(err.value) and "cannot be read" in str(err.value), str(err.value)
+
+
+@pytest.mark.slow
+def test_launch_sh_reports_a_preempted_stage_and_stops(tmp_path):
+    """SIGTERM to launch.sh's process group (what SLURM and `timeout` send): the stage saves and exits 75, launch.sh
+    says "preempted", exits 75 and starts no later stage; the rerun resumes the stage from that checkpoint."""
+    import time
+    runs = tmp_path / "runs"
+    env = {**os.environ, "RUN_DIR": str(runs), "OMP_NUM_THREADS": "1", "SFT_ARGS": " ".join(SFT[:5]) +
+           " --max_steps=100000 --save_every=100000 --eval_every=100000 --log_every=1 --eval_examples=8"}
+    proc = subprocess.Popen(["bash", str(REPO / "launch.sh")], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not ((runs / "sft" / "metrics.jsonl").exists() and (runs / "sft" / "metrics.jsonl").stat().st_size):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT, out[-3000:] + err[-3000:]
+    ckpt = (runs / "sft" / "PREEMPTED").read_text().strip()
+    assert f"launch.sh: stage 'sft' preempted; saved {ckpt}." in err, err[-3000:]
+    assert not (runs / "sft" / "DONE").exists() and not (runs / "rm").exists()
+    # The rerun resumes from that checkpoint (told to stop one step later, so the test is short; the later stages
+    # then fail on the missing sft/final/, which is not what is tested here).
+    env["SFT_ARGS"] += " --stop_after=1"
+    again = subprocess.run(["bash", str(REPO / "launch.sh")], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert f"sft: resumed from {ckpt}" in again.stdout, again.stdout[-3000:] + again.stderr[-3000:]
