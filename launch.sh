@@ -86,7 +86,9 @@ TIMES="$RUN_DIR/stage_times.json"
 if [ "$NPROC" -gt 1 ]; then
   # With --max-restarts, restarted workers must not reuse the dead round's store (pytorch/pytorch#135712).
   export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
-  LAUNCH=(torchrun --standalone --nproc_per_node="$NPROC" --max-restarts="${MAX_RESTARTS:-0}")
+  # The agent forwards SIGUSR1 too (SLURM's --signal=USR1@90), not only SIGTERM, so the workers save (see run_stage).
+  LAUNCH=(torchrun --standalone --nproc_per_node="$NPROC" --max-restarts="${MAX_RESTARTS:-0}"
+          --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1)
 else
   LAUNCH=(python)
 fi
