@@ -597,7 +597,8 @@ def save_checkpoint(run_dir: str, step: int, models: dict, optimizers: dict, sta
             shutil.rmtree(tmp, ignore_errors=True)
             for model_name, model in models.items():
                 save_hf(os.path.join(tmp, model_name), model.config, weights[model_name])
-            torch.save({"step": step, "optimizers": optim_states, "state": state}, os.path.join(tmp, "train_state.pt"))
+            with open(os.path.join(tmp, "train_state.pt"), "wb") as f:  # a Python file: a full disk is an OSError
+                torch.save({"step": step, "optimizers": optim_states, "state": state}, f)
             with open(os.path.join(tmp, "run_config.json"), "w") as f:
                 json.dump(dataclasses.asdict(config), f, indent=2)
             write_manifest(tmp)
@@ -605,9 +606,12 @@ def save_checkpoint(run_dir: str, step: int, models: dict, optimizers: dict, sta
             shutil.rmtree(path, ignore_errors=True)  # a stale one from a run that was resumed earlier
             os.replace(tmp, path)
             _write_text_atomic(os.path.join(run_dir, "latest"), name)
-        except OSError as e:
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError over the OSError
+            free = shutil.disk_usage(run_dir).free / 2 ** 30
             shutil.rmtree(tmp, ignore_errors=True)
-            raise SystemExit(f"could not write checkpoint {path}: {e}; the previous checkpoint is intact")
+            cause = e.__context__ if isinstance(e, RuntimeError) and isinstance(e.__context__, OSError) else e
+            raise SystemExit(f"could not write checkpoint {path}: {cause} ({free:.2f} GiB free there); the previous "
+                             f"checkpoint is intact, and --resume continues from it once the cause is fixed")
         if keep > 0 and checkpoint_problem(path, checksums=False) is None:  # never trade an old one for a bad one
             for stale in checkpoint_names(run_dir)[:-keep]:
                 shutil.rmtree(os.path.join(run_dir, stale), ignore_errors=True)

@@ -274,25 +274,61 @@ def test_keep_last(tmp_path, base, monkeypatch):
 # C. Disk full partway through a checkpoint file
 
 
-def test_disk_full_partway_keeps_the_previous_checkpoint_and_a_rerun_resumes(tmp_path, base, monkeypatch):
+class FillingFile:
+    """A file that takes `room` bytes, then fails every write with ENOSPC, as a full disk does."""
+
+    def __init__(self, f, room):
+        self.f, self.room = f, room
+
+    def write(self, data):
+        if len(data) > self.room:
+            self.f.write(bytes(data[:self.room]))
+            self.room = 0
+            raise OSError(28, "No space left on device")
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+@pytest.mark.parametrize("failing", ["model.safetensors", "train_state.pt"])
+def test_disk_full_partway_keeps_the_previous_checkpoint_and_a_rerun_resumes(tmp_path, base, monkeypatch, failing):
+    """model.safetensors: half written, then ENOSPC. train_state.pt: torch.save into a file that fills up after 1000
+    bytes; torch reports that as a RuntimeError over the OSError (as on a real full tmpfs, see docs/faults.md)."""
+    import builtins
     import safetensors.torch
     run("sft", base, tmp_path / "straight")
     run_dir = tmp_path / "run"
-    real = safetensors.torch.save_file
+    if failing == "model.safetensors":
+        real = safetensors.torch.save_file
 
-    def half_then_enospc(tensors, filename, metadata=None):
-        if "ckpt_000004" in filename:
-            blob = safetensors.torch.save(tensors, metadata=metadata)
-            with open(filename, "wb") as f:
-                f.write(blob[:len(blob) // 2])
-            raise OSError(28, "No space left on device", filename)
-        return real(tensors, filename, metadata=metadata)
+        def half_then_enospc(tensors, filename, metadata=None):
+            if "ckpt_000004" in filename:
+                blob = safetensors.torch.save(tensors, metadata=metadata)
+                with open(filename, "wb") as f:
+                    f.write(blob[:len(blob) // 2])
+                raise OSError(28, "No space left on device", filename)
+            return real(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", half_then_enospc)
+        monkeypatch.setattr(safetensors.torch, "save_file", half_then_enospc)
+    else:
+        def filling_open(path, mode="r", *args, **kwargs):
+            f = builtins.open(path, mode, *args, **kwargs)
+            return FillingFile(f, 1000) if "ckpt_000004" in str(path) and path.endswith(failing) else f
+
+        monkeypatch.setattr(runtime, "open", filling_open, raising=False)
     with pytest.raises(SystemExit) as err:
         run("sft", base, run_dir, "--save_every=2")
     message = str(err.value)
-    assert str(run_dir / "ckpt_000004") in message and "No space left on device" in message, message
+    assert f"could not write checkpoint {run_dir / 'ckpt_000004'}: " in message, message
+    assert "No space left on device" in message and "GiB free there" in message, message
     assert latest_checkpoint(str(run_dir)) == str(run_dir / "ckpt_000002")
     assert runtime.checkpoint_problem(str(run_dir / "ckpt_000002")) is None
     assert not (run_dir / "ckpt_000004").exists() and not (run_dir / "ckpt_000004.tmp").exists()
