@@ -38,9 +38,9 @@ import data
 from evaluate import sample_metrics, sample_responses, score_samples, show_samples
 from model import token_logprobs
 from runtime import (Dist, all_reduce_sum, apply_preset, autocast, batch_at, check_context, check_nonfinite_streak,
-                     check_writable, guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config,
-                     progress_bar, save_checkpoint, seed_all, set_lr, shard_model, shutdown_distributed,
-                     speed_metrics, split_batch, start_or_resume, watch_preemption, preempted, exit_preempted)
+                     check_writable, exit_preempted, guarded_step, init_distributed, load_model, lr_at, make_adamw,
+                     parse_config, preempted, progress_bar, save_checkpoint, seed_all, set_lr, shard_model,
+                     shutdown_distributed, speed_metrics, split_batch, start_or_resume, watch_preemption)
 
 
 @dataclass

@@ -123,12 +123,14 @@ run_stage() {
   # torchrun restart), and starts fresh otherwise.
   echo "== $name: ${LAUNCH[*]} $script --run_dir=$dir $* --resume"
   local start=$SECONDS rc=0
-  rm -f "$dir/PREEMPTED"
+  rm -f "$dir/PREEMPTED" "$dir"/member_*/PREEMPTED
   "${LAUNCH[@]}" "$script" --run_dir="$dir" "$@" --resume || rc=$?
-  # A stage that got SIGTERM/SIGUSR1 saves its step and exits 75, leaving $dir/PREEMPTED (torchrun's agent itself
-  # exits 1 after forwarding a signal, hence the file).
-  if [ "$rc" -eq 75 ] || [ -f "$dir/PREEMPTED" ]; then
-    echo "launch.sh: stage '$name' preempted; saved $(cat "$dir/PREEMPTED" 2>/dev/null || echo "its last step")." \
+  # A stage that got SIGTERM/SIGUSR1 saves its step and exits 75, leaving PREEMPTED in its run dir (an RM ensemble
+  # member's: member_k/) that names the checkpoint; torchrun's agent itself exits 1 after forwarding a signal.
+  local marker
+  marker=$(ls "$dir/PREEMPTED" "$dir"/member_*/PREEMPTED 2>/dev/null | head -n 1 || true)
+  if [ "$rc" -eq 75 ] || [ -n "$marker" ]; then
+    echo "launch.sh: stage '$name' preempted; saved $(cat "$marker" 2>/dev/null || echo "its last step")." \
       "Re-run the same command to resume from there (finished stages are kept)" >&2
     exit 75
   elif [ "$rc" -ne 0 ]; then

@@ -39,9 +39,9 @@ import data
 from evaluate import reward_model_paths, reward_scores, sample_metrics, sample_responses, score_samples, sequence_kl, show_samples
 from model import generate, token_logprobs
 from runtime import (Dist, adamw, all_reduce_mean, all_reduce_sum, apply_preset, autocast, batch_at, check_context,
-                     check_nonfinite_streak, check_writable, clip_grad_norm, init_distributed, load_model, lr_at,
-                     parse_config, progress_bar, save_checkpoint, seed_all, shard_model, shutdown_distributed,
-                     start_or_resume, watch_preemption, preempted, exit_preempted, step_if_finite, unsharded)
+                     check_nonfinite_streak, check_writable, clip_grad_norm, exit_preempted, init_distributed,
+                     load_model, lr_at, parse_config, preempted, progress_bar, save_checkpoint, seed_all, shard_model,
+                     shutdown_distributed, start_or_resume, step_if_finite, unsharded, watch_preemption)
 from sft import loss_start, sft_loss
 
 

@@ -19,9 +19,9 @@ import data
 from evaluate import sample_metrics, sample_responses, show_samples
 from model import GPT, config_for
 from runtime import (Dist, all_reduce_sum, autocast, batch_at, check_context, check_nonfinite_streak, check_writable,
-                     guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config, progress_bar,
-                     save_checkpoint, seed_all, set_lr, shard_model, shutdown_distributed, speed_metrics,
-                     split_batch, start_or_resume, watch_preemption, preempted, exit_preempted)
+                     exit_preempted, guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config,
+                     preempted, progress_bar, save_checkpoint, seed_all, set_lr, shard_model, shutdown_distributed,
+                     speed_metrics, split_batch, start_or_resume, watch_preemption)
 
 
 @dataclass
