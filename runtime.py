@@ -710,10 +710,11 @@ def resume_checkpoint(run_dir: str, d: Dist, stage: str, names=()) -> str | None
             named = f.read().strip()
         for name in reversed([n for n in checkpoint_names(run_dir) if _ckpt_step(n) <= _ckpt_step(named)]):
             path = os.path.join(run_dir, name)
-            if checkpoint_problem(path) is None or _of_another_stage(path, names):
+            problem = checkpoint_problem(path)
+            if problem is None or _of_another_stage(path, names):
                 chosen = path
                 break
-            print(f"{stage}: warning: checkpoint {path} is damaged: {checkpoint_problem(path)}; set aside as {set_aside(path)} "
+            print(f"{stage}: warning: checkpoint {path} is damaged: {problem}; set aside as {set_aside(path)} "
                   f"(not deleted)", flush=True)
         if chosen and os.path.basename(chosen) != named:
             print(f"{stage}: warning: resuming from {chosen}, the newest intact checkpoint", flush=True)
@@ -733,7 +734,7 @@ def _of_another_stage(path: str, names) -> bool:
         listed = manifest_files(path)
     except (OSError, ValueError, KeyError):
         return False
-    return listed is not None and any(not any(r.startswith(n + "/") for r in listed) for n in names)
+    return listed is not None and any(not any(r.startswith(n + os.sep) for r in listed) for n in names)
 
 
 def _fsync_dir(path: str):
