@@ -38,9 +38,9 @@ import data
 from evaluate import sample_metrics, sample_responses, score_samples, show_samples
 from model import token_logprobs
 from runtime import (Dist, all_reduce_sum, apply_preset, autocast, batch_at, check_context, check_nonfinite_streak,
-                     check_writable, guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config,
-                     progress_bar, save_checkpoint, seed_all, set_lr, shard_model, shutdown_distributed,
-                     speed_metrics, split_batch, start_or_resume)
+                     check_writable, exit_preempted, guarded_step, init_distributed, load_model, lr_at, make_adamw,
+                     parse_config, preempted, progress_bar, save_checkpoint, seed_all, set_lr, shard_model,
+                     shutdown_distributed, speed_metrics, split_batch, start_or_resume, watch_preemption)
 
 
 @dataclass
@@ -112,6 +112,10 @@ class Config:
     """steps between checkpoints (and one at the end)"""
     resume: bool = False
     """continue from run_dir's latest checkpoint"""
+    keep_last: int = 2
+    """checkpoints kept in run_dir (0: all); the newest is never deleted, older ones only once it checks out"""
+    preempt_signals: str = "SIGTERM,SIGUSR1"
+    """on these signals, finish the step, save a checkpoint and exit with code 75 (launch.sh: "preempted"); "" = off"""
     stop_after: int = 0
     """stop (with a checkpoint) after this many steps of this invocation: for tests of resume (0 = off)"""
     seed: int = 0
@@ -282,6 +286,7 @@ def main(argv=None):
     d = init_distributed(cfg.device)
     seed_all(cfg.seed)
     check_writable(cfg.run_dir)
+    preemption = watch_preemption(cfg.preempt_signals)  # SIGTERM: save at the end of this step, exit 75
 
     # 1. Models: the policy and the frozen reference, both the SFT checkpoint. The reference is in eval mode,
     #    takes no gradients and, on CUDA, holds bf16 weights (runtime.load_model).
@@ -369,9 +374,12 @@ def main(argv=None):
         if step % cfg.eval_every == 0 or step == max_steps:
             last_eval = eval_metrics(policy, ref, tok, eval_items, prompts, cfg, d, step)
             metrics.log(step, last_eval)
-        if step % cfg.save_every == 0 or step == stop_at:
+        preempt = preempted(preemption, d) and step < max_steps  # every rank, every step: a MAX all_reduce
+        if step % cfg.save_every == 0 or step == stop_at or preempt:
             save_checkpoint(cfg.run_dir, step, {"policy": policy}, {"policy": (policy, optimizer)},
-                            {"skipped_steps": skipped_steps}, cfg, d, final=step == max_steps)
+                            {"skipped_steps": skipped_steps}, cfg, d, keep=cfg.keep_last, final=step == max_steps)
+        if preempt:
+            exit_preempted(cfg.run_dir, step, d, "dpo")
     bar.close()
     if d.is_main and step == max_steps:
         gold = f", gold reward {last_eval['eval/gold_reward']:.3f}" if "eval/gold_reward" in last_eval else ""

@@ -86,12 +86,18 @@ TIMES="$RUN_DIR/stage_times.json"
 if [ "$NPROC" -gt 1 ]; then
   # With --max-restarts, restarted workers must not reuse the dead round's store (pytorch/pytorch#135712).
   export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
-  LAUNCH=(torchrun --standalone --nproc_per_node="$NPROC" --max-restarts="${MAX_RESTARTS:-0}")
+  # The agent forwards SIGUSR1 too (SLURM's --signal=USR1@90), not only SIGTERM, so the workers save (see run_stage).
+  LAUNCH=(torchrun --standalone --nproc_per_node="$NPROC" --max-restarts="${MAX_RESTARTS:-0}"
+          --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1)
 else
   LAUNCH=(python)
 fi
 TOKENIZER=char
 [ "$SFT_DATA" = default ] || TOKENIZER=gpt2
+
+# SLURM/Kubernetes send SIGTERM (or SIGUSR1) to the whole job: the stage saves and exits 75 (see run_stage); trapping
+# it here keeps launch.sh alive until then (bash runs the trap once the stage exits), so it can say "preempted".
+trap 'PREEMPT_SIGNAL=1' TERM USR1
 
 # run_stage NAME SCRIPT ARGS...: skip if DONE, resume if a checkpoint exists, time it, name it on failure.
 run_stage() {
@@ -116,8 +122,18 @@ run_stage() {
   # --resume continues from the stage's latest checkpoint if it has one (an interrupted run, or a
   # torchrun restart), and starts fresh otherwise.
   echo "== $name: ${LAUNCH[*]} $script --run_dir=$dir $* --resume"
-  local start=$SECONDS
-  if ! "${LAUNCH[@]}" "$script" --run_dir="$dir" "$@" --resume; then
+  local start=$SECONDS rc=0
+  rm -f "$dir/PREEMPTED" "$dir"/member_*/PREEMPTED
+  "${LAUNCH[@]}" "$script" --run_dir="$dir" "$@" --resume || rc=$?
+  # A stage that got SIGTERM/SIGUSR1 saves its step and exits 75, leaving PREEMPTED in its run dir (an RM ensemble
+  # member's: member_k/) that names the checkpoint; torchrun's agent itself exits 1 after forwarding a signal.
+  local marker
+  marker=$(ls "$dir/PREEMPTED" "$dir"/member_*/PREEMPTED 2>/dev/null | head -n 1 || true)
+  if [ "$rc" -eq 75 ] || [ -n "$marker" ]; then
+    echo "launch.sh: stage '$name' preempted; saved $(cat "$marker" 2>/dev/null || echo "its last step")." \
+      "Re-run the same command to resume from there (finished stages are kept)" >&2
+    exit 75
+  elif [ "$rc" -ne 0 ]; then
     echo "launch.sh: stage '$name' failed (see the output above); fix it and re-run: finished stages are kept" >&2
     exit 1
   fi
@@ -127,6 +143,10 @@ path, name, secs = sys.argv[1], sys.argv[2], int(sys.argv[3])
 times = json.load(open(path)); times[name] = secs; json.dump(times, open(path, "w"), indent=2)
 EOF
   echo "$args" > "$dir/DONE"
+  if [ -n "${PREEMPT_SIGNAL:-}" ]; then  # the signal reached launch.sh only, after the stage had finished
+    echo "launch.sh: preempted after stage '$name' finished; re-run the same command to go on" >&2
+    exit 75
+  fi
 }
 
 # 1. SFT (~1.5 min on 2 CPU cores): demonstrations -> policy. Prints held-out loss and gold reward.

@@ -39,9 +39,9 @@ import data
 from evaluate import reward_model_paths, reward_scores, sample_metrics, sample_responses, score_samples, sequence_kl, show_samples
 from model import generate, token_logprobs
 from runtime import (Dist, adamw, all_reduce_mean, all_reduce_sum, apply_preset, autocast, batch_at, check_context,
-                     check_nonfinite_streak, check_writable, clip_grad_norm, init_distributed, load_model, lr_at,
-                     parse_config, progress_bar, save_checkpoint, seed_all, shard_model, shutdown_distributed,
-                     start_or_resume, step_if_finite, unsharded)
+                     check_nonfinite_streak, check_writable, clip_grad_norm, exit_preempted, init_distributed,
+                     load_model, lr_at, parse_config, preempted, progress_bar, save_checkpoint, seed_all, shard_model,
+                     shutdown_distributed, start_or_resume, step_if_finite, unsharded, watch_preemption)
 from sft import loss_start, sft_loss
 
 
@@ -211,6 +211,10 @@ class Config:
     """updates between checkpoints (and one at the end)"""
     resume: bool = False
     """continue from run_dir's latest checkpoint"""
+    keep_last: int = 2
+    """checkpoints kept in run_dir (0: all); the newest is never deleted, older ones only once it checks out"""
+    preempt_signals: str = "SIGTERM,SIGUSR1"
+    """on these signals, finish the step, save a checkpoint and exit with code 75 (launch.sh: "preempted"); "" = off"""
     stop_after: int = 0
     """stop with a checkpoint after this many updates of this invocation (tests of resume); 0 = off"""
     seed: int = 0
@@ -1168,6 +1172,7 @@ def main(argv=None):
     d = init_distributed(cfg.device)
     seed_all(cfg.seed)
     check_writable(cfg.run_dir)
+    preemption = watch_preemption(cfg.preempt_signals)  # SIGTERM: save at the end of this step, exit 75
     # rollout_batch_size counts prompts; each rank samples samples_per_prompt responses to each of its prompts.
     if cfg.rollout_batch_size % d.world_size:
         raise SystemExit(f"rollout_batch_size {cfg.rollout_batch_size} (prompts) must divide among {d.world_size} processes")
@@ -1303,9 +1308,12 @@ def main(argv=None):
         if update % cfg.eval_every == 0 or update == cfg.num_updates:
             metrics_log.log(update, eval_metrics(policy, ref, reward_model, tok, eval_prompts, cfg, d, update))
         stopping = cfg.stop_after and update - start_update >= cfg.stop_after
-        if update % cfg.save_every == 0 or update == cfg.num_updates or stopping:
+        preempt = preempted(preemption, d) and update < cfg.num_updates  # every rank, every update: a MAX all_reduce
+        if update % cfg.save_every == 0 or update == cfg.num_updates or stopping or preempt:
             save_checkpoint(cfg.run_dir, update, dict(trainable.items()), {"ppo": (trainable, optimizer)},
-                            {"kl_coef": kl_ctl.value}, cfg, d, final=update == cfg.num_updates)
+                            {"kl_coef": kl_ctl.value}, cfg, d, keep=cfg.keep_last, final=update == cfg.num_updates)
+        if preempt:
+            exit_preempted(cfg.run_dir, update, d, "ppo")
         if stopping:
             break
     bar.close()

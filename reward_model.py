@@ -32,9 +32,9 @@ import data
 from evaluate import last_eval as last_logged_eval, sample_responses, sequence_rewards
 from model import GPT, save_hf_sequence_classifier
 from runtime import (Dist, all_reduce_sum, autocast, batch_at, check_context, check_nonfinite_streak, check_writable,
-                     guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config, progress_bar,
-                     save_checkpoint, seed_all, set_lr, shard_model, shutdown_distributed, speed_metrics,
-                     split_batch, start_or_resume)
+                     exit_preempted, guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config,
+                     preempted, progress_bar, save_checkpoint, seed_all, set_lr, shard_model, shutdown_distributed,
+                     speed_metrics, split_batch, start_or_resume, watch_preemption)
 
 
 @dataclass
@@ -103,6 +103,10 @@ class Config:
     """steps between checkpoints (and one at the end)"""
     resume: bool = False
     """continue from run_dir's latest checkpoint"""
+    keep_last: int = 2
+    """checkpoints kept in run_dir (0: all); the newest is never deleted, older ones only once it checks out"""
+    preempt_signals: str = "SIGTERM,SIGUSR1"
+    """on these signals, finish the step, save a checkpoint and exit with code 75 (launch.sh: "preempted"); "" = off"""
     stop_after: int = 0
     """stop (with a checkpoint) after this many steps of this invocation: for tests of resume (0 = off)"""
     seed: int = 0
@@ -395,6 +399,7 @@ def train(cfg: Config, d: Dist, member: int) -> dict:
     seed = cfg.seed + member
     seed_all(seed)  # the new head is drawn from the global generator (model.init_weights)
     check_writable(cfg.run_dir)
+    preemption = watch_preemption(cfg.preempt_signals)  # SIGTERM: save at the end of this step, exit 75
 
     # 1. Model: the SFT trunk plus a fresh scalar head; raw rewards (gain 1, bias 0) until normalization.
     model = load_model(cfg.sft, "policy", d, trainable=True, scalar_head=True, dropout=cfg.dropout)
@@ -492,9 +497,12 @@ def train(cfg: Config, d: Dist, member: int) -> dict:
             model.config.reward_gain, model.config.reward_bias = gain, bias
             metrics.log(step, {"normalize/raw_mean": raw.mean().item(), "normalize/raw_std": raw.std(unbiased=False).item(),
                                "normalize/gain": gain, "normalize/bias": bias})
-        if step % cfg.save_every == 0 or step == stop_at:
+        preempt = preempted(preemption, d) and step < max_steps  # every rank, every step: a MAX all_reduce
+        if step % cfg.save_every == 0 or step == stop_at or preempt:
             save_checkpoint(cfg.run_dir, step, {"reward": model}, {"reward": (model, optimizer)},
-                            {"skipped_steps": skipped_steps}, cfg, d, final=step == max_steps)
+                            {"skipped_steps": skipped_steps}, cfg, d, keep=cfg.keep_last, final=step == max_steps)
+        if preempt:
+            exit_preempted(cfg.run_dir, step, d, "rm")
     bar.close()
     if d.is_main and step == max_steps and last_eval:
         gold = f", gold accuracy {last_eval['eval/accuracy_gold']:.3f}" if "eval/accuracy_gold" in last_eval else ""

@@ -19,9 +19,9 @@ import data
 from evaluate import sample_metrics, sample_responses, show_samples
 from model import GPT, config_for
 from runtime import (Dist, all_reduce_sum, autocast, batch_at, check_context, check_nonfinite_streak, check_writable,
-                     guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config, progress_bar,
-                     save_checkpoint, seed_all, set_lr, shard_model, shutdown_distributed, speed_metrics,
-                     split_batch, start_or_resume)
+                     exit_preempted, guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config,
+                     preempted, progress_bar, save_checkpoint, seed_all, set_lr, shard_model, shutdown_distributed,
+                     speed_metrics, split_batch, start_or_resume, watch_preemption)
 
 
 @dataclass
@@ -94,6 +94,10 @@ class Config:
     """steps between checkpoints (and one at the end)"""
     resume: bool = False
     """continue from run_dir's latest checkpoint"""
+    keep_last: int = 2
+    """checkpoints kept in run_dir (0: all); the newest is never deleted, older ones only once it checks out"""
+    preempt_signals: str = "SIGTERM,SIGUSR1"
+    """on these signals, finish the step, save a checkpoint and exit with code 75 (launch.sh: "preempted"); "" = off"""
     stop_after: int = 0
     """stop (with a checkpoint) after this many steps of this invocation: for tests of resume (0 = off)"""
     seed: int = 0
@@ -192,6 +196,7 @@ def main(argv=None):
     d = init_distributed(cfg.device)
     seed_all(cfg.seed)
     check_writable(cfg.run_dir)
+    preemption = watch_preemption(cfg.preempt_signals)  # SIGTERM: save at the end of this step, exit 75
 
     # 1. Data: demonstrations, tokenized once, truncation counted and reported.
     model, tok = build_policy(cfg, d)
@@ -260,9 +265,12 @@ def main(argv=None):
         check_nonfinite_streak(bad_streak, cfg.max_nonfinite_steps, step, cfg.run_dir)  # before saving this state
         if step % cfg.eval_every == 0 or step == max_steps:
             metrics.log(step, eval_metrics(model, tok, eval_pairs, eval_records, cfg, d, step))
-        if step % cfg.save_every == 0 or step == stop_at:
+        preempt = preempted(preemption, d) and step < max_steps  # every rank, every step: a MAX all_reduce
+        if step % cfg.save_every == 0 or step == stop_at or preempt:
             save_checkpoint(cfg.run_dir, step, {"policy": model}, {"policy": (model, optimizer)},
-                            {"skipped_steps": skipped_steps}, cfg, d, final=step == max_steps)
+                            {"skipped_steps": skipped_steps}, cfg, d, keep=cfg.keep_last, final=step == max_steps)
+        if preempt:
+            exit_preempted(cfg.run_dir, step, d, "sft")
     bar.close()
     if step == max_steps and d.is_main:
         print(f"sft: done, {step} steps in {time.time() - t0:.0f}s; policy in {cfg.run_dir}/final/policy")
