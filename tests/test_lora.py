@@ -1,0 +1,153 @@
+"""LoRA (model.LoRALinear) against PEFT's own code, and the invariants REFERENCES 6.2 asks for:
+
+- a fresh adapter is a no-op; adapters switched off give the base model; merged == unmerged (float32);
+- parity with PEFT: the same base weights and the same A, B (written by save_peft_adapter, read by
+  peft.PeftModel.from_pretrained on the HF model) give the same logits and the same gradients of every A and B,
+  on GPT-2 (Conv1D, fan_in_fan_out) and on the Llama family with fused q/k/v and gate/up partly adapted;
+- the merged export loads in transformers with the same logits; the adapter round-trips.
+"""
+
+import os
+
+import pytest
+import torch
+
+from model import GPT, BaseModel, load_peft_adapter, lora_disabled, merge_lora, save_peft_adapter, train_lora_only
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+
+@pytest.fixture(autouse=True)
+def no_torchao(monkeypatch):
+    """PEFT 0.21 refuses torchao < 0.16 when it checks for quantized layers; torchtune 0.6.1 (tests/framework_code.py)
+    needs torchao 0.11 installed. Nothing here is quantized, so PEFT is told torchao is absent."""
+    import peft.tuners.lora.torchao
+    import peft.utils.quantization_utils
+    for module in (peft.tuners.lora.torchao, peft.utils.quantization_utils):
+        monkeypatch.setattr(module, "is_torchao_available", lambda: False, raising=False)
+
+VOCAB = 101
+
+
+def hf_model(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    if family == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    elif family == "llama":  # GQA (6 query heads, 2 kv), untied
+        cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=72, num_hidden_layers=2,
+                                       num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
+                                       tie_word_embeddings=False)
+    else:  # qwen2: q/k/v biases, tied
+        cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=48, intermediate_size=72, num_hidden_layers=2,
+                                       num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=64,
+                                       tie_word_embeddings=True)
+    return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="module")
+def base_dirs(tmp_path_factory):
+    dirs = {}
+    for i, family in enumerate(("gpt2", "llama", "qwen2")):
+        dirs[family] = str(tmp_path_factory.mktemp(family))
+        hf_model(family, seed=i).save_pretrained(dirs[family])
+    return dirs
+
+
+def lora_model(directory, targets="all", rank=4, alpha=8.0, seed=0):
+    """Ours with adapters whose B is drawn at random too (a fresh B = 0 would hide a wrong A or a wrong scale)."""
+    torch.manual_seed(seed)
+    model = GPT.from_pretrained(directory, lora_rank=rank, lora_alpha=alpha, lora_targets=targets)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+def batch(T=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (2, T), generator=g)
+
+
+CASES = [("gpt2", "all"), ("llama", "q_proj,v_proj,up_proj,down_proj"), ("qwen2", "all")]
+
+
+@pytest.mark.parametrize("family,targets", CASES)
+def test_fresh_adapter_is_a_noop_and_disabled_is_the_base(base_dirs, family, targets):
+    base = GPT.from_pretrained(base_dirs[family]).eval()
+    fresh = GPT.from_pretrained(base_dirs[family], lora_rank=4, lora_targets=targets).eval()
+    ids = batch()
+    with torch.no_grad():
+        expected = base(ids)
+        assert torch.equal(fresh(ids), expected)  # B = 0 at init (PEFT, torchtune)
+        trained = lora_model(base_dirs[family], targets).eval()
+        assert (trained(ids) - expected).abs().max() > 1e-3  # the adapters do something...
+        with lora_disabled(trained):
+            assert torch.equal(trained(ids), expected)  # ...and nothing once switched off
+        assert torch.equal(BaseModel(trained)(ids), expected)
+        assert (trained(ids) - expected).abs().max() > 1e-3  # switched on again on exit
+    assert list(BaseModel(trained).parameters()) == []  # the reference owns no weights: nothing to copy or offload
+
+
+@pytest.mark.parametrize("family,targets", CASES)
+def test_peft_parity_outputs_and_adapter_gradients(base_dirs, family, targets, tmp_path):
+    """Same base, same A and B: PEFT's forward and ours agree, and so do the gradients of every A and B."""
+    ours = lora_model(base_dirs[family], targets).eval()
+    _, adapters = merge_lora(ours.state_dict(), ours.config)
+    save_peft_adapter(str(tmp_path), ours.config, adapters)
+    theirs = peft.PeftModel.from_pretrained(hf_model(family).from_pretrained(base_dirs[family], attn_implementation="eager"),
+                                            str(tmp_path), is_trainable=True).eval()
+    ids = batch()
+    weights = torch.randn(2, 12, VOCAB, generator=torch.Generator().manual_seed(5))
+    logits_ours, logits_theirs = ours(ids), theirs(input_ids=ids).logits
+    torch.testing.assert_close(logits_ours, logits_theirs, atol=1e-5, rtol=1e-5)
+    (logits_ours * weights).sum().backward()
+    (logits_theirs * weights).sum().backward()
+    grads_theirs = {n: p.grad for n, p in theirs.named_parameters() if "lora_" in n}
+    assert grads_theirs and all(g is not None for g in grads_theirs.values())
+    # Re-stack PEFT's per-projection gradients into our layout, through the same naming the adapter file uses.
+    grads_theirs = {n.replace(".default.weight", ".weight"): g for n, g in grads_theirs.items()}
+    adapters_grad = {n: p.grad for n, p in ours.named_parameters() if ".lora_" in n}
+    save_peft_adapter(str(tmp_path / "grads"), ours.config, adapters_grad)
+    from safetensors.torch import load_file
+    ours_by_peft_name = load_file(str(tmp_path / "grads" / "adapter_model.safetensors"))
+    assert set(ours_by_peft_name) == set(grads_theirs)
+    for name, g in grads_theirs.items():
+        # float32 sums in another order: the error is relative to the gradient's scale
+        assert (ours_by_peft_name[name] - g).abs().max() <= 1e-5 * g.abs().max(), name
+
+
+@pytest.mark.parametrize("family,targets", CASES)
+def test_merged_export_loads_in_transformers_with_the_same_logits(base_dirs, family, targets, tmp_path):
+    ours = lora_model(base_dirs[family], targets).eval()
+    ours.save_pretrained(str(tmp_path))  # merged model.safetensors + adapter/
+    assert os.path.exists(tmp_path / "adapter" / "adapter_config.json")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager").eval()
+    ids = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits, ours(ids), atol=1e-5, rtol=1e-5)
+        # merged == unmerged in float32, and reloading the merged export with ours gives it too (no double merge)
+        torch.testing.assert_close(GPT.from_pretrained(str(tmp_path))(ids), ours(ids), atol=1e-5, rtol=1e-5)
+    back = load_peft_adapter(str(tmp_path / "adapter"), ours.config)
+    for name, p in ours.named_parameters():
+        if ".lora_" in name:
+            assert torch.equal(back[name], p.detach())
+
+
+def test_only_adapters_and_named_heads_train(base_dirs):
+    model = GPT.from_pretrained(base_dirs["qwen2"], lora_rank=2, scalar_head=True)
+    trained = train_lora_only(model, also=("score.",))
+    assert trained and all(".lora_" in n or n.startswith("score.") for n in trained)
+    assert {"score.weight", "score.bias"} <= set(trained)
+    n_lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    # rank 2 on q, k, v, o, gate, up, down of 2 layers: r * (in + out) per projection
+    q, kv, C, inter = 48, 24, 48, 72
+    assert n_lora == 2 * 2 * ((C + q) + 2 * (C + kv) + (q + C) + 2 * (C + inter) + (inter + C))
+
+
+def test_bad_targets_name_the_flag(base_dirs):
+    with pytest.raises(ValueError, match="--lora_targets"):
+        GPT.from_pretrained(base_dirs["llama"], lora_rank=2, lora_targets="c_attn")
