@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 import data
 from evaluate import sample_metrics, sample_responses, score_samples, show_samples
-from model import token_logprobs
+from model import BaseModel, lora_flags, token_logprobs
 from runtime import (Dist, all_reduce_sum, apply_preset, autocast, batch_at, check_context, check_nonfinite_streak,
                      check_writable, guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config,
                      progress_bar, save_checkpoint, seed_all, set_lr, shard_model, shutdown_distributed,
@@ -96,6 +96,14 @@ class Config:
     """a step whose loss or gradient is inf/NaN is skipped (no update) and counted; this many in a row stop the run (0 = never stop)"""
     dropout: float = 0.0
     """dropout in the policy (off by default, as all stages: with it, the policy differs from the reference at step 0)"""
+    lora_rank: int = 0
+    """LoRA rank r (0 = full fine-tuning): trainable low-rank adapters on the block projections, base frozen (model.LoRALinear)"""
+    lora_alpha: float = 16.0
+    """LoRA scale: the update is B A x * lora_alpha / lora_rank (PEFT's scaling, not rsLoRA)"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input (PEFT's lora_dropout)"""
+    lora_targets: str = "all"
+    """projections with adapters: "all" (attention q, k, v, o and the MLP), or HF names: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj (Llama family), c_attn,c_proj,c_fc (GPT-2)"""
     gradient_checkpointing: bool = False
     """recompute each block's activations in backward to save memory"""
     eval_every: int = 50
@@ -284,10 +292,12 @@ def main(argv=None):
     check_writable(cfg.run_dir)
 
     # 1. Models: the policy and the frozen reference, both the SFT checkpoint. The reference is in eval mode,
-    #    takes no gradients and, on CUDA, holds bf16 weights (runtime.load_model).
-    policy = load_model(cfg.sft, "policy", d, trainable=True, shard=True, dropout=cfg.dropout)
+    #    takes no gradients and, on CUDA, holds bf16 weights (runtime.load_model). With --lora_rank the reference
+    #    is the policy's own frozen base with its adapters off (model.BaseModel; TRL's and torchtune's LoRA DPO):
+    #    no second copy of the weights.
+    policy = load_model(cfg.sft, "policy", d, trainable=True, shard=True, dropout=cfg.dropout, **lora_flags(cfg))
     policy.gradient_checkpointing = cfg.gradient_checkpointing
-    ref = load_model(cfg.sft, "policy", d, trainable=False, bf16=cfg.bf16, shard=True)
+    ref = BaseModel(policy) if cfg.lora_rank else load_model(cfg.sft, "policy", d, trainable=False, bf16=cfg.bf16, shard=True)
     tok = data.get_tokenizer(policy.config.tokenizer)
     check_context(policy, cfg.max_prompt_tokens, cfg.max_response_tokens, "dpo", "--max_prompt_tokens + --max_response_tokens")
 
@@ -315,7 +325,8 @@ def main(argv=None):
                                                               cfg.max_steps, d)
 
     # 4. Sharding, optimizer, and the state to resume from. The reference is sharded too, so its memory is split.
-    policy, ref = shard_model(policy, d, cfg.bf16), shard_model(ref, d, cfg.bf16)
+    policy = shard_model(policy, d, cfg.bf16)
+    ref = ref if cfg.lora_rank else shard_model(ref, d, cfg.bf16)  # a BaseModel shares the policy's shards
     optimizer = make_adamw(policy, cfg.lr, cfg.weight_decay)
     step, state, metrics = start_or_resume(cfg.run_dir, cfg.resume, {"policy": policy}, {"policy": (policy, optimizer)},
                                            max_steps, d, "dpo", config=cfg)

@@ -329,6 +329,13 @@ class BaseModel(nn.Module):
             self.model.train(was_training)
 
 
+def lora_flags(cfg) -> dict:
+    """The GPTConfig LoRA fields from a stage config's --lora_* flags; {} without --lora_rank (full fine-tuning)."""
+    if not cfg.lora_rank:
+        return {}
+    return {k: getattr(cfg, k) for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")}
+
+
 def train_lora_only(model, also: tuple[str, ...] = ()):
     """Freeze the base: only the adapters, and the parameters whose names start with one of `also` (the RM's and
     critic's "score." head, trained in full as PEFT's modules_to_save), take gradients. Returns the trained names."""

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 import data
 from evaluate import last_eval as last_logged_eval, sample_responses, sequence_rewards
-from model import GPT, save_hf_sequence_classifier
+from model import GPT, lora_flags, save_hf_sequence_classifier
 from runtime import (Dist, all_reduce_sum, autocast, batch_at, check_context, check_nonfinite_streak, check_writable,
                      guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config, progress_bar,
                      save_checkpoint, seed_all, set_lr, shard_model, shutdown_distributed, speed_metrics,
@@ -85,6 +85,14 @@ class Config:
     """a step whose loss or gradient is inf/NaN is skipped (no update) and counted; this many in a row stop the run (0 = never stop)"""
     dropout: float = 0.0
     """dropout in the model (off by default, as all stages)"""
+    lora_rank: int = 0
+    """LoRA rank r (0 = full fine-tuning): trainable low-rank adapters on the block projections, base frozen (model.LoRALinear)"""
+    lora_alpha: float = 16.0
+    """LoRA scale: the update is B A x * lora_alpha / lora_rank (PEFT's scaling, not rsLoRA)"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input (PEFT's lora_dropout)"""
+    lora_targets: str = "all"
+    """projections with adapters: "all" (attention q, k, v, o and the MLP), or HF names: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj (Llama family), c_attn,c_proj,c_fc (GPT-2)"""
     gradient_checkpointing: bool = False
     """recompute each block's activations in backward to save memory"""
     eval_every: int = 100
@@ -397,7 +405,8 @@ def train(cfg: Config, d: Dist, member: int) -> dict:
     check_writable(cfg.run_dir)
 
     # 1. Model: the SFT trunk plus a fresh scalar head; raw rewards (gain 1, bias 0) until normalization.
-    model = load_model(cfg.sft, "policy", d, trainable=True, scalar_head=True, dropout=cfg.dropout)
+    # With --lora_rank: adapters on the frozen SFT trunk, the head trained in full (runtime.load_model).
+    model = load_model(cfg.sft, "policy", d, trainable=True, scalar_head=True, dropout=cfg.dropout, **lora_flags(cfg))
     model.config.reward_gain, model.config.reward_bias = 1.0, 0.0
     # The loss sees only reward differences, so the head's bias gets a zero gradient up to rounding, which Adam
     # would blow up into lr-sized random steps. Frozen at 0; the normalization sets the offset.

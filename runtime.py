@@ -310,8 +310,10 @@ def load_model(path: str, name: str, d: Dist, trainable: bool, bf16: bool = True
 
     shard=True under torchrun: build on the meta device, fully_shard (`shard_model`), then read into each rank
     only its own shard of every tensor from the safetensors files (model.load_hf_sharded; torchtitan's
-    pattern), so no rank ever holds the whole model. Without torchrun, shard=True is a plain load."""
-    from model import GPT, load_hf_config
+    pattern), so no rank ever holds the whole model. Without torchrun, shard=True is a plain load.
+    LoRA (overrides lora_rank=...): fresh adapters on the loaded base; trainable then means the adapters and a score
+    head only (model.train_lora_only), set before sharding so FSDP2 sees the final requires_grad."""
+    from model import GPT, load_hf_config, train_lora_only
     directory = model_dir(path, name)
     prec = precision(d.device.type, d.distributed, bf16, trainable)
     if shard and d.distributed:
@@ -320,11 +322,15 @@ def load_model(path: str, name: str, d: Dist, trainable: bool, bf16: bool = True
             model = GPT(config).to(prec.weights)
         if not trainable:
             model.requires_grad_(False)
+        elif config.lora_rank:
+            train_lora_only(model, also=("score.",))
         shard_model(model, d, bf16)
         model.to_empty(device=d.device)
         model.load_hf_sharded(directory)
     else:
         model = GPT.from_pretrained(directory, **overrides).to(d.device, prec.weights)
+        if trainable and model.config.lora_rank:
+            train_lora_only(model, also=("score.",))
     if not trainable:
         model.requires_grad_(False).eval()
     return model
@@ -637,12 +643,28 @@ def _load_checkpoint(ckpt: str, models: dict, optimizers: dict, d: Dist, stage: 
     train_state = load_train_state(ckpt)
     for name, model in models.items():
         saved = GPT.from_pretrained(os.path.join(ckpt, name), scalar_head=model.config.scalar_head)
-        load_full_state_dict(model, saved.state_dict())
+        state = saved.state_dict()
+        if model.config.lora_rank:  # the saved weights are merged: resume from the adapter (lora_resume_state)
+            state = lora_resume_state(model, os.path.join(ckpt, name), state)
+        load_full_state_dict(model, state)
     for name, (model, optimizer) in optimizers.items():
         load_full_optimizer_state(model, optimizer, train_state["optimizers"][name])
     if d.is_main:
         print(f"{stage}: resumed from {ckpt} at step {train_state['step']}")
     return train_state["step"], train_state["state"]
+
+
+def lora_resume_state(model, directory: str, merged: dict) -> dict:
+    """The full state of a LoRA model at checkpoint `directory` (model.save_hf's layout: merged weights, adapter/).
+    The frozen base is the model's own, as loaded from --init_from again (the merged file minus B A would differ in
+    the last bits); the adapters come from directory/adapter; the other trained parameters (a score head) are not
+    touched by the merge and come from the merged weights. So a resumed run continues bit for bit."""
+    from model import load_peft_adapter
+    state = {k: v for k, v in full_state_dict(model).items()}
+    trained = {n for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n}
+    state.update({k: merged[k] for k in trained})
+    state.update(load_peft_adapter(os.path.join(directory, "adapter"), model.config))
+    return state
 
 
 def _link_or_copy(src: str, dst: str):

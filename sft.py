@@ -17,7 +17,7 @@ import torch
 
 import data
 from evaluate import sample_metrics, sample_responses, show_samples
-from model import GPT, config_for
+from model import GPT, config_for, lora_flags, train_lora_only
 from runtime import (Dist, all_reduce_sum, autocast, batch_at, check_context, check_nonfinite_streak, check_writable,
                      guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config, progress_bar,
                      save_checkpoint, seed_all, set_lr, shard_model, shutdown_distributed, speed_metrics,
@@ -80,6 +80,14 @@ class Config:
     """a step whose loss or gradient is inf/NaN is skipped (no update) and counted; this many in a row stop the run (0 = never stop)"""
     dropout: float = 0.0
     """dropout in the model (off by default, as all stages)"""
+    lora_rank: int = 0
+    """LoRA rank r (0 = full fine-tuning): trainable low-rank adapters on the block projections, base frozen (model.LoRALinear)"""
+    lora_alpha: float = 16.0
+    """LoRA scale: the update is B A x * lora_alpha / lora_rank (PEFT's scaling, not rsLoRA)"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input (PEFT's lora_dropout)"""
+    lora_targets: str = "all"
+    """projections with adapters: "all" (attention q, k, v, o and the MLP), or HF names: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj (Llama family), c_attn,c_proj,c_fc (GPT-2)"""
     gradient_checkpointing: bool = False
     """recompute each block's activations in backward to save memory"""
     eval_every: int = 200
@@ -139,15 +147,18 @@ def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Ten
 
 
 def build_policy(cfg: Config, d: Dist):
-    """Scratch (random init), a hub name, or a local HF-format directory."""
+    """Scratch (random init), a hub name, or a local HF-format directory; with --lora_rank, adapters on a frozen base."""
     if cfg.init_from == "scratch":
         tok = data.get_tokenizer(cfg.tokenizer)
         sizes = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(cfg, k)}
-        model = GPT(config_for(cfg.model_size, vocab_size=tok.vocab_size, dropout=cfg.dropout, tokenizer=tok.name, **sizes))
+        model = GPT(config_for(cfg.model_size, vocab_size=tok.vocab_size, dropout=cfg.dropout, tokenizer=tok.name,
+                               **sizes, **lora_flags(cfg)))
         model.init_weights(seed=cfg.seed)
+        if cfg.lora_rank:
+            train_lora_only(model)
         model = model.to(d.device)
     else:
-        model = load_model(cfg.init_from, "policy", d, trainable=True, shard=True, dropout=cfg.dropout)
+        model = load_model(cfg.init_from, "policy", d, trainable=True, shard=True, dropout=cfg.dropout, **lora_flags(cfg))
         tok = data.get_tokenizer(model.config.tokenizer)  # HF's own GPT-2 checkpoints mean "gpt2"
     model.gradient_checkpointing = cfg.gradient_checkpointing
     return model, tok

@@ -151,3 +151,84 @@ def test_only_adapters_and_named_heads_train(base_dirs):
 def test_bad_targets_name_the_flag(base_dirs):
     with pytest.raises(ValueError, match="--lora_targets"):
         GPT.from_pretrained(base_dirs["llama"], lora_rank=2, lora_targets="c_attn")
+
+
+# -----------------------------------------------------------------------------
+# The stages with --lora_rank: exact resume, the reference is the base with adapters off, a head trained in full
+
+
+def same_files(a_dir, b_dir):
+    from safetensors.torch import load_file
+    for name in ("model.safetensors", "adapter/adapter_model.safetensors"):
+        a, b = load_file(f"{a_dir}/{name}"), load_file(f"{b_dir}/{name}")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (a_dir, name)
+
+
+LORA = ["--lora_rank=4", "--lora_alpha=8"]
+
+
+def test_sft_lora_trains_adapters_only_and_resumes_exactly(tmp_path):
+    from safetensors.torch import load_file
+    from test_sft import metric_rows, run_sft
+    lora = dict(lora_rank=4, lora_alpha=8, lr=1e-2)
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    run_sft(straight, max_steps=6, **lora)
+    run_sft(split, max_steps=6, stop_after=3, **lora)
+    run_sft(split, max_steps=6, resume=True, **lora)
+    same_files(f"{straight}/final/policy", f"{split}/final/policy")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu")} for r in rows]
+    assert strip(metric_rows(straight)) == strip(metric_rows(split))
+    # Only adapters moved: the merged export minus the adapters' B A is the scratch init of the same seed.
+    adapter = load_file(f"{straight}/final/policy/adapter/adapter_model.safetensors")
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in adapter.items())
+    base = GPT.from_pretrained(f"{straight}/final/policy", lora_rank=0)
+    import dataclasses
+    init = GPT(dataclasses.replace(base.config, lora_rank=4, lora_alpha=8))  # the same draws as the run's init
+    init.init_weights(seed=0)
+    merged = base.state_dict()
+    for k, v in init.state_dict().items():
+        if ".lora_" not in k and not k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            assert torch.equal(merged[k], v), k  # embeddings, norms, biases untouched
+
+
+def test_dpo_lora_reference_is_the_base_with_adapters_off(tmp_path):
+    import dpo
+    from test_dpo import metric_rows, tiny_args, tiny_sft
+    sft = tiny_sft(tmp_path / "sft")
+    dpo.main(tiny_args(sft, tmp_path / "straight", *LORA))
+    dpo.main(tiny_args(sft, tmp_path / "split", *LORA, "--stop_after=4"))
+    dpo.main(tiny_args(sft, tmp_path / "split", *LORA, "--resume"))
+    same_files(tmp_path / "straight/final/policy", tmp_path / "split/final/policy")
+    train = [r for r in metric_rows(tmp_path / "straight") if "train/loss" in r]
+    # Step 1, before any update: B = 0, so policy == base == reference and the loss is exactly log 2.
+    assert train[0]["train/loss"] == pytest.approx(0.6931471805599453, abs=1e-6) and train[0]["rewards/margins"] == 0.0
+    assert train[-1]["rewards/margins"] > 0  # the adapters learned; the reference (the base) did not move with them
+
+
+def test_reward_model_lora_trains_the_head_in_full(tmp_path):
+    import reward_model
+    from test_dpo import tiny_sft
+    sft = tiny_sft(tmp_path / "sft")
+    reward_model.main([f"--sft={sft}", f"--run_dir={tmp_path / 'rm'}", "--max_train_examples=48", "--batch_size=16",
+                       "--micro_batch_size=8", "--max_steps=3", "--eval_examples=16", "--normalize_on=none",
+                       "--device=cpu", "--lr=1e-2", *LORA])
+    rm, trunk = GPT.from_pretrained(str(tmp_path / "rm/final/reward")), GPT.from_pretrained(sft + "/policy")
+    assert rm.config.scalar_head and os.path.exists(tmp_path / "rm/final/reward/adapter/adapter_model.safetensors")
+    ours = rm.state_dict()
+    for k, v in trunk.state_dict().items():  # the frozen base: everything but the adapted projections is the SFT's
+        if not k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            assert torch.equal(ours[k], v), k
+    assert not torch.equal(ours["transformer.h.0.attn.c_attn.weight"], trunk.state_dict()["transformer.h.0.attn.c_attn.weight"])
+
+
+def test_ppo_lora_runs_with_a_shared_base_reference_and_resumes_exactly(checkpoints, tmp_path):
+    import ppo
+    from test_ppo import ppo_args
+    ppo.main(ppo_args(checkpoints, tmp_path / "a", *LORA))
+    ppo.main(ppo_args(checkpoints, tmp_path / "b", *LORA, "--stop_after=2"))
+    ppo.main(ppo_args(checkpoints, tmp_path / "b", *LORA, "--resume"))
+    for model in ("policy", "critic"):
+        same_files(tmp_path / "a/final" / model, tmp_path / "b/final" / model)
+    import json
+    rows = [json.loads(line) for line in open(tmp_path / "a/metrics.jsonl")]
+    assert all(torch.isfinite(torch.tensor(v)) for r in rows for v in r.values() if isinstance(v, float))
