@@ -459,6 +459,17 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, 1, T, T) mask of packed rows (data.pack_sft): causal, and a token sees only tokens of its own
+    document, so attention is block-diagonal (torchtune `modules/attention_utils.py` packed_block_causal_mask;
+    transformers' same-document mask for sdpa, `masking_utils.find_packed_sequence_indices`). Padding (id -1)
+    sees padding: never read. A dense SDPA mask on every device; FlexAttention's document mask or a varlen kernel
+    would skip the masked blocks' compute on CUDA (not done here)."""
+    T = document_ids.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()
+    return causal & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
+
+
 def build_attn_mask(attention_mask: torch.Tensor, q_len: int) -> torch.Tensor:
     """Boolean (B, 1, q_len, k_len) mask: causal, and keys that are padding are hidden.
 
@@ -528,7 +539,8 @@ class GPT(nn.Module):
             else:
                 normal_(p, 0.02)
 
-    def forward(self, idx, attention_mask=None, position_ids=None, kv_cache=None, head="lm", logits_from=0):
+    def forward(self, idx, attention_mask=None, position_ids=None, kv_cache=None, head="lm", logits_from=0,
+                document_ids=None):
         """idx (B, T) token ids -> logits (B, T, V) for head="lm", scalars (B, T) for head="score",
         (logits, scalars) for head="both".
 
@@ -543,9 +555,15 @@ class GPT(nn.Module):
         prefix too, (B, cache.pos + T). Position ids default to counting real tokens (see
         `position_ids_from_mask`). Logits come back in the compute dtype; cast to float32 before any
         log-softmax (see `token_logprobs`).
+
+        document_ids (B, T): packed rows (data.pack_sft), with their position_ids restarting per document; attention
+        is block-diagonal over documents (`document_mask`). No KV cache.
         """
         B, T = idx.size()
-        if kv_cache is not None and kv_cache.index is not None:  # a fixed-shape decode step (`decode_step`)
+        if document_ids is not None:
+            assert position_ids is not None and kv_cache is None, "packed rows: pass their position_ids, no cache"
+            attn_mask, past = document_mask(document_ids), None
+        elif kv_cache is not None and kv_cache.index is not None:  # a fixed-shape decode step (`decode_step`)
             assert position_ids is not None and attention_mask is not None, "decode_step passes both"
             attn_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, max_len): it hides unwritten slots itself
             past = None

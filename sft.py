@@ -88,6 +88,9 @@ class Config:
     """dropout on the adapters' input (PEFT's lora_dropout)"""
     lora_targets: str = "all"
     """projections with adapters: "all" (attention q, k, v, o and the MLP), or HF names: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj (Llama family), c_attn,c_proj,c_fc (GPT-2)"""
+    packing: bool = False
+    """padding-free packing: each micro-batch's examples concatenated into as few rows as fit the longest one, positions
+    restarting and attention block-diagonal per example (data.pack_sft); the same examples and loss as padded"""
     gradient_checkpointing: bool = False
     """recompute each block's activations in backward to save memory"""
     eval_every: int = 200
@@ -240,18 +243,20 @@ def main(argv=None):
     while step < stop_at:
         epoch, index = divmod(step, steps_per_epoch)
         batch_items = batch_at(pairs, per_rank, cfg.seed, epoch, index, d.rank, d.world_size)
-        micro_batches = [data.collate_sft(batch_items[i:i + micro], tok.eos_id, cfg.train_on_prompt)
-                         for i in range(0, per_rank, micro)]
+        collate = data.pack_sft if cfg.packing else data.collate_sft
+        micro_batches = [collate(batch_items[i:i + micro], tok.eos_id, cfg.train_on_prompt) for i in range(0, per_rank, micro)]
         # Normalize by the response tokens of the whole global batch (all ranks, all micro-batches).
         n_tokens = all_reduce_sum(sum(b["loss_mask"][:, 1:].sum() for b in micro_batches).float().to(d.device), d)
         lr = lr_at(step, max_steps, cfg.lr, cfg.warmup_steps, cfg.lr_schedule)
         set_lr(optimizer, lr)
         loss_sum = torch.zeros((), device=d.device)
         for batch in micro_batches:
-            first = loss_start(batch["loss_mask"])  # the LM head skips the prompt positions before it
+            # The LM head skips the prompt positions before the first target (padded rows; a packed row's start is a prompt).
+            first = loss_start(batch["loss_mask"])
             batch = {k: v.to(d.device) for k, v in batch.items()}
             with autocast(d, cfg.bf16):
-                logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], logits_from=first)
+                logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], logits_from=first,
+                               position_ids=batch.get("position_ids"), document_ids=batch.get("document_ids"))
             token_loss, _ = sft_loss(logits, batch["input_ids"], batch["loss_mask"], first)
             # FSDP averages gradients over ranks; scale by world_size so the result is sum / n_tokens.
             (token_loss * d.world_size / n_tokens).backward()
