@@ -711,7 +711,10 @@ class GPT(nn.Module):
         if self.score is not None and "score.weight" not in loaded:  # a fresh head, as init_weights draws it
             self.init_weights(only="score.")
         if self.config.lora_rank and not any(".lora_" in k for k in loaded):  # fresh adapters on a pretrained base
-            self.init_weights(only=".lora_")
+            # Seeded by the process's seed (runtime.seed_all), not drawn from the global generator's current state: a
+            # model built on the meta device (FSDP2) has drawn nothing before this, a plain build has (nn.Linear's
+            # own init), and the adapters must be the same both ways.
+            self.init_weights(seed=torch.initial_seed(), only=".lora_")
         if self.score is not None and "score.weight" in loaded and "score.bias" not in loaded:
             loaded["score.bias"] = torch.zeros(1)  # HF's GPT2ForSequenceClassification head has no bias
 

@@ -232,3 +232,35 @@ def test_ppo_lora_runs_with_a_shared_base_reference_and_resumes_exactly(checkpoi
     import json
     rows = [json.loads(line) for line in open(tmp_path / "a/metrics.jsonl")]
     assert all(torch.isfinite(torch.tensor(v)) for r in rows for v in r.values() if isinstance(v, float))
+
+
+@pytest.mark.slow
+def test_dpo_lora_under_fsdp2_matches_one_process(tmp_path):
+    """torchrun, 2 ranks, gloo: the policy is built on the meta device with its adapters, sharded, loaded shard by
+    shard (runtime.load_model), frozen but for the adapters before fully_shard; the reference is its base with the
+    adapters off, under FSDP2 too. The adapters and metrics equal one process's."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import dpo
+    from safetensors.torch import load_file
+    from test_dpo import metric_rows, tiny_args, tiny_sft
+    root = Path(__file__).resolve().parents[1]
+    sft = tiny_sft(tmp_path / "sft")
+    one, two = tmp_path / "one", tmp_path / "two"
+    dpo.main(tiny_args(sft, one, *LORA))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "dpo.py",
+           *tiny_args(sft, two, *LORA, "--micro_batch_size=4")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    for key in ("train/loss", "rewards/margins", "grad_norm", "eval/loss", "eval/kl"):
+        a, b = ([r[key] for r in metric_rows(run) if key in r] for run in (one, two))
+        assert len(a) == len(b) > 0 and a == pytest.approx(b, rel=1e-4, abs=1e-6), key
+    a, b = (load_file(str(run / "final/policy/adapter/adapter_model.safetensors")) for run in (one, two))
+    assert a.keys() == b.keys()
+    for key in a:  # AdamW over float32 reductions in another order (test_dpo.py's 1e-5)
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5, msg=key)
+    assert any(v.abs().max() > 1e-3 for k, v in a.items() if "lora_B" in k)  # it trained
