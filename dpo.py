@@ -104,6 +104,9 @@ class Config:
     """dropout on the adapters' input (PEFT's lora_dropout)"""
     lora_targets: str = "all"
     """projections with adapters: "all" (attention q, k, v, o and the MLP), or HF names: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj (Llama family), c_attn,c_proj,c_fc (GPT-2)"""
+    packing: bool = False
+    """padding-free packing of each micro-batch's 2B sequences (data.pack_sft): positions restart and attention is
+    block-diagonal per sequence; the same sequence log-probs as padded (tests/test_packing.py)"""
     gradient_checkpointing: bool = False
     """recompute each block's activations in backward to save memory"""
     eval_every: int = 50
@@ -150,7 +153,7 @@ PRESETS = {"trl": dict(beta=0.1, ipo_average=True)}
 
 
 def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
-                   average: bool = False) -> torch.Tensor:
+                   average: bool = False, document_ids: torch.Tensor | None = None) -> torch.Tensor:
     """log pi(response | prompt): the sum of token log-probs over the tokens loss_mask marks, float32.
 
     logits (B, T, V) at position t predict input_ids[t + 1]; loss_mask (B, T) marks response tokens (data.collate_sft,
@@ -158,11 +161,20 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: tor
     product: a non-finite logit at a pad position cannot leak in). Summed, not averaged: DPO's log pi(y|x) is a
     sequence log-likelihood (paper, eq. 7; TRL `dpo_trainer.py` _compute_loss and OpenRLHF sum likewise).
     Float32 log-softmax via model.token_logprobs, at temperature 1. average=True divides by the response length:
-    IPO as TRL computes it (--ipo_average, TRL PR #1265)."""
+    IPO as TRL computes it (--ipo_average, TRL PR #1265).
+    document_ids (B, T): packed rows (data.pack_sft); then one sum per sequence id instead of per row, each target
+    token counted for the sequence it belongs to (a sequence's first token is never a target, so no sum crosses a
+    boundary): (number of sequences,)."""
     logp = token_logprobs(logits[:, :-1], input_ids[:, 1:])  # (B, T - 1)
     mask = loss_mask[:, 1:].bool()
-    total = torch.where(mask, logp, torch.zeros_like(logp)).sum(-1)
-    return total / mask.sum(-1) if average else total
+    logp = torch.where(mask, logp, torch.zeros_like(logp))
+    if document_ids is None:
+        total, count = logp.sum(-1), mask.sum(-1)
+    else:
+        seq, n = document_ids[:, 1:].clamp(min=0).flatten(), int(document_ids.max()) + 1  # padding adds 0 to sequence 0
+        total = logp.new_zeros(n).index_add(0, seq, logp.flatten())
+        count = mask.new_zeros(n, dtype=torch.long).index_add(0, seq, mask.flatten().long())
+    return total / count if average else total
 
 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
@@ -220,10 +232,11 @@ def encode_pairs(records: list[dict], tok, cfg: Config, stats: data.TruncationSt
 def pair_logps(model, batch: dict, d: Dist, bf16: bool, average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward over the 2B rows of data.collate_pairs -> (chosen (B,), rejected (B,)) summed response log-probs
     (per-token averaged with average=True)."""
-    ids, mask = batch["input_ids"].to(d.device), batch["attention_mask"].to(d.device)
+    batch = {k: v.to(d.device) for k, v in batch.items()}
+    ids, docs = batch["input_ids"], batch.get("document_ids")  # document_ids: packed (--packing)
     with autocast(d, bf16):
-        logits = model(ids, attention_mask=mask)
-    return sequence_logps(logits, ids, batch["loss_mask"].to(d.device), average=average).chunk(2)
+        logits = model(ids, attention_mask=batch["attention_mask"], position_ids=batch.get("position_ids"), document_ids=docs)
+    return sequence_logps(logits, ids, batch["loss_mask"], average=average, document_ids=docs).chunk(2)
 
 
 def heldout_prompts(eval_records: list[dict], cfg: Config) -> list[str]:
@@ -344,7 +357,7 @@ def main(argv=None):
         sums = {k: torch.zeros((), device=d.device) for k in ("loss", "chosen", "rejected", "correct", "logps_c", "logps_r")}
         for i in range(0, per_rank, micro):
             # One forward per model scores chosen and rejected together (rows 0..B-1 chosen, B..2B-1 rejected).
-            batch = data.collate_pairs(batch_items[i:i + micro], tok.eos_id)
+            batch = data.collate_pairs(batch_items[i:i + micro], tok.eos_id, packed=cfg.packing)
             with torch.no_grad():
                 ref_chosen, ref_rejected = pair_logps(ref, batch, d, cfg.bf16, averaged_logps(cfg))
             policy_chosen, policy_rejected = pair_logps(policy, batch, d, cfg.bf16, averaged_logps(cfg))

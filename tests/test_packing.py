@@ -52,7 +52,7 @@ def test_pack_sft_layout_by_hand():
     b = data.pack_sft(pairs, pad_id=0, row_tokens=6)
     assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 0]]
     assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2], [0, 1, 2, 3, 4, 0]]
-    assert b["document_ids"].tolist() == [[0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, -1]]
+    assert b["document_ids"].tolist() == [[0, 0, 0, 1, 1, 1], [2, 2, 2, 2, 2, -1]]  # the example's index
     # Targets: response tokens only; token 8 (the second example's first) is never one, although 7 precedes it.
     assert b["loss_mask"].tolist() == [[0, 0, 1, 0, 1, 1], [0, 0, 0, 1, 1, 0]]
     assert b["attention_mask"].tolist() == [[1] * 6, [1] * 5 + [0]]
@@ -99,3 +99,35 @@ def test_sft_packing_trains_to_the_same_losses(tmp_path):
     run_sft(str(tmp_path / "packed"), max_steps=4, micro_batch_size=4, packing=True)
     a, b = ([r["train/loss"] for r in metric_rows(str(tmp_path / run)) if "train/loss" in r] for run in ("padded", "packed"))
     assert len(a) == 4 and a == pytest.approx(b, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_dpo_packed_sequence_logps_and_gradients_equal_padded(family):
+    """dpo.pair_logps on packed rows: the same per-sequence sums (and per-token averages, IPO) and gradients."""
+    import dpo
+    from runtime import Dist
+    g = torch.Generator().manual_seed(3)
+    triples = [(p, r, torch.randint(1, V, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist())
+               for p, r in examples(seed=3, n=5)]
+    m = model(family)
+    for average in (False, True):
+        out = {}
+        for packed in (False, True):
+            m.zero_grad()
+            chosen, rejected = dpo.pair_logps(m, data.collate_pairs(triples, 0, packed=packed), Dist(), False, average)
+            (chosen.sum() - 2 * rejected.sum()).backward()
+            out[packed] = (chosen.detach(), rejected.detach(), {n: p.grad.clone() for n, p in m.named_parameters()})
+        for a, b in zip(out[False][:2], out[True][:2]):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-6)
+        for name, grad in out[False][2].items():
+            assert (out[True][2][name] - grad).abs().max() <= 1e-6 * max(grad.abs().max(), 1e-3), name
+
+
+def test_dpo_packing_trains_to_the_same_losses(tmp_path):
+    import dpo
+    from test_dpo import metric_rows, tiny_args, tiny_sft
+    sft = tiny_sft(tmp_path / "sft")
+    for run, extra in (("padded", []), ("packed", ["--packing"])):
+        dpo.main(tiny_args(sft, tmp_path / run, "--max_steps=3", *extra))
+    a, b = ([r["train/loss"] for r in metric_rows(tmp_path / run) if "train/loss" in r] for run in ("padded", "packed"))
+    assert len(a) == 3 and a == pytest.approx(b, rel=1e-5)
