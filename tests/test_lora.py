@@ -264,3 +264,19 @@ def test_dpo_lora_under_fsdp2_matches_one_process(tmp_path):
     for key in a:  # AdamW over float32 reductions in another order (test_dpo.py's 1e-5)
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5, msg=key)
     assert any(v.abs().max() > 1e-3 for k, v in a.items() if "lora_B" in k)  # it trained
+
+
+def test_memory_plan_with_lora_holds_no_reference_and_trains_adapters_only():
+    """bench.py plan's LoRA rows, by hand on a tiny GPT-2: weights are the float32 bases plus adapters of the policy
+    and critic and the bf16 reward model (no reference); gradients and AdamW are the adapters' and the value head's."""
+    import bench
+    from model import config_for
+    config = config_for("tiny", vocab_size=64)  # 2 layers, width 32: per layer r (32 + 96) + r (32 + 32) + r (32 + 128) + r (128 + 32)
+    r = 4
+    adapters = 2 * r * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32))
+    base, head = bench.count_parameters(config)[0], 32 + 1
+    plan = bench.memory_plan(config, "PPO", 1, 2, 8, 4, 8, lora_rank=r)
+    assert plan["weights"] == 4 * (base + adapters) + 4 * (base + head + adapters) + 2 * (base + head)
+    assert plan["grads"] == 4 * (2 * adapters + head)
+    full = bench.memory_plan(config, "PPO", 1, 2, 8, 4, 8)
+    assert full["weights"] - plan["weights"] == 2 * base - 8 * adapters  # the bf16 reference is gone
