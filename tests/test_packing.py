@@ -131,3 +131,23 @@ def test_dpo_packing_trains_to_the_same_losses(tmp_path):
         dpo.main(tiny_args(sft, tmp_path / run, "--max_steps=3", *extra))
     a, b = ([r["train/loss"] for r in metric_rows(tmp_path / run) if "train/loss" in r] for run in ("padded", "packed"))
     assert len(a) == 3 and a == pytest.approx(b, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_reward_model_packed_rewards_and_gradients_equal_padded(family):
+    """reward_model.comparison_rewards on packed rows: each sequence scored at its own last token, as padded."""
+    import reward_model
+    from runtime import Dist
+    items = [{"prompt": p, "responses": [r, r[::-1] + [7]], "golds": None} for p, r in examples(seed=4, n=5)]
+    m = model(family)
+    m.score = torch.nn.Linear(m.config.n_embd, 1)  # a head, drawn at random
+    out = {}
+    for packed in (False, True):
+        m.zero_grad()
+        batch = reward_model.collate_comparisons(items, 0, 2, packed=packed)
+        rewards = reward_model.comparison_rewards(m, batch, Dist(), False)
+        reward_model.bradley_terry_loss(rewards[:, 0], rewards[:, 1], 0.0).backward()
+        out[packed] = (rewards.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(out[True][0], out[False][0], atol=1e-5, rtol=1e-6)
+    for name, grad in out[False][1].items():
+        assert (out[True][1][name] - grad).abs().max() <= 1e-6 * max(grad.abs().max(), 1e-3), name
