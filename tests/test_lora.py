@@ -224,9 +224,10 @@ def test_reward_model_lora_trains_the_head_in_full(tmp_path):
 def test_ppo_lora_runs_with_a_shared_base_reference_and_resumes_exactly(checkpoints, tmp_path):
     import ppo
     from test_ppo import ppo_args
-    ppo.main(ppo_args(checkpoints, tmp_path / "a", *LORA))
-    ppo.main(ppo_args(checkpoints, tmp_path / "b", *LORA, "--stop_after=2"))
-    ppo.main(ppo_args(checkpoints, tmp_path / "b", *LORA, "--resume"))
+    short = [*LORA, "--num_updates=2", "--eval_every=100"]  # later flags win over ppo_args' own
+    ppo.main(ppo_args(checkpoints, tmp_path / "a", *short))
+    ppo.main(ppo_args(checkpoints, tmp_path / "b", *short, "--stop_after=1"))
+    ppo.main(ppo_args(checkpoints, tmp_path / "b", *short, "--resume"))
     for model in ("policy", "critic"):
         same_files(tmp_path / "a/final" / model, tmp_path / "b/final" / model)
     import json
