@@ -331,6 +331,9 @@ class BaseModel(nn.Module):
 
 def lora_flags(cfg) -> dict:
     """The GPTConfig LoRA fields from a stage config's --lora_* flags; {} without --lora_rank (full fine-tuning)."""
+    if cfg.lora_rank < 0 or (cfg.lora_rank and (cfg.lora_alpha <= 0 or not 0 <= cfg.lora_dropout < 1)):
+        raise SystemExit(f"--lora_rank={cfg.lora_rank} --lora_alpha={cfg.lora_alpha} --lora_dropout={cfg.lora_dropout}: "
+                         f"need rank >= 0 (0 = off), alpha > 0 and 0 <= dropout < 1")
     if not cfg.lora_rank:
         return {}
     return {k: getattr(cfg, k) for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")}

@@ -148,9 +148,15 @@ def test_only_adapters_and_named_heads_train(base_dirs):
     assert n_lora == 2 * 2 * ((C + q) + 2 * (C + kv) + (q + C) + 2 * (C + inter) + (inter + C))
 
 
-def test_bad_targets_name_the_flag(base_dirs):
+def test_bad_flags_name_the_flag(base_dirs):
+    from types import SimpleNamespace
+
+    from model import lora_flags
     with pytest.raises(ValueError, match="--lora_targets"):
         GPT.from_pretrained(base_dirs["llama"], lora_rank=2, lora_targets="c_attn")
+    for rank, alpha, dropout in ((-1, 16.0, 0.0), (4, 0.0, 0.0), (4, 16.0, 1.0)):
+        with pytest.raises(SystemExit, match="--lora_rank"):
+            lora_flags(SimpleNamespace(lora_rank=rank, lora_alpha=alpha, lora_dropout=dropout, lora_targets="all"))
 
 
 # -----------------------------------------------------------------------------
