@@ -123,10 +123,15 @@ def test_peft_parity_outputs_and_adapter_gradients(base_dirs, family, targets, t
 @pytest.mark.parametrize("family,targets", CASES)
 def test_merged_export_loads_in_transformers_with_the_same_logits(base_dirs, family, targets, tmp_path):
     ours = lora_model(base_dirs[family], targets).eval()
+    ids = batch()
+    with torch.no_grad():
+        before = ours(ids)
     ours.save_pretrained(str(tmp_path))  # merged model.safetensors + adapter/
+    ours.save_pretrained(str(tmp_path))  # twice: an in-place merge would now be counted twice (PEFT PR #1355)
+    with torch.no_grad():
+        assert torch.equal(ours(ids), before)  # exporting left the model's base and adapters as they were
     assert os.path.exists(tmp_path / "adapter" / "adapter_config.json")
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager").eval()
-    ids = batch()
     with torch.no_grad():
         torch.testing.assert_close(hf(input_ids=ids).logits, ours(ids), atol=1e-5, rtol=1e-5)
         # merged == unmerged in float32, and reloading the merged export with ours gives it too (no double merge)
