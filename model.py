@@ -275,10 +275,9 @@ class LoRALinear(nn.Linear):
         y = super().forward(x)
         if self.disabled:
             return y
-        hidden = F.linear(self.lora_dropout(x), self.lora_A).split(self.rank, dim=-1)  # (..., r) per adapted part
-        B = iter(self.lora_B.split([w for w, a in zip(self.parts, self.adapted) if a]))
-        hidden = iter(hidden)
-        update = [F.linear(next(hidden), next(B)) if a else y.new_zeros(*y.shape[:-1], w)
+        hidden = iter(F.linear(self.lora_dropout(x), self.lora_A).split(self.rank, dim=-1))  # (..., r) per adapted part
+        B = iter(self.lora_B.split([w for w, a in zip(self.parts, self.adapted) if a]))  # (out_i, r) each
+        update = [F.linear(next(hidden), next(B)) if a else y.new_zeros(*y.shape[:-1], w)  # (..., out_i) each
                   for w, a in zip(self.parts, self.adapted)]
         return y + torch.cat(update, dim=-1) * self.scale
 
