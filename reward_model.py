@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 import data
 from evaluate import last_eval as last_logged_eval, sample_responses, sequence_rewards
-from model import GPT, save_hf_sequence_classifier
+from model import GPT, lora_flags, save_hf_sequence_classifier
 from runtime import (Dist, all_reduce_sum, autocast, batch_at, check_context, check_nonfinite_streak, check_writable,
                      exit_preempted, guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config,
                      preempted, progress_bar, save_checkpoint, seed_all, set_lr, shard_model, shutdown_distributed,
@@ -85,6 +85,17 @@ class Config:
     """a step whose loss or gradient is inf/NaN is skipped (no update) and counted; this many in a row stop the run (0 = never stop)"""
     dropout: float = 0.0
     """dropout in the model (off by default, as all stages)"""
+    lora_rank: int = 0
+    """LoRA rank r (0 = full fine-tuning): trainable low-rank adapters on the block projections, base frozen (model.LoRALinear)"""
+    lora_alpha: float = 16.0
+    """LoRA scale: the update is B A x * lora_alpha / lora_rank (PEFT's scaling, not rsLoRA)"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input (PEFT's lora_dropout)"""
+    lora_targets: str = "all"
+    """projections with adapters: "all" (attention q, k, v, o and the MLP), or HF names: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj (Llama family), c_attn,c_proj,c_fc (GPT-2)"""
+    packing: bool = False
+    """padding-free packing of each micro-batch's K * B sequences (data.pack_sft), each scored at its own last token;
+    the same rewards as padded (tests/test_packing.py)"""
     gradient_checkpointing: bool = False
     """recompute each block's activations in backward to save memory"""
     eval_every: int = 100
@@ -226,17 +237,20 @@ def encode_comparisons(records: list[dict], tok, cfg: Config, stats: data.Trunca
     return items
 
 
-def collate_comparisons(items: list[dict], pad_id: int, K: int) -> dict[str, torch.Tensor]:
+def collate_comparisons(items: list[dict], pad_id: int, K: int, packed: bool = False) -> dict[str, torch.Tensor]:
     """B comparisons -> one right-padded batch of K * B rows, response-major: rows k*B .. k*B+B-1 hold the k-th
     response of every prompt, so one forward scores all of them (for K = 2 exactly data.collate_pairs: chosen,
     then rejected). valid (B, K) marks real responses; a missing one is filled with the prompt's best response
-    (finite, never counted)."""
+    (finite, never counted). packed: the same K * B sequences packed (data.pack_sft), sequence i marked by
+    document_ids == i."""
     rows, valid = [], torch.zeros(len(items), K, dtype=torch.bool)
     for k in range(K):
         for b, item in enumerate(items):
             have = k < len(item["responses"])
             valid[b, k] = have
             rows.append((item["prompt"], item["responses"][k if have else 0]))
+    if packed:
+        return {**data.pack_sft(rows, pad_id), "valid": valid}
     batch = data.collate_sft(rows, pad_id)
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "valid": valid}
 
@@ -244,10 +258,17 @@ def collate_comparisons(items: list[dict], pad_id: int, K: int) -> dict[str, tor
 def comparison_rewards(model, batch: dict, d: Dist, bf16: bool) -> torch.Tensor:
     """One forward over the K * B rows of collate_comparisons -> rewards (B, K), float32, raw (no gain/bias)."""
     ids, mask = batch["input_ids"].to(d.device), batch["attention_mask"].to(d.device)
+    docs, positions = (batch[k].to(d.device) if k in batch else None for k in ("document_ids", "position_ids"))  # packed
     with autocast(d, bf16):
-        scalars = model(ids, attention_mask=mask, head="score")  # (K * B, T)
+        scalars = model(ids, attention_mask=mask, head="score", position_ids=positions, document_ids=docs)
     B, K = batch["valid"].shape
-    return sequence_rewards(scalars, mask).view(K, B).T
+    if docs is None:
+        return sequence_rewards(scalars, mask).view(K, B).T  # (K * B, T) rows
+    # Packed: sequence i's reward is read at its last token, the largest flat position holding document i.
+    flat, where = docs.flatten(), torch.arange(docs.numel(), device=docs.device)
+    last = torch.zeros(K * B, dtype=torch.long, device=docs.device).scatter_reduce(0, flat.clamp(min=0), torch.where(
+        flat >= 0, where, 0), "amax")
+    return scalars.float().flatten()[last].view(K, B).T
 
 
 def comparison_loss(rewards: torch.Tensor, valid: torch.Tensor, cfg: Config) -> torch.Tensor:
@@ -402,7 +423,8 @@ def train(cfg: Config, d: Dist, member: int) -> dict:
     preemption = watch_preemption(cfg.preempt_signals)  # SIGTERM: save at the end of this step, exit 75
 
     # 1. Model: the SFT trunk plus a fresh scalar head; raw rewards (gain 1, bias 0) until normalization.
-    model = load_model(cfg.sft, "policy", d, trainable=True, scalar_head=True, dropout=cfg.dropout)
+    # With --lora_rank: adapters on the frozen SFT trunk, the head trained in full (runtime.load_model).
+    model = load_model(cfg.sft, "policy", d, trainable=True, scalar_head=True, dropout=cfg.dropout, **lora_flags(cfg))
     model.config.reward_gain, model.config.reward_bias = 1.0, 0.0
     # The loss sees only reward differences, so the head's bias gets a zero gradient up to rounding, which Adam
     # would blow up into lr-sized random steps. Frozen at 0; the normalization sets the offset.
@@ -459,7 +481,7 @@ def train(cfg: Config, d: Dist, member: int) -> dict:
         loss_sum, correct, n_pairs, margin_sum = (torch.zeros((), device=d.device) for _ in range(4))
         for i in range(0, per_rank, micro):
             # One forward scores every response of the micro-batch (chosen and rejected rows together).
-            batch = collate_comparisons(batch_items[i:i + micro], tok.eos_id, K)
+            batch = collate_comparisons(batch_items[i:i + micro], tok.eos_id, K, packed=cfg.packing)
             rewards = comparison_rewards(model, batch, d, cfg.bf16)  # (micro, K)
             valid = batch["valid"].to(d.device)
             loss = comparison_loss(rewards, valid, cfg)

@@ -317,7 +317,10 @@ def load_model(path: str, name: str, d: Dist, trainable: bool, bf16: bool = True
     pattern), so no rank ever holds the whole model. Without torchrun, shard=True is a plain load.
 
     A directory saved by a stage (final/, a ckpt_*) is checked against its manifest.json first (sizes and sha256,
-    `model_problem`); a damaged file is an error that names it, never a traceback from inside safetensors."""
+    `model_problem`); a damaged file is an error that names it, never a traceback from inside safetensors.
+
+    LoRA (overrides lora_rank=...): fresh adapters on the loaded base; trainable then means the adapters and a score
+    head only (model.train_lora_only), set before sharding so FSDP2 sees the final requires_grad."""
     from safetensors import SafetensorError
     directory = model_dir(path, name)
     problem = model_problem(directory) if os.path.isdir(directory) else None
@@ -334,18 +337,22 @@ def load_model(path: str, name: str, d: Dist, trainable: bool, bf16: bool = True
 
 
 def _load(directory: str, d: Dist, prec: Precision, trainable: bool, bf16: bool, shard: bool, overrides: dict):
-    from model import GPT, load_hf_config
+    from model import GPT, load_hf_config, train_lora_only
     if shard and d.distributed:
         config, directory = load_hf_config(directory, **overrides)
         with torch.device("meta"):
             model = GPT(config).to(prec.weights)
         if not trainable:
             model.requires_grad_(False)
+        elif config.lora_rank:
+            train_lora_only(model, also=("score.",))
         shard_model(model, d, bf16)
         model.to_empty(device=d.device)
         model.load_hf_sharded(directory)
     else:
         model = GPT.from_pretrained(directory, **overrides).to(d.device, prec.weights)
+        if trainable and model.config.lora_rank:
+            train_lora_only(model, also=("score.",))
     return model
 
 
@@ -780,12 +787,28 @@ def _load_checkpoint(ckpt: str, models: dict, optimizers: dict, d: Dist, stage: 
     train_state = load_train_state(ckpt)
     for name, model in models.items():
         saved = GPT.from_pretrained(os.path.join(ckpt, name), scalar_head=model.config.scalar_head)
-        load_full_state_dict(model, saved.state_dict())
+        state = saved.state_dict()
+        if model.config.lora_rank:  # the saved weights are merged: resume from the adapter (lora_resume_state)
+            state = lora_resume_state(model, os.path.join(ckpt, name), state)
+        load_full_state_dict(model, state)
     for name, (model, optimizer) in optimizers.items():
         load_full_optimizer_state(model, optimizer, train_state["optimizers"][name])
     if d.is_main:
         print(f"{stage}: resumed from {ckpt} at step {train_state['step']}")
     return train_state["step"], train_state["state"]
+
+
+def lora_resume_state(model, directory: str, merged: dict) -> dict:
+    """The full state of a LoRA model at checkpoint `directory` (model.save_hf's layout: merged weights, adapter/).
+    The frozen base is the model's own, as loaded from --init_from again (the merged file minus B A would differ in
+    the last bits); the adapters come from directory/adapter; the other trained parameters (a score head) are not
+    touched by the merge and come from the merged weights. So a resumed run continues bit for bit."""
+    from model import load_peft_adapter
+    state = {k: v for k, v in full_state_dict(model).items()}
+    trained = {n for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n}
+    state.update({k: merged[k] for k in trained})
+    state.update(load_peft_adapter(os.path.join(directory, "adapter"), model.config))
+    return state
 
 
 def _link_or_copy(src: str, dst: str):

@@ -17,7 +17,7 @@ import torch
 
 import data
 from evaluate import sample_metrics, sample_responses, show_samples
-from model import GPT, config_for
+from model import GPT, config_for, lora_flags, train_lora_only
 from runtime import (Dist, all_reduce_sum, autocast, batch_at, check_context, check_nonfinite_streak, check_writable,
                      exit_preempted, guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config,
                      preempted, progress_bar, save_checkpoint, seed_all, set_lr, shard_model, shutdown_distributed,
@@ -80,6 +80,17 @@ class Config:
     """a step whose loss or gradient is inf/NaN is skipped (no update) and counted; this many in a row stop the run (0 = never stop)"""
     dropout: float = 0.0
     """dropout in the model (off by default, as all stages)"""
+    lora_rank: int = 0
+    """LoRA rank r (0 = full fine-tuning): trainable low-rank adapters on the block projections, base frozen (model.LoRALinear)"""
+    lora_alpha: float = 16.0
+    """LoRA scale: the update is B A x * lora_alpha / lora_rank (PEFT's scaling, not rsLoRA)"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input (PEFT's lora_dropout)"""
+    lora_targets: str = "all"
+    """projections with adapters: "all" (attention q, k, v, o and the MLP), or HF names: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj (Llama family), c_attn,c_proj,c_fc (GPT-2)"""
+    packing: bool = False
+    """padding-free packing: each micro-batch's examples concatenated into as few rows as fit the longest one, positions
+    restarting and attention block-diagonal per example (data.pack_sft); the same examples and loss as padded"""
     gradient_checkpointing: bool = False
     """recompute each block's activations in backward to save memory"""
     eval_every: int = 200
@@ -143,15 +154,18 @@ def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Ten
 
 
 def build_policy(cfg: Config, d: Dist):
-    """Scratch (random init), a hub name, or a local HF-format directory."""
+    """Scratch (random init), a hub name, or a local HF-format directory; with --lora_rank, adapters on a frozen base."""
     if cfg.init_from == "scratch":
         tok = data.get_tokenizer(cfg.tokenizer)
         sizes = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(cfg, k)}
-        model = GPT(config_for(cfg.model_size, vocab_size=tok.vocab_size, dropout=cfg.dropout, tokenizer=tok.name, **sizes))
+        model = GPT(config_for(cfg.model_size, vocab_size=tok.vocab_size, dropout=cfg.dropout, tokenizer=tok.name,
+                               **sizes, **lora_flags(cfg)))
         model.init_weights(seed=cfg.seed)
+        if cfg.lora_rank:
+            train_lora_only(model)
         model = model.to(d.device)
     else:
-        model = load_model(cfg.init_from, "policy", d, trainable=True, shard=True, dropout=cfg.dropout)
+        model = load_model(cfg.init_from, "policy", d, trainable=True, shard=True, dropout=cfg.dropout, **lora_flags(cfg))
         tok = data.get_tokenizer(model.config.tokenizer)  # HF's own GPT-2 checkpoints mean "gpt2"
     model.gradient_checkpointing = cfg.gradient_checkpointing
     return model, tok
@@ -234,18 +248,20 @@ def main(argv=None):
     while step < stop_at:
         epoch, index = divmod(step, steps_per_epoch)
         batch_items = batch_at(pairs, per_rank, cfg.seed, epoch, index, d.rank, d.world_size)
-        micro_batches = [data.collate_sft(batch_items[i:i + micro], tok.eos_id, cfg.train_on_prompt)
-                         for i in range(0, per_rank, micro)]
+        collate = data.pack_sft if cfg.packing else data.collate_sft
+        micro_batches = [collate(batch_items[i:i + micro], tok.eos_id, cfg.train_on_prompt) for i in range(0, per_rank, micro)]
         # Normalize by the response tokens of the whole global batch (all ranks, all micro-batches).
         n_tokens = all_reduce_sum(sum(b["loss_mask"][:, 1:].sum() for b in micro_batches).float().to(d.device), d)
         lr = lr_at(step, max_steps, cfg.lr, cfg.warmup_steps, cfg.lr_schedule)
         set_lr(optimizer, lr)
         loss_sum = torch.zeros((), device=d.device)
         for batch in micro_batches:
-            first = loss_start(batch["loss_mask"])  # the LM head skips the prompt positions before it
+            # The LM head skips the prompt positions before the first target (padded rows; a packed row's start is a prompt).
+            first = loss_start(batch["loss_mask"])
             batch = {k: v.to(d.device) for k, v in batch.items()}
             with autocast(d, cfg.bf16):
-                logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], logits_from=first)
+                logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], logits_from=first,
+                               position_ids=batch.get("position_ids"), document_ids=batch.get("document_ids"))
             token_loss, _ = sft_loss(logits, batch["input_ids"], batch["loss_mask"], first)
             # FSDP averages gradients over ranks; scale by world_size so the result is sum / n_tokens.
             (token_loss * d.world_size / n_tokens).backward()
