@@ -214,12 +214,14 @@ response is the word reversed, then EOS: "fbkd=" -> "dkbf". Why this task:
 TASK_LETTERS = "abcdefghijklmnop"
 TASK_MIN_LEN, TASK_MAX_LEN = 3, 8
 MAX_PAIR_NOISE = 0.6  # noise levels of compared responses are drawn U(0, MAX_PAIR_NOISE)
-# Share of compared responses that are unfinished: a noisy response cut at a uniform point, down to the empty answer.
-# Why: a reward model is only trustworthy on the responses it was trained to compare. Full-length responses alone
-# (length within +-1 of the target) taught it nothing about short ones, it extrapolated "shorter is better", and PPO
-# found 2-letter answers the RM rated highest (docs/lab.md, the collapsed default run). InstructGPT's labelers
-# compared the policies' own samples, cut or not; this gives the RM the short and unfinished answers PPO can reach.
-UNFINISHED_FRACTION = 0.25
+# Share of comparisons with one unfinished answer: the last response drawn is cut after a uniform number of letters,
+# down to the empty answer. Why: a reward model is only trustworthy on the responses it was trained to compare.
+# Full-length responses alone (within one letter of the target's length) taught it nothing about short ones: it
+# extrapolated "shorter is better" (an empty answer outscored the exact reversal on 11% of prompts), and PPO found
+# the 2-letter answers it rated highest (docs/lab.md, "Making the default run robust"). InstructGPT's labelers
+# compared the policies' own samples, cut or not; this shows the RM the short answers a policy can reach, while
+# four comparisons in five stay between full answers, which carry what the RM must learn about the letters.
+UNFINISHED_FRACTION = 0.2
 DEFAULT_SIZES = {"train": 20000, "test": 500}
 
 
@@ -271,12 +273,12 @@ def _bt_prob(diff: float, tau: float) -> float:
 
 def _distinct_responses(prompt: str, rng: random.Random, k: int) -> list[str]:
     """k different responses, each with its own noise level drawn U(0, MAX_PAIR_NOISE); with probability
-    UNFINISHED_FRACTION a response is cut after a uniform number of letters in [0, len) (an unfinished answer, possibly
-    empty). Duplicates are redrawn."""
+    UNFINISHED_FRACTION the last one is cut after a uniform number of letters in [0, len) (an unfinished answer,
+    possibly empty). Duplicates are redrawn."""
     out = []
     while len(out) < k:
         r = noisy_response(prompt, rng, rng.uniform(0, MAX_PAIR_NOISE))
-        if UNFINISHED_FRACTION and rng.random() < UNFINISHED_FRACTION:
+        if len(out) == k - 1 and UNFINISHED_FRACTION and rng.random() < UNFINISHED_FRACTION:
             r = r[:rng.randrange(max(len(r), 1))]
         if r not in out:
             out.append(r)

@@ -69,8 +69,9 @@ class Config:
     """global batch in comparisons (pairs, or rankings) per optimizer step, whatever the number of processes"""
     micro_batch_size: int = 32
     """comparisons per forward pass per process; batch_size / (world_size * micro) steps are accumulated"""
-    max_steps: int = 300
-    """optimizer steps; 0 = one epoch over the data (OpenAI 2019 and N+ train reward models for one epoch)"""
+    max_steps: int = 0
+    """optimizer steps; 0 = one epoch over all the comparisons (OpenAI 2019, N+ and InstructGPT train reward models for
+    one epoch; on the default task 300 steps, half an epoch, left the RM short of its accuracy, docs/lab.md)"""
     lr: float = 5e-4
     """peak learning rate (AdamW); N+ uses 3e-6 and OpenAI 2019 5e-5 for GPT-2/Pythia-size models"""
     weight_decay: float = 0.0
