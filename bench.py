@@ -1,5 +1,5 @@
 """Side-by-side benchmarks against HF transformers and TRL; the results and how they were taken are in
-BENCHMARKS.md.
+docs/benchmarks.md.
 
     python bench.py train_step      # forward + backward + AdamW: our GPT vs transformers.GPT2LMHeadModel
     python bench.py sft --size=gpt2 --vocab_size=50257   # an SFT step on HH-shaped rows (384 + 128 tokens) vs HF
@@ -21,7 +21,7 @@ printed as a table and appended, one JSON line each, to --results, with the mach
 config and the load average at the start and end (a busy shared machine shows there). --profile adds
 where the time goes on each side (torch.profiler for ops, cProfile for the Python between them). Each
 default run takes under 2 minutes on an idle 2-core CPU; on a busy one, pass --threads=1 (see
-BENCHMARKS.md). `python bench.py generate --help` lists the flags.
+docs/benchmarks.md). `python bench.py generate --help` lists the flags.
 """
 
 import contextlib
@@ -111,6 +111,8 @@ class Config:
     """response tokens (ppo.REAL_DATA response_length)"""
     plan_rollout: int = 64
     """sequences per rollout over all GPUs (ppo.Config rollout_batch_size x samples_per_prompt 1): the KV cache"""
+    plan_lora_rank: int = 16
+    """also plan each method with LoRA of this rank on every block projection (ppo.py --lora_rank); 0 = not"""
     # --- mfu (CUDA)
     mfu_batch: int = 8
     """sequences per step"""
@@ -1191,8 +1193,21 @@ PLAN_METHODS = {
 }
 
 
+def lora_state_bytes(config, lora_rank: int, scalar_head: bool, world_size: int = 1) -> dict:
+    """Bytes one GPU holds for a LoRA model (ppo.py --lora_rank, targets "all"): the frozen base is loaded as a
+    trainable model (runtime.load_model, float32 weights on CUDA like any master copy), the adapters are float32;
+    gradients and AdamW state exist for the adapters and a score head only (model.train_lora_only)."""
+    lora = dataclasses.replace(config, lora_rank=lora_rank, lora_targets="all")
+    total, tensors = count_parameters(lora, scalar_head)
+    base, base_tensors = count_parameters(config, scalar_head)
+    trained = total - base + (config.n_embd + 1 if scalar_head else 0)
+    trained_tensors = tensors - base_tensors + (2 if scalar_head else 0)
+    return {"weights": 4 * total / world_size, "grads": 4 * trained / world_size,
+            "adamw": 8 * trained / world_size + 4 * trained_tensors}
+
+
 def memory_plan(config, method: str, world_size: int, batch: int, prompt: int, response: int, rollout: int,
-                device_type: str = "cuda", bf16: bool = True) -> dict:
+                device_type: str = "cuda", bf16: bool = True, lora_rank: int = 0) -> dict:
     """Expected bytes per GPU for one method's models at `world_size` FSDP2 ranks, dtypes from runtime.precision
     (CUDA + bf16: trainable float32 master weights, gradients and AdamW; frozen bf16):
       weights, grads, adamw: every model sharded over the ranks (frozen ones too, as load_model shards them);
@@ -1200,14 +1215,23 @@ def memory_plan(config, method: str, world_size: int, batch: int, prompt: int, r
         runtime.unsharded gathers whole for generation (one GPU: the float32 weights are used as they are);
       activations (without / with checkpointing): what the update's forward saves for backward on one
         micro-batch: the policy's, plus the critic's for PPO (ppo_update runs both before one backward).
-    peak = weights + grads + adamw + the larger of rollout and activations (the two phases do not overlap)."""
+    peak = weights + grads + adamw + the larger of rollout and activations (the two phases do not overlap).
+    lora_rank > 0: the trainable models as `lora_state_bytes`, and no reference model: it is the policy with its
+    adapters off (model.BaseModel). Activations are counted as without LoRA (the adapters' own saved tensors, the
+    r-wide A x per projection, are under 1% at r = 16 and are left out)."""
     from runtime import precision
     distributed = world_size > 1
     out = {"params": 0, "weights": 0.0, "grads": 0.0, "adamw": 0.0}
     for role, trainable, scalar in PLAN_METHODS[method]:
+        if lora_rank and role == "reference":
+            continue
         numel, tensors = count_parameters(config, scalar)
         prec = precision(device_type, distributed, bf16, trainable)
-        for key, value in model_state_bytes(numel, tensors, trainable, prec.weights, world_size).items():
+        if lora_rank and trainable:
+            state = lora_state_bytes(config, lora_rank, scalar, world_size)
+        else:
+            state = model_state_bytes(numel, tensors, trainable, prec.weights, world_size)
+        for key, value in state.items():
             out[key] += value
         out["params"] += numel
     policy = precision(device_type, distributed, bf16, True)
@@ -1245,10 +1269,11 @@ def bench_plan(cfg: Config, device, env):
     B, P, N = cfg.plan_micro_batch, cfg.plan_prompt_len, cfg.plan_response_len
     for name in [m for m in cfg.plan_models.split(",") if m]:
         config = plan_config(name)
-        for method in PLAN_METHODS:
+        for method, lora in [(m, r) for r in sorted({0, cfg.plan_lora_rank}) for m in PLAN_METHODS]:
             for gpus in [int(g) for g in cfg.plan_gpus.split(",") if g]:
-                plan = memory_plan(config, method, gpus, B, P, N, cfg.plan_rollout)
-                row = {"model": f"{name} ({count_parameters(config)[0] / 1e6:.0f}M)", "method": method, "GPUs": gpus}
+                plan = memory_plan(config, method, gpus, B, P, N, cfg.plan_rollout, lora_rank=lora)
+                row = {"model": f"{name} ({count_parameters(config)[0] / 1e6:.0f}M)",
+                       "method": method + (f" LoRA r{lora}" if lora else ""), "GPUs": gpus}
                 row.update({k: v / GiB for k, v in plan.items() if k != "params"})
                 rows.append(row)
     print(f"plan: GiB per GPU; update micro-batch {B} x ({P} prompt + {N} response) tokens per GPU, rollout of "

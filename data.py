@@ -214,6 +214,14 @@ response is the word reversed, then EOS: "fbkd=" -> "dkbf". Why this task:
 TASK_LETTERS = "abcdefghijklmnop"
 TASK_MIN_LEN, TASK_MAX_LEN = 3, 8
 MAX_PAIR_NOISE = 0.6  # noise levels of compared responses are drawn U(0, MAX_PAIR_NOISE)
+# Share of comparisons with one unfinished answer: the last response drawn is cut after a uniform number of letters,
+# down to the empty answer. Why: a reward model is only trustworthy on the responses it was trained to compare.
+# Full-length responses alone (within one letter of the target's length) taught it nothing about short ones: it
+# extrapolated "shorter is better" (an empty answer outscored the exact reversal on 11% of prompts), and PPO found
+# the 2-letter answers it rated highest (docs/lab.md, "Making the default run robust"). InstructGPT's labelers
+# compared the policies' own samples, cut or not; this shows the RM the short answers a policy can reach, while
+# four comparisons in five stay between full answers, which carry what the RM must learn about the letters.
+UNFINISHED_FRACTION = 0.2
 DEFAULT_SIZES = {"train": 20000, "test": 500}
 
 
@@ -264,10 +272,14 @@ def _bt_prob(diff: float, tau: float) -> float:
 
 
 def _distinct_responses(prompt: str, rng: random.Random, k: int) -> list[str]:
-    """k different responses, each with its own noise level drawn U(0, MAX_PAIR_NOISE); duplicates are redrawn."""
+    """k different responses, each with its own noise level drawn U(0, MAX_PAIR_NOISE); with probability
+    UNFINISHED_FRACTION the last one is cut after a uniform number of letters in [0, len) (an unfinished answer,
+    possibly empty). Duplicates are redrawn."""
     out = []
     while len(out) < k:
         r = noisy_response(prompt, rng, rng.uniform(0, MAX_PAIR_NOISE))
+        if len(out) == k - 1 and UNFINISHED_FRACTION and rng.random() < UNFINISHED_FRACTION:
+            r = r[:rng.randrange(max(len(r), 1))]
         if r not in out:
             out.append(r)
     return out
@@ -802,11 +814,55 @@ def collate_sft(pairs: list[tuple[list[int], list[int]]], pad_id: int,
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
 
 
-def collate_pairs(pairs: list[tuple[list[int], list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+def pack_sft(pairs: list[tuple[list[int], list[int]]], pad_id: int, train_on_prompt: bool = False,
+             row_tokens: int = 0) -> dict[str, torch.Tensor]:
+    """Padding-free packing of the same examples `collate_sft` pads: each example's prompt + response, in order, goes
+    to the first row it fits in within row_tokens (0: the longest example's length, so no row is longer than the
+    padded batch's), else to a new row (first fit); rows are right-padded to the longest row.
+
+    Returns collate_sft's input_ids, attention_mask and loss_mask, all (R, L) with R <= B, plus position_ids that
+    restart at 0 at each example (TRL padding_free, transformers DataCollatorWithFlattening) and document_ids: the
+    example's index in `pairs`, -1 on padding, from which GPT.forward builds a block-diagonal causal mask, so no
+    token attends across examples (REFERENCES 6.3: restarting positions alone still leaks). Each example's loss_mask
+    is built before packing, so an example's first token is never a target even though the previous example's last
+    token sits before it: the label shift cannot cross a boundary (verl#6475, torchtune PR #2613). The targets,
+    hence sft_loss's (sum, count), are the padded batch's, so the loss needs no other normalization."""
+    padded = collate_sft(pairs, pad_id, train_on_prompt)  # the per-example masks and their checks, one place
+    lengths = padded["attention_mask"].sum(1).tolist()
+    limit = row_tokens or max(lengths)
+    if max(lengths) > limit:
+        raise DataError(f"pack_sft: an example of {max(lengths)} tokens does not fit row_tokens={row_tokens}")
+    rows, used = [], []
+    for i, n in enumerate(lengths):  # first fit: the first row with room, else a new one
+        r = next((r for r, u in enumerate(used) if u + n <= limit), len(rows))
+        if r == len(rows):
+            rows.append([])
+            used.append(0)
+        rows[r].append(i)
+        used[r] += n
+    L = max(used)
+    out = {"input_ids": torch.full((len(rows), L), pad_id, dtype=torch.long),
+           "attention_mask": torch.zeros(len(rows), L, dtype=torch.long), "loss_mask": torch.zeros(len(rows), L, dtype=torch.long),
+           "position_ids": torch.zeros(len(rows), L, dtype=torch.long), "document_ids": torch.full((len(rows), L), -1, dtype=torch.long)}
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            n, end = lengths[i], start + lengths[i]
+            for key in ("input_ids", "attention_mask", "loss_mask"):
+                out[key][r, start:end] = padded[key][i, :n]
+            out["position_ids"][r, start:end] = torch.arange(n)
+            out["document_ids"][r, start:end] = i
+            start = end
+    return out
+
+
+def collate_pairs(pairs: list[tuple[list[int], list[int], list[int]]], pad_id: int,
+                  packed: bool = False) -> dict[str, torch.Tensor]:
     """(prompt, chosen, rejected) -> rows 0..B-1 chosen, rows B..2B-1 rejected, in ONE right-padded batch, so one
-    forward pass scores both sides (as TRL's RewardTrainer concatenates them)."""
+    forward pass scores both sides (as TRL's RewardTrainer concatenates them). packed: the same 2B sequences packed
+    (pack_sft), sequence i's tokens marked by document_ids == i."""
     rows = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
-    return collate_sft(rows, pad_id)
+    return pack_sft(rows, pad_id) if packed else collate_sft(rows, pad_id)
 
 
 def batches(items: list, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,

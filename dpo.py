@@ -36,11 +36,11 @@ import torch.nn.functional as F
 
 import data
 from evaluate import sample_metrics, sample_responses, score_samples, show_samples
-from model import token_logprobs
+from model import BaseModel, lora_flags, token_logprobs
 from runtime import (Dist, all_reduce_sum, apply_preset, autocast, batch_at, check_context, check_nonfinite_streak,
-                     check_writable, guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config,
-                     progress_bar, save_checkpoint, seed_all, set_lr, shard_model, shutdown_distributed,
-                     speed_metrics, split_batch, start_or_resume)
+                     check_writable, exit_preempted, guarded_step, init_distributed, load_model, lr_at, make_adamw,
+                     parse_config, preempted, progress_bar, save_checkpoint, seed_all, set_lr, shard_model,
+                     shutdown_distributed, speed_metrics, split_batch, start_or_resume, watch_preemption)
 
 
 @dataclass
@@ -96,6 +96,17 @@ class Config:
     """a step whose loss or gradient is inf/NaN is skipped (no update) and counted; this many in a row stop the run (0 = never stop)"""
     dropout: float = 0.0
     """dropout in the policy (off by default, as all stages: with it, the policy differs from the reference at step 0)"""
+    lora_rank: int = 0
+    """LoRA rank r (0 = full fine-tuning): trainable low-rank adapters on the block projections, base frozen (model.LoRALinear)"""
+    lora_alpha: float = 16.0
+    """LoRA scale: the update is B A x * lora_alpha / lora_rank (PEFT's scaling, not rsLoRA)"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input (PEFT's lora_dropout)"""
+    lora_targets: str = "all"
+    """projections with adapters: "all" (attention q, k, v, o and the MLP), or HF names: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj (Llama family), c_attn,c_proj,c_fc (GPT-2)"""
+    packing: bool = False
+    """padding-free packing of each micro-batch's 2B sequences (data.pack_sft): positions restart and attention is
+    block-diagonal per sequence; the same sequence log-probs as padded (tests/test_packing.py)"""
     gradient_checkpointing: bool = False
     """recompute each block's activations in backward to save memory"""
     eval_every: int = 50
@@ -112,6 +123,10 @@ class Config:
     """steps between checkpoints (and one at the end)"""
     resume: bool = False
     """continue from run_dir's latest checkpoint"""
+    keep_last: int = 2
+    """checkpoints kept in run_dir (0: all); the newest is never deleted, older ones only once it checks out"""
+    preempt_signals: str = "SIGTERM,SIGUSR1"
+    """on these signals, finish the step, save a checkpoint and exit with code 75 (launch.sh: "preempted"); "" = off"""
     stop_after: int = 0
     """stop (with a checkpoint) after this many steps of this invocation: for tests of resume (0 = off)"""
     seed: int = 0
@@ -142,7 +157,7 @@ PRESETS = {"trl": dict(beta=0.1, ipo_average=True)}
 
 
 def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
-                   average: bool = False) -> torch.Tensor:
+                   average: bool = False, document_ids: torch.Tensor | None = None) -> torch.Tensor:
     """log pi(response | prompt): the sum of token log-probs over the tokens loss_mask marks, float32.
 
     logits (B, T, V) at position t predict input_ids[t + 1]; loss_mask (B, T) marks response tokens (data.collate_sft,
@@ -150,11 +165,20 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: tor
     product: a non-finite logit at a pad position cannot leak in). Summed, not averaged: DPO's log pi(y|x) is a
     sequence log-likelihood (paper, eq. 7; TRL `dpo_trainer.py` _compute_loss and OpenRLHF sum likewise).
     Float32 log-softmax via model.token_logprobs, at temperature 1. average=True divides by the response length:
-    IPO as TRL computes it (--ipo_average, TRL PR #1265)."""
+    IPO as TRL computes it (--ipo_average, TRL PR #1265).
+    document_ids (B, T): packed rows (data.pack_sft); then one sum per sequence id instead of per row, each target
+    token counted for the sequence it belongs to (a sequence's first token is never a target, so no sum crosses a
+    boundary): (number of sequences,)."""
     logp = token_logprobs(logits[:, :-1], input_ids[:, 1:])  # (B, T - 1)
     mask = loss_mask[:, 1:].bool()
-    total = torch.where(mask, logp, torch.zeros_like(logp)).sum(-1)
-    return total / mask.sum(-1) if average else total
+    logp = torch.where(mask, logp, torch.zeros_like(logp))
+    if document_ids is None:
+        total, count = logp.sum(-1), mask.sum(-1)
+    else:
+        seq, n = document_ids[:, 1:].clamp(min=0).flatten(), int(document_ids.max()) + 1  # padding adds 0 to sequence 0
+        total = logp.new_zeros(n).index_add(0, seq, logp.flatten())
+        count = mask.new_zeros(n, dtype=torch.long).index_add(0, seq, mask.flatten().long())
+    return total / count if average else total
 
 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
@@ -212,10 +236,11 @@ def encode_pairs(records: list[dict], tok, cfg: Config, stats: data.TruncationSt
 def pair_logps(model, batch: dict, d: Dist, bf16: bool, average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward over the 2B rows of data.collate_pairs -> (chosen (B,), rejected (B,)) summed response log-probs
     (per-token averaged with average=True)."""
-    ids, mask = batch["input_ids"].to(d.device), batch["attention_mask"].to(d.device)
+    batch = {k: v.to(d.device) for k, v in batch.items()}
+    ids, docs = batch["input_ids"], batch.get("document_ids")  # document_ids: packed (--packing)
     with autocast(d, bf16):
-        logits = model(ids, attention_mask=mask)
-    return sequence_logps(logits, ids, batch["loss_mask"].to(d.device), average=average).chunk(2)
+        logits = model(ids, attention_mask=batch["attention_mask"], position_ids=batch.get("position_ids"), document_ids=docs)
+    return sequence_logps(logits, ids, batch["loss_mask"], average=average, document_ids=docs).chunk(2)
 
 
 def heldout_prompts(eval_records: list[dict], cfg: Config) -> list[str]:
@@ -282,12 +307,15 @@ def main(argv=None):
     d = init_distributed(cfg.device)
     seed_all(cfg.seed)
     check_writable(cfg.run_dir)
+    preemption = watch_preemption(cfg.preempt_signals)  # SIGTERM: save at the end of this step, exit 75
 
     # 1. Models: the policy and the frozen reference, both the SFT checkpoint. The reference is in eval mode,
-    #    takes no gradients and, on CUDA, holds bf16 weights (runtime.load_model).
-    policy = load_model(cfg.sft, "policy", d, trainable=True, shard=True, dropout=cfg.dropout)
+    #    takes no gradients and, on CUDA, holds bf16 weights (runtime.load_model). With --lora_rank the reference
+    #    is the policy's own frozen base with its adapters off (model.BaseModel; TRL's and torchtune's LoRA DPO):
+    #    no second copy of the weights.
+    policy = load_model(cfg.sft, "policy", d, trainable=True, shard=True, dropout=cfg.dropout, **lora_flags(cfg))
     policy.gradient_checkpointing = cfg.gradient_checkpointing
-    ref = load_model(cfg.sft, "policy", d, trainable=False, bf16=cfg.bf16, shard=True)
+    ref = BaseModel(policy) if cfg.lora_rank else load_model(cfg.sft, "policy", d, trainable=False, bf16=cfg.bf16, shard=True)
     tok = data.get_tokenizer(policy.config.tokenizer)
     check_context(policy, cfg.max_prompt_tokens, cfg.max_response_tokens, "dpo", "--max_prompt_tokens + --max_response_tokens")
 
@@ -315,7 +343,8 @@ def main(argv=None):
                                                               cfg.max_steps, d)
 
     # 4. Sharding, optimizer, and the state to resume from. The reference is sharded too, so its memory is split.
-    policy, ref = shard_model(policy, d, cfg.bf16), shard_model(ref, d, cfg.bf16)
+    policy = shard_model(policy, d, cfg.bf16)
+    ref = ref if cfg.lora_rank else shard_model(ref, d, cfg.bf16)  # a BaseModel shares the policy's shards
     optimizer = make_adamw(policy, cfg.lr, cfg.weight_decay)
     step, state, metrics = start_or_resume(cfg.run_dir, cfg.resume, {"policy": policy}, {"policy": (policy, optimizer)},
                                            max_steps, d, "dpo", config=cfg)
@@ -333,7 +362,7 @@ def main(argv=None):
         sums = {k: torch.zeros((), device=d.device) for k in ("loss", "chosen", "rejected", "correct", "logps_c", "logps_r")}
         for i in range(0, per_rank, micro):
             # One forward per model scores chosen and rejected together (rows 0..B-1 chosen, B..2B-1 rejected).
-            batch = data.collate_pairs(batch_items[i:i + micro], tok.eos_id)
+            batch = data.collate_pairs(batch_items[i:i + micro], tok.eos_id, packed=cfg.packing)
             with torch.no_grad():
                 ref_chosen, ref_rejected = pair_logps(ref, batch, d, cfg.bf16, averaged_logps(cfg))
             policy_chosen, policy_rejected = pair_logps(policy, batch, d, cfg.bf16, averaged_logps(cfg))
@@ -369,9 +398,12 @@ def main(argv=None):
         if step % cfg.eval_every == 0 or step == max_steps:
             last_eval = eval_metrics(policy, ref, tok, eval_items, prompts, cfg, d, step)
             metrics.log(step, last_eval)
-        if step % cfg.save_every == 0 or step == stop_at:
+        preempt = preempted(preemption, d) and step < max_steps  # every rank, every step: a MAX all_reduce
+        if step % cfg.save_every == 0 or step == stop_at or preempt:
             save_checkpoint(cfg.run_dir, step, {"policy": policy}, {"policy": (policy, optimizer)},
-                            {"skipped_steps": skipped_steps}, cfg, d, final=step == max_steps)
+                            {"skipped_steps": skipped_steps}, cfg, d, keep=cfg.keep_last, final=step == max_steps)
+        if preempt:
+            exit_preempted(cfg.run_dir, step, d, "dpo")
     bar.close()
     if d.is_main and step == max_steps:
         gold = f", gold reward {last_eval['eval/gold_reward']:.3f}" if "eval/gold_reward" in last_eval else ""

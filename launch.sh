@@ -15,7 +15,7 @@
 # Every mode writes PNGs next to its report (plots.py): ppo_curves.png, gao.png (gold and learned reward vs
 # sqrt(KL) with Gao et al.'s fit), bars.png (the ablations), scale.png.
 #
-# What each stage costs on a 2-core CPU and what it prints is in README.md ("Quick start"), measured.
+# What each stage costs on a 2-core CPU and what it prints is in README.md ("What `bash launch.sh` prints"), measured.
 # Each stage writes $RUN_DIR/<stage>/final/ and a marker $RUN_DIR/<stage>/DONE; re-running skips
 # finished stages and resumes an interrupted one from its last checkpoint. A failing stage stops the
 # pipeline with a non-zero exit that names the stage.
@@ -91,6 +91,7 @@ if [ "$MODE" = smollm2 ]; then
   [ -f "$HH" ] || { echo "launch.sh smollm2: $HH not found (set HH= to an HH-RLHF .jsonl(.gz) file)" >&2; exit 1; }
   SFT_DATA=$HH PREF_DATA=$HH PROMPT_DATA=$HH
   [ "$RUN_DIR" = runs ] && RUN_DIR=runs/smollm2
+  PEAK_MEMORY=${PEAK_MEMORY:-1}
   # Cut to fit a 2-core CPU shared with other jobs (docs/real-model.md has the time and what the cuts cost): prompts
   # 64 tokens (left-cut; SmolLM2's template adds a ~20-token system turn), responses 32, a handful of optimizer steps
   # per stage (SMOL_STEPS, SMOL_RL_UPDATES), 16-32 held-out examples per evaluation. Scale these up on a real machine.
@@ -111,12 +112,18 @@ TIMES="$RUN_DIR/stage_times.json"
 if [ "$NPROC" -gt 1 ]; then
   # With --max-restarts, restarted workers must not reuse the dead round's store (pytorch/pytorch#135712).
   export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
-  LAUNCH=(torchrun --standalone --nproc_per_node="$NPROC" --max-restarts="${MAX_RESTARTS:-0}")
+  # The agent forwards SIGUSR1 too (SLURM's --signal=USR1@90), not only SIGTERM, so the workers save (see run_stage).
+  LAUNCH=(torchrun --standalone --nproc_per_node="$NPROC" --max-restarts="${MAX_RESTARTS:-0}"
+          --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1)
 else
   LAUNCH=(python)
 fi
 TOKENIZER=char
 [ "$SFT_DATA" = default ] || TOKENIZER=gpt2
+
+# SLURM/Kubernetes send SIGTERM (or SIGUSR1) to the whole job: the stage saves and exits 75 (see run_stage); trapping
+# it here keeps launch.sh alive until then (bash runs the trap once the stage exits), so it can say "preempted".
+trap 'PREEMPT_SIGNAL=1' TERM USR1
 
 # run_stage NAME SCRIPT ARGS...: skip if DONE, resume if a checkpoint exists, time it, name it on failure.
 run_stage() {
@@ -141,10 +148,21 @@ run_stage() {
   # --resume continues from the stage's latest checkpoint if it has one (an interrupted run, or a
   # torchrun restart), and starts fresh otherwise.
   echo "== $name: ${LAUNCH[*]} $script --run_dir=$dir $* --resume"
-  local start=$SECONDS peak="$RUN_DIR/.peak_kb_$name"
-  # GNU time's %M: the peak resident set of the largest process of the stage, in KB (recorded when installed).
-  local timer=(); [ -x /usr/bin/time ] && timer=(/usr/bin/time -q -f %M -o "$peak")
-  if ! "${timer[@]}" "${LAUNCH[@]}" "$script" --run_dir="$dir" "$@" --resume; then
+  local start=$SECONDS rc=0 peak="$RUN_DIR/.peak_kb_$name"
+  rm -f "$dir/PREEMPTED" "$dir"/member_*/PREEMPTED
+  # PEAK_MEMORY=1 (smollm2's default): GNU time's %M, the peak resident set of the stage's largest process, in KB.
+  # Off elsewhere: a SIGTERM to the whole job would also stop `time` itself before the stage has saved.
+  local timer=(); [ "${PEAK_MEMORY:-0}" = 1 ] && [ -x /usr/bin/time ] && timer=(/usr/bin/time -q -f %M -o "$peak")
+  "${timer[@]}" "${LAUNCH[@]}" "$script" --run_dir="$dir" "$@" --resume || rc=$?
+  # A stage that got SIGTERM/SIGUSR1 saves its step and exits 75, leaving PREEMPTED in its run dir (an RM ensemble
+  # member's: member_k/) that names the checkpoint; torchrun's agent itself exits 1 after forwarding a signal.
+  local marker
+  marker=$(ls "$dir/PREEMPTED" "$dir"/member_*/PREEMPTED 2>/dev/null | head -n 1 || true)
+  if [ "$rc" -eq 75 ] || [ -n "$marker" ]; then
+    echo "launch.sh: stage '$name' preempted; saved $(cat "$marker" 2>/dev/null || echo "its last step")." \
+      "Re-run the same command to resume from there (finished stages are kept)" >&2
+    exit 75
+  elif [ "$rc" -ne 0 ]; then
     echo "launch.sh: stage '$name' failed (see the output above); fix it and re-run: finished stages are kept" >&2
     exit 1
   fi
@@ -159,6 +177,10 @@ if os.path.exists(peak):  # stage_peak_mb.json next to stage_times.json; evaluat
     json.dump(mem, open(mem_path, "w"), indent=2)
 EOF
   echo "$args" > "$dir/DONE"
+  if [ -n "${PREEMPT_SIGNAL:-}" ]; then  # the signal reached launch.sh only, after the stage had finished
+    echo "launch.sh: preempted after stage '$name' finished; re-run the same command to go on" >&2
+    exit 75
+  fi
 }
 
 # 1. SFT (~1.5 min on 2 CPU cores): demonstrations -> policy. Prints held-out loss and gold reward.

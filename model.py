@@ -37,6 +37,7 @@ positions, getting this wrong changes every logit of a padded row, and the first
 (TRL #6800); tests keep GPT-2 in the padding matrix for that reason.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -75,6 +76,12 @@ class GPTConfig:
     tie_word_embeddings: bool = True  # lm_head shares the token embedding (GPT-2, Llama 3.2 1B/3B, Qwen2.5-0.5B, Qwen3-0.6B)
     bos_token_id: int | None = None  # written to the exported config.json (HF generation reads them)
     eos_token_id: int | list | None = None
+    # LoRA (`LoRALinear`): set by the stages' --lora_* flags, never read from or written to config.json (an export is
+    # the merged, plain model; its adapter goes to adapter/ beside it, see `save_hf`).
+    lora_rank: int = 0  # 0: no adapters
+    lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # dropout on the adapters' input only
+    lora_targets: str = "all"  # "all", or a comma list of HF projection names (lora_projections)
 
     @property
     def llama(self) -> bool:
@@ -91,6 +98,8 @@ class GPTConfig:
             raise ValueError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
         if not self.llama and (self.n_kv_head != self.n_head or self.head_dim * self.n_head != self.n_embd):
             raise ValueError("GPT-2 has n_kv_head == n_head and head_dim == n_embd // n_head")
+        if self.lora_rank:
+            lora_adapted(self)  # an unknown --lora_targets name fails here, before any weight is read
 
 
 LLAMA_TYPES = ("llama", "qwen2", "qwen3")  # HF *ForCausalLM classes: LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
@@ -212,6 +221,155 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # -----------------------------------------------------------------------------
+# LoRA (Hu et al. 2021): a frozen weight plus a trainable low-rank update, torchtune-style (`LoRALinear`)
+
+
+def lora_projections(config: GPTConfig) -> dict:
+    """{our Linear (its name inside a block): [(HF projection name, output width), ...]}: the HF projections fused
+    into each of our Linear layers, in order. These HF names are what --lora_targets and PEFT's target_modules use."""
+    if not config.llama:  # HF GPT-2's Conv1D layers are ours one for one; PEFT's "c_proj" matches both c_proj layers
+        C = config.n_embd
+        return {"attn.c_attn": [("c_attn", 3 * C)], "attn.c_proj": [("c_proj", C)],
+                "mlp.c_fc": [("c_fc", config.intermediate_size)], "mlp.c_proj": [("c_proj", C)]}
+    q, kv = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+    return {"attn.c_attn": [("q_proj", q), ("k_proj", kv), ("v_proj", kv)], "attn.c_proj": [("o_proj", config.n_embd)],
+            "mlp.c_fc": [("gate_proj", config.intermediate_size), ("up_proj", config.intermediate_size)],
+            "mlp.c_proj": [("down_proj", config.n_embd)]}
+
+
+def lora_adapted(config: GPTConfig) -> set[str]:
+    """The HF projection names that get adapters: every projection of the blocks for "all" (PEFT's "all-linear",
+    the RL frameworks' usual choice: verl workers/config/model.py, OpenRLHF --lora.target_modules), else the list
+    given. The LM head, embeddings, norms and the score head never get one."""
+    names = {name for parts in lora_projections(config).values() for name, _ in parts}
+    chosen = names if config.lora_targets == "all" else {t.strip() for t in config.lora_targets.split(",") if t.strip()}
+    if not chosen or chosen - names:
+        raise ValueError(f"--lora_targets={config.lora_targets!r}: choose \"all\" or names among {sorted(names)} "
+                         f"(the {config.model_type} projections)")
+    return chosen
+
+
+class LoRALinear(nn.Linear):
+    """nn.Linear (weight, bias: the frozen base) plus a low-rank update B A dropout(x) * alpha / r on each adapted part.
+
+    A part is one HF projection fused into this layer (q, k, v in c_attn; gate, up in c_fc; GPT-2's layers are one
+    part each). Part i has its own A_i (r, in) and B_i (out_i, r), exactly as PEFT puts one adapter on each of HF's
+    separate q_proj, k_proj, v_proj; a part that is not adapted gets no update. The A_i are stacked in lora_A
+    (n r, in) and the B_i in lora_B (sum of out_i, r), so each is one parameter whatever the fusing.
+    Math as PEFT `tuners/lora/layer.py` (0.21.2): scale alpha / r (L278-281), y + B(A(dropout(x))) * scale (L1102);
+    init in `GPT.init_weights`. `disabled`: the base layer alone (PEFT's disable_adapter, torchtune's
+    disable_adapter), see `lora_disabled`. Never merged in place: exports merge a copy (`merge_lora`), so an
+    adapter cannot be added twice (PEFT PR #1355)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, parts: list[int], adapted: list[bool],
+                 config: GPTConfig):
+        super().__init__(in_features, out_features, bias=bias)
+        self.parts, self.adapted, self.rank = parts, adapted, config.lora_rank
+        self.scale = config.lora_alpha / config.lora_rank
+        self.lora_dropout = nn.Dropout(config.lora_dropout)
+        self.lora_A = nn.Parameter(torch.empty(sum(adapted) * self.rank, in_features))
+        self.lora_B = nn.Parameter(torch.empty(sum(w for w, a in zip(parts, adapted) if a), self.rank))
+        self.disabled = False
+
+    def forward(self, x):
+        y = super().forward(x)
+        if self.disabled:
+            return y
+        hidden = iter(F.linear(self.lora_dropout(x), self.lora_A).split(self.rank, dim=-1))  # (..., r) per adapted part
+        B = iter(self.lora_B.split([w for w, a in zip(self.parts, self.adapted) if a]))  # (out_i, r) each
+        update = [F.linear(next(hidden), next(B)) if a else y.new_zeros(*y.shape[:-1], w)  # (..., out_i) each
+                  for w, a in zip(self.parts, self.adapted)]
+        return y + torch.cat(update, dim=-1) * self.scale
+
+
+def make_linear(config: GPTConfig, name: str, in_features: int, out_features: int, bias: bool) -> nn.Linear:
+    """The Linear `name` of a block ("attn.c_attn", ...): a LoRALinear when --lora_rank is set and one of its parts
+    is a target, else a plain nn.Linear."""
+    parts = lora_projections(config)[name]
+    adapted = [hf in lora_adapted(config) for hf, _ in parts] if config.lora_rank else [False]
+    if not any(adapted):
+        return nn.Linear(in_features, out_features, bias=bias)
+    return LoRALinear(in_features, out_features, bias, [w for _, w in parts], adapted, config)
+
+
+@contextlib.contextmanager
+def lora_disabled(model):
+    """Run `model` as its base: every adapter off inside the block, on again after (torchtune's disable_adapter,
+    `modules/peft/_utils.py`)."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.disabled = False
+
+
+class BaseModel(nn.Module):
+    """The frozen base of a LoRA model, used as a model of its own: the reference of DPO and PPO is the policy with
+    its adapters switched off, not a second copy of the weights (TRL `use_adapter`/`disable_adapter`,
+    trl/trainer/grpo_trainer.py; verl's ref_in_actor). A call runs the model with adapters off, in eval mode,
+    without gradients. The model is not registered as a submodule, so this owns no parameters: .to(), sharding
+    and optimizers never reach the shared weights. With a fresh adapter (B = 0) the two agree at step 0."""
+
+    def __init__(self, model):
+        super().__init__()
+        object.__setattr__(self, "model", model)  # not a submodule, see above
+        self.config = model.config
+
+    def forward(self, *args, **kwargs):
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), lora_disabled(self.model):
+                return self.model(*args, **kwargs)
+        finally:
+            self.model.train(was_training)
+
+
+def lora_flags(cfg) -> dict:
+    """The GPTConfig LoRA fields from a stage config's --lora_* flags; {} without --lora_rank (full fine-tuning)."""
+    if cfg.lora_rank < 0 or (cfg.lora_rank and (cfg.lora_alpha <= 0 or not 0 <= cfg.lora_dropout < 1)):
+        raise SystemExit(f"--lora_rank={cfg.lora_rank} --lora_alpha={cfg.lora_alpha} --lora_dropout={cfg.lora_dropout}: "
+                         f"need rank >= 0 (0 = off), alpha > 0 and 0 <= dropout < 1")
+    if not cfg.lora_rank:
+        return {}
+    return {k: getattr(cfg, k) for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")}
+
+
+def train_lora_only(model, also: tuple[str, ...] = ()):
+    """Freeze the base: only the adapters, and the parameters whose names start with one of `also` (the RM's and
+    critic's "score." head, trained in full as PEFT's modules_to_save), take gradients. Returns the trained names."""
+    trained = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(".lora_" in name or name.startswith(also))
+        if p.requires_grad:
+            trained.append(name)
+    return trained
+
+
+def merge_lora(state: dict, config: GPTConfig) -> tuple[dict, dict]:
+    """Split a state dict with adapters into (the merged plain state dict, {our lora key: tensor}).
+    Merged W = W + scale * B_i A_i on the rows of each adapted part, in float32 (PEFT's merge, `layer.py` L437-461;
+    torchtune's offline `get_merged_lora_ckpt`). A copy: the model keeps its base and adapters."""
+    merged = {k: v for k, v in state.items() if ".lora_" not in k}
+    adapters = {k: v for k, v in state.items() if ".lora_" in k}
+    r, scale = config.lora_rank, config.lora_alpha / max(config.lora_rank, 1)
+    for key in {k.rsplit(".", 1)[0] for k in adapters}:  # transformer.h.0.attn.c_attn
+        module = key.split(".", 3)[3]
+        widths = [w for hf, w in lora_projections(config)[module]]
+        adapted = [hf in lora_adapted(config) for hf, _ in lora_projections(config)[module]]
+        A = adapters[key + ".lora_A"].float().split(r)
+        B = adapters[key + ".lora_B"].float().split([w for w, a in zip(widths, adapted) if a])
+        delta = [B[j] @ A[j] for j in range(len(A))]
+        it = iter(delta)
+        full = torch.cat([next(it) if a else torch.zeros(w, A[0].size(1)) for w, a in zip(widths, adapted)])
+        merged[key + ".weight"] = merged[key + ".weight"].float() + scale * full
+    return merged, adapters
+
+
+# -----------------------------------------------------------------------------
 # The blocks, at nanoGPT granularity, with the Llama-family switches
 
 
@@ -221,8 +379,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.sizes = [config.n_head * config.head_dim] + 2 * [config.n_kv_head * config.head_dim]  # q, k, v widths
         bias = not config.llama  # GPT-2: biases everywhere; Llama family: none, except Qwen2's q/k/v
-        self.c_attn = nn.Linear(config.n_embd, sum(self.sizes), bias=bias or config.qkv_bias)  # q, k, v for all heads at once
-        self.c_proj = nn.Linear(self.sizes[0], config.n_embd, bias=bias)
+        self.c_attn = make_linear(config, "attn.c_attn", config.n_embd, sum(self.sizes), bias or config.qkv_bias)  # q, k, v for all heads at once
+        self.c_proj = make_linear(config, "attn.c_proj", self.sizes[0], config.n_embd, bias)
         if config.qk_norm:  # Qwen3: RMSNorm over each head's hs dims of q and k, one gain shared by all heads
             self.ln_q = RMSNorm(config.head_dim, config.layer_norm_epsilon)
             self.ln_k = RMSNorm(config.head_dim, config.layer_norm_epsilon)
@@ -262,8 +420,8 @@ class MLP(nn.Module):
         super().__init__()
         self.swiglu = config.llama
         width = config.intermediate_size
-        self.c_fc = nn.Linear(config.n_embd, 2 * width if self.swiglu else width, bias=not self.swiglu)
-        self.c_proj = nn.Linear(width, config.n_embd, bias=not self.swiglu)
+        self.c_fc = make_linear(config, "mlp.c_fc", config.n_embd, 2 * width if self.swiglu else width, not self.swiglu)
+        self.c_proj = make_linear(config, "mlp.c_proj", width, config.n_embd, not self.swiglu)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -301,6 +459,17 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     OpenRLHF compute `cumsum(mask) - 1`; TRL's `cumsum(mask) - mask` is the same on real tokens.
     """
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, 1, T, T) mask of packed rows (data.pack_sft): causal, and a token sees only tokens of its own
+    document, so attention is block-diagonal (torchtune `modules/attention_utils.py` packed_block_causal_mask;
+    transformers' same-document mask for sdpa, `masking_utils.find_packed_sequence_indices`). Padding (id -1)
+    sees padding: never read. A dense SDPA mask on every device; FlexAttention's document mask or a varlen kernel
+    would skip the masked blocks' compute on CUDA (not done here)."""
+    T = document_ids.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()
+    return causal & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
 
 
 def build_attn_mask(attention_mask: torch.Tensor, q_len: int) -> torch.Tensor:
@@ -344,8 +513,10 @@ class GPT(nn.Module):
 
         Linear and Embedding weights N(0, 0.02), biases 0, LayerNorm 1/0; residual projections scaled by
         1/sqrt(2 * n_layer) (GPT-2 paper, section 2.3). The scalar head is N(0, 1/sqrt(n_embd + 1)) with
-        bias 0, as OpenAI's 2019 reward model (lm-human-preferences `rewards.py`). only: initialize just the
-        parameters whose names start with it (from_pretrained draws a fresh `score` head this way).
+        bias 0, as OpenAI's 2019 reward model (lm-human-preferences `rewards.py`). LoRA: A Kaiming-uniform with
+        a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)), B zeros, so a fresh adapter changes nothing (PEFT `layer.py`
+        L338-341, from the LoRA paper's loralib). only: initialize just the parameters whose names contain it
+        (from_pretrained draws a fresh "score." head and fresh ".lora_" adapters this way).
         """
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
 
@@ -353,9 +524,13 @@ class GPT(nn.Module):
             copy_full_(t, torch.randn(t.shape, generator=gen) * std)
 
         for name, p in self.named_parameters():
-            if not name.startswith(only):
+            if only not in name:
                 continue
-            if name == "score.weight":
+            if name.endswith(".lora_A"):
+                copy_full_(p, (torch.rand(p.shape, generator=gen) * 2 - 1) / math.sqrt(p.shape[1]))
+            elif name.endswith(".lora_B"):
+                p.zero_()
+            elif name == "score.weight":
                 normal_(p, 1 / math.sqrt(self.config.n_embd + 1))
             elif name.endswith("c_proj.weight"):
                 normal_(p, 0.02 / math.sqrt(2 * self.config.n_layer))
@@ -366,7 +541,8 @@ class GPT(nn.Module):
             else:
                 normal_(p, 0.02)
 
-    def forward(self, idx, attention_mask=None, position_ids=None, kv_cache=None, head="lm", logits_from=0):
+    def forward(self, idx, attention_mask=None, position_ids=None, kv_cache=None, head="lm", logits_from=0,
+                document_ids=None):
         """idx (B, T) token ids -> logits (B, T, V) for head="lm", scalars (B, T) for head="score",
         (logits, scalars) for head="both".
 
@@ -381,9 +557,15 @@ class GPT(nn.Module):
         prefix too, (B, cache.pos + T). Position ids default to counting real tokens (see
         `position_ids_from_mask`). Logits come back in the compute dtype; cast to float32 before any
         log-softmax (see `token_logprobs`).
+
+        document_ids (B, T): packed rows (data.pack_sft), with their position_ids restarting per document; attention
+        is block-diagonal over documents (`document_mask`). No KV cache.
         """
         B, T = idx.size()
-        if kv_cache is not None and kv_cache.index is not None:  # a fixed-shape decode step (`decode_step`)
+        if document_ids is not None:
+            assert position_ids is not None and kv_cache is None, "packed rows: pass their position_ids, no cache"
+            attn_mask, past = document_mask(document_ids), None
+        elif kv_cache is not None and kv_cache.index is not None:  # a fixed-shape decode step (`decode_step`)
             assert position_ids is not None and attention_mask is not None, "decode_step passes both"
             attn_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, max_len): it hides unwritten slots itself
             past = None
@@ -524,12 +706,17 @@ class GPT(nn.Module):
         if self.config.tie_word_embeddings and "transformer.wte.weight" in loaded:
             loaded.setdefault("lm_head.weight", loaded["transformer.wte.weight"])  # tied
         ours = {k: tuple(v.shape) for k, v in self.state_dict().items()}
-        missing = [k for k in ours if k not in loaded and not k.startswith("score.")]
+        missing = [k for k in ours if k not in loaded and not k.startswith("score.") and ".lora_" not in k]
         problems = problems + [f"missing key {k} {ours[k]}" for k in missing]
         if problems:
             raise ValueError(f"{source} does not fit this model ({self.config}):\n  " + "\n  ".join(problems))
         if self.score is not None and "score.weight" not in loaded:  # a fresh head, as init_weights draws it
             self.init_weights(only="score.")
+        if self.config.lora_rank and not any(".lora_" in k for k in loaded):  # fresh adapters on a pretrained base
+            # Seeded by the process's seed (runtime.seed_all), not drawn from the global generator's current state: a
+            # model built on the meta device (FSDP2) has drawn nothing before this, a plain build has (nn.Linear's
+            # own init), and the adapters must be the same both ways.
+            self.init_weights(seed=torch.initial_seed(), only=".lora_")
         if self.score is not None and "score.weight" in loaded and "score.bias" not in loaded:
             loaded["score.bias"] = torch.zeros(1)  # HF's GPT2ForSequenceClassification head has no bias
 
@@ -705,9 +892,14 @@ def save_hf(directory: str, config: GPTConfig, state: dict, max_shard_bytes: int
     model.safetensors, or model-0000i-of-0000n.safetensors shards with a model.safetensors.index.json (HF's
     layout) when the weights exceed max_shard_bytes. An HF tokenizer directory named by config.tokenizer is
     copied alongside, so the directory is a complete HF model (AutoTokenizer loads it too).
+    A state with LoRA adapters is written merged (a plain HF model, `merge_lora`), its adapter alone in
+    directory/adapter in PEFT's format (`save_peft_adapter`).
     sequence_classifier: see `save_hf_sequence_classifier`."""
     from safetensors.torch import save_file
     os.makedirs(directory, exist_ok=True)
+    if any(".lora_" in k for k in state):  # LoRA: the merged model here, the adapter alone in adapter/
+        state, adapters = merge_lora(state, config)
+        save_peft_adapter(os.path.join(directory, "adapter"), config, adapters)
     tensors = to_hf_state_dict(state, config)
     shards, size = [{}], 0
     for key, value in tensors.items():
@@ -735,6 +927,64 @@ def save_hf(directory: str, config: GPTConfig, state: dict, max_shard_bytes: int
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(hf_config(config, sequence_classifier), f, indent=2)
     _copy_tokenizer(config.tokenizer, directory)
+
+
+def _peft_module(key: str, hf_name: str, config: GPTConfig) -> str:
+    """Our Linear (transformer.h.0.attn.c_attn) and one of its HF projections (q_proj) -> the HF module path that
+    PEFT names its adapter after (model.layers.0.self_attn.q_proj; GPT-2's are ours: transformer.h.0.attn.c_attn)."""
+    if not config.llama:
+        return key
+    inverse = {v: k for k, v in _LLAMA_RENAMES.items() if k not in ("o_proj", "down_proj")}
+    return ".".join(inverse.get(n, n) for n in key.split(".")[:-1]) + "." + hf_name
+
+
+def save_peft_adapter(directory: str, config: GPTConfig, adapters: dict):
+    """Write adapters ({our lora key: tensor}, as `merge_lora` returns them) as a PEFT LoRA adapter:
+    adapter_config.json + adapter_model.safetensors, which `peft.PeftModel.from_pretrained(hf_base_model, directory)`
+    loads (tests/test_lora.py). Each part of our stacked A/B goes under its HF projection's name, e.g.
+    base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight (r, in) and ...lora_B.weight (out, r); PEFT's
+    saved keys drop the adapter name (`utils/save_and_load.py`). GPT-2's HF layers are Conv1D, so PEFT wants
+    fan_in_fan_out=True; its A/B keep Linear shapes. A reward model's or critic's head is not in here: it is in
+    the merged model beside it."""
+    from safetensors.torch import save_file
+    os.makedirs(directory, exist_ok=True)
+    r, tensors = config.lora_rank, {}
+    for key in sorted({k.rsplit(".", 1)[0] for k in adapters}):
+        parts = [(hf, w) for hf, w in lora_projections(config)[key.split(".", 3)[3]] if hf in lora_adapted(config)]
+        A = adapters[key + ".lora_A"].split(r)
+        B = adapters[key + ".lora_B"].split([w for _, w in parts])
+        for (hf, _), a, b in zip(parts, A, B):
+            name = "base_model.model." + _peft_module(key, hf, config)
+            tensors[name + ".lora_A.weight"] = a.detach().to("cpu", torch.float32).contiguous()
+            tensors[name + ".lora_B.weight"] = b.detach().to("cpu", torch.float32).contiguous()
+    save_file(tensors, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
+    peft_config = {"peft_type": "LORA", "task_type": None if config.scalar_head else "CAUSAL_LM",
+                   "r": r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
+                   "target_modules": sorted(lora_adapted(config)), "fan_in_fan_out": not config.llama, "bias": "none",
+                   "use_rslora": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+                   "base_model_name_or_path": None}
+    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
+        json.dump(peft_config, f, indent=2)
+
+
+def load_peft_adapter(directory: str, config: GPTConfig) -> dict:
+    """The inverse of `save_peft_adapter`: {our lora key: tensor} from a PEFT adapter directory, with its rank,
+    alpha and targets checked against config (a resume under other --lora_* flags is an error, not a silent mix)."""
+    from safetensors.torch import load_file
+    with open(os.path.join(directory, "adapter_config.json")) as f:
+        saved = json.load(f)
+    ours = {"r": config.lora_rank, "lora_alpha": config.lora_alpha, "target_modules": sorted(lora_adapted(config))}
+    if any(saved[k] != v for k, v in ours.items()):
+        raise ValueError(f"{directory}: adapter {({k: saved[k] for k in ours})} differs from --lora_* {ours}")
+    tensors, out = load_file(os.path.join(directory, "adapter_model.safetensors")), {}
+    for module, parts in lora_projections(config).items():
+        for layer in range(config.n_layer):
+            key = f"transformer.h.{layer}.{module}"
+            names = ["base_model.model." + _peft_module(key, hf, config) for hf, _ in parts if hf in lora_adapted(config)]
+            if names:
+                out[key + ".lora_A"] = torch.cat([tensors[n + ".lora_A.weight"] for n in names])
+                out[key + ".lora_B"] = torch.cat([tensors[n + ".lora_B.weight"] for n in names])
+    return out
 
 
 def _safetensors_files(directory: str) -> list[str]:
@@ -1024,7 +1274,7 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
 def sample_inverse_cdf(probs: torch.Tensor, generator=None) -> torch.Tensor:
     """One token per row of probs (B, V): the first index whose cumulative probability exceeds a uniform
     draw. Same distribution as torch.multinomial(probs, 1), but one random number per row instead of one
-    per vocabulary entry: 30x faster per step on CPU at V = 50257 (BENCHMARKS.md). The draw is scaled by
+    per vocabulary entry: 30x faster per step on CPU at V = 50257 (docs/benchmarks.md). The draw is scaled by
     the row's float32 total (which can end a hair away from 1), and the first index whose cumulative sum
     is strictly above it has nonzero probability: a token that top-k/top-p removed is never returned."""
     cdf = probs.cumsum(-1)

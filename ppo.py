@@ -19,7 +19,7 @@ The math lives in small pure functions (`compute_gae`, `grpo_advantages`, `rloo_
 `masked_whiten`, `kl_penalty`, `policy_loss`, `value_loss`, `AdaptiveKLController`, ...), each citing the
 convention it follows; tests import them.
 Every convention on which frameworks differ is a config field, and `--preset=trl|openrlhf|verl|...`
-sets them all at once (PRESETS below; README has the table). The defaults follow the N+
+sets them all at once (PRESETS below; docs/conventions.md has the table). The defaults follow the N+
 implementation details (Huang et al. 2024) and TRL, except where a comment says otherwise.
 
     python ppo.py --sft=runs/sft/final --reward_model=runs/rm/final
@@ -37,11 +37,11 @@ import torch.nn as nn
 
 import data
 from evaluate import reward_model_paths, reward_scores, sample_metrics, sample_responses, score_samples, sequence_kl, show_samples
-from model import generate, token_logprobs
+from model import BaseModel, generate, lora_flags, token_logprobs
 from runtime import (Dist, adamw, all_reduce_mean, all_reduce_sum, apply_preset, autocast, batch_at, check_context,
-                     check_nonfinite_streak, check_writable, clip_grad_norm, init_distributed, load_model, lr_at,
-                     parse_config, progress_bar, save_checkpoint, seed_all, shard_model, shutdown_distributed,
-                     start_or_resume, step_if_finite, unsharded)
+                     check_nonfinite_streak, check_writable, clip_grad_norm, exit_preempted, init_distributed,
+                     load_model, lr_at, parse_config, preempted, progress_bar, save_checkpoint, seed_all, shard_model,
+                     shutdown_distributed, start_or_resume, step_if_finite, unsharded, watch_preemption)
 from sft import loss_start, sft_loss
 
 
@@ -159,7 +159,7 @@ class Config:
     compile_decode: bool = False
     """sample with model.generate(compile_step=True): the one-token decode step through torch.compile over a fixed-shape
     KV cache (CUDA graphs on CUDA, gpt-fast style; inductor's C++ kernels on CPU). Same tokens as eager; the first
-    rollout pays the compile (tens of seconds on a CPU). Measured on CPU only (BENCHMARKS.md); off by default"""
+    rollout pays the compile (tens of seconds on a CPU). Measured on CPU only (docs/benchmarks.md); off by default"""
     rollout_batch_size: int = 64
     """PROMPTS per update, over all processes; each is sampled samples_per_prompt times, so an update trains on
     rollout_batch_size x samples_per_prompt sequences whatever the number of processes (groups never straddle ranks)"""
@@ -192,6 +192,14 @@ class Config:
     # --- systems
     offload_frozen: bool = False
     """keep the reference and reward models on CPU between the phases that use them"""
+    lora_rank: int = 0
+    """LoRA rank r (0 = full fine-tuning): trainable low-rank adapters on the block projections, base frozen (model.LoRALinear)"""
+    lora_alpha: float = 16.0
+    """LoRA scale: the update is B A x * lora_alpha / lora_rank (PEFT's scaling, not rsLoRA)"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input (PEFT's lora_dropout)"""
+    lora_targets: str = "all"
+    """projections with adapters: "all" (attention q, k, v, o and the MLP), or HF names: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj (Llama family), c_attn,c_proj,c_fc (GPT-2)"""
     gradient_checkpointing: bool = False
     """recompute block activations in backward"""
     preset: str = ""
@@ -211,6 +219,10 @@ class Config:
     """updates between checkpoints (and one at the end)"""
     resume: bool = False
     """continue from run_dir's latest checkpoint"""
+    keep_last: int = 2
+    """checkpoints kept in run_dir (0: all); the newest is never deleted, older ones only once it checks out"""
+    preempt_signals: str = "SIGTERM,SIGUSR1"
+    """on these signals, finish the step, save a checkpoint and exit with code 75 (launch.sh: "preempted"); "" = off"""
     stop_after: int = 0
     """stop with a checkpoint after this many updates of this invocation (tests of resume); 0 = off"""
     seed: int = 0
@@ -243,7 +255,7 @@ class Config:
 REAL_DATA = dict(max_prompt_tokens=384, response_length=128, lr=3e-6, kl_coef=0.05, micro_batch_size=8)
 
 
-# Each framework's conventions, read from its source (REFERENCES.md section 2; README has the table
+# Each framework's conventions, read from its source (REFERENCES.md section 2; docs/conventions.md has the table
 # with file paths). Only knobs that differ from the defaults above need listing, but every preset
 # lists every convention knob so it can be read on its own.
 PRESETS = {
@@ -1102,11 +1114,13 @@ def build_models(cfg: Config, d: Dist):
     # (runtime.load_model shard=True); weight dtypes follow --bf16 (runtime.precision: frozen models bf16 on CUDA
     # only with --bf16; --bf16=false is a float32 run throughout).
     load = functools.partial(load_model, d=d, bf16=cfg.bf16, shard=True)
-    policy = load(cfg.sft, "policy", trainable=True, scalar_head=(cfg.critic == "shared" and uses_critic))
+    policy = load(cfg.sft, "policy", trainable=True, scalar_head=(cfg.critic == "shared" and uses_critic), **lora_flags(cfg))
     if cfg.critic == "shared" and uses_critic:  # OpenAI 2019: value head on the policy trunk, zero-init
         nn.init.zeros_(policy.score.weight)
         nn.init.zeros_(policy.score.bias)
-    ref = load(cfg.sft, "policy", trainable=False)
+    # With --lora_rank the reference is the policy's frozen base with its adapters off (model.BaseModel; TRL GRPO's
+    # disable_adapter, verl's ref_in_actor), not a second copy of the SFT weights.
+    ref = BaseModel(policy) if cfg.lora_rank else load(cfg.sft, "policy", trainable=False)
     # One reward model, or an ensemble (reward_model.py --ensemble_size): a list of frozen models, one per member.
     rm_paths = reward_model_paths(cfg.reward_model)
     members = [load(path, "reward", trainable=False) for path in rm_paths]
@@ -1121,7 +1135,10 @@ def build_models(cfg: Config, d: Dist):
         source, name = (rm_paths[0], "reward") if cfg.critic == "reward" else (cfg.sft, "policy")  # an ensemble's member 0
         # An SFT checkpoint has no score head: its fresh draw comes from the global generator after a plain
         # build (which draws too), so it is loaded whole and sharded later, to match a one-process run.
-        critic = load(source, name, trainable=True, scalar_head=True, shard=cfg.critic == "reward")
+        # With --lora_rank the critic gets adapters of its own on its own frozen trunk, its value head trained in
+        # full (OpenRLHF and verl give the critic LoRA the same way). Its trunk is the reward model's (or the SFT's),
+        # not the policy's, so it cannot share the policy's base.
+        critic = load(source, name, trainable=True, scalar_head=True, shard=cfg.critic == "reward", **lora_flags(cfg))
         critic.config.reward_gain, critic.config.reward_bias = 1.0, 0.0  # a critic, not a reward model
     for m in [policy, critic] if critic is not None else [policy]:
         m.gradient_checkpointing = cfg.gradient_checkpointing
@@ -1139,9 +1156,9 @@ def checks_logprobs(update: int, cfg: Config) -> bool:
 def make_optimizer(policy, critic, cfg: Config):
     """One AdamW over policy and critic, so vf_coef and gradient clipping act on both together (TRL's
     PolicyAndValueWrapper; N+); no weight decay, betas (0.9, 0.999) (N+, TRL)."""
-    groups = [{"params": list(policy.parameters()), "lr": cfg.lr}]
+    groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.lr}]  # LoRA: adapters only
     if critic is not None:
-        groups.append({"params": list(critic.parameters()), "lr": cfg.critic_lr or cfg.lr})
+        groups.append({"params": [p for p in critic.parameters() if p.requires_grad], "lr": cfg.critic_lr or cfg.lr})
     return adamw(groups, betas=(0.9, 0.999), eps=cfg.adam_eps, weight_decay=0.0)  # fused where torch has it
 
 
@@ -1168,6 +1185,7 @@ def main(argv=None):
     d = init_distributed(cfg.device)
     seed_all(cfg.seed)
     check_writable(cfg.run_dir)
+    preemption = watch_preemption(cfg.preempt_signals)  # SIGTERM: save at the end of this step, exit 75
     # rollout_batch_size counts prompts; each rank samples samples_per_prompt responses to each of its prompts.
     if cfg.rollout_batch_size % d.world_size:
         raise SystemExit(f"rollout_batch_size {cfg.rollout_batch_size} (prompts) must divide among {d.world_size} processes")
@@ -1187,7 +1205,7 @@ def main(argv=None):
     for m, name in ((policy, "policy"), (rm_members[0], "reward model")):
         check_context(m, cfg.max_prompt_tokens, cfg.response_length, f"ppo ({name})", "--max_prompt_tokens + --response_length")
     trainable = nn.ModuleDict({"policy": policy} | ({"critic": critic} if critic is not None else {}))
-    for m in list(trainable.values()) + [ref] + rm_members:
+    for m in list(trainable.values()) + ([] if cfg.lora_rank else [ref]) + rm_members:  # a BaseModel shares the policy's shards
         shard_model(m, d, cfg.bf16)
     optimizer = make_optimizer(policy, critic, cfg)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
@@ -1303,9 +1321,12 @@ def main(argv=None):
         if update % cfg.eval_every == 0 or update == cfg.num_updates:
             metrics_log.log(update, eval_metrics(policy, ref, reward_model, tok, eval_prompts, cfg, d, update))
         stopping = cfg.stop_after and update - start_update >= cfg.stop_after
-        if update % cfg.save_every == 0 or update == cfg.num_updates or stopping:
+        preempt = preempted(preemption, d) and update < cfg.num_updates  # every rank, every update: a MAX all_reduce
+        if update % cfg.save_every == 0 or update == cfg.num_updates or stopping or preempt:
             save_checkpoint(cfg.run_dir, update, dict(trainable.items()), {"ppo": (trainable, optimizer)},
-                            {"kl_coef": kl_ctl.value}, cfg, d, final=update == cfg.num_updates)
+                            {"kl_coef": kl_ctl.value}, cfg, d, keep=cfg.keep_last, final=update == cfg.num_updates)
+        if preempt:
+            exit_preempted(cfg.run_dir, update, d, "ppo")
         if stopping:
             break
     bar.close()

@@ -30,11 +30,11 @@ import torch.nn.functional as F
 
 import data
 from evaluate import last_eval as last_logged_eval, sample_responses, sequence_rewards
-from model import GPT, save_hf_sequence_classifier
+from model import GPT, lora_flags, save_hf_sequence_classifier
 from runtime import (Dist, all_reduce_sum, autocast, batch_at, check_context, check_nonfinite_streak, check_writable,
-                     guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config, progress_bar,
-                     save_checkpoint, seed_all, set_lr, shard_model, shutdown_distributed, speed_metrics,
-                     split_batch, start_or_resume)
+                     exit_preempted, guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config,
+                     preempted, progress_bar, save_checkpoint, seed_all, set_lr, shard_model, shutdown_distributed,
+                     speed_metrics, split_batch, start_or_resume, watch_preemption)
 
 
 @dataclass
@@ -69,8 +69,9 @@ class Config:
     """global batch in comparisons (pairs, or rankings) per optimizer step, whatever the number of processes"""
     micro_batch_size: int = 32
     """comparisons per forward pass per process; batch_size / (world_size * micro) steps are accumulated"""
-    max_steps: int = 300
-    """optimizer steps; 0 = one epoch over the data (OpenAI 2019 and N+ train reward models for one epoch)"""
+    max_steps: int = 0
+    """optimizer steps; 0 = one epoch over all the comparisons (OpenAI 2019, N+ and InstructGPT train reward models for
+    one epoch; on the default task 300 steps, half an epoch, left the RM short of its accuracy, docs/lab.md)"""
     lr: float = 5e-4
     """peak learning rate (AdamW); N+ uses 3e-6 and OpenAI 2019 5e-5 for GPT-2/Pythia-size models"""
     weight_decay: float = 0.0
@@ -85,6 +86,17 @@ class Config:
     """a step whose loss or gradient is inf/NaN is skipped (no update) and counted; this many in a row stop the run (0 = never stop)"""
     dropout: float = 0.0
     """dropout in the model (off by default, as all stages)"""
+    lora_rank: int = 0
+    """LoRA rank r (0 = full fine-tuning): trainable low-rank adapters on the block projections, base frozen (model.LoRALinear)"""
+    lora_alpha: float = 16.0
+    """LoRA scale: the update is B A x * lora_alpha / lora_rank (PEFT's scaling, not rsLoRA)"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input (PEFT's lora_dropout)"""
+    lora_targets: str = "all"
+    """projections with adapters: "all" (attention q, k, v, o and the MLP), or HF names: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj (Llama family), c_attn,c_proj,c_fc (GPT-2)"""
+    packing: bool = False
+    """padding-free packing of each micro-batch's K * B sequences (data.pack_sft), each scored at its own last token;
+    the same rewards as padded (tests/test_packing.py)"""
     gradient_checkpointing: bool = False
     """recompute each block's activations in backward to save memory"""
     eval_every: int = 100
@@ -103,6 +115,10 @@ class Config:
     """steps between checkpoints (and one at the end)"""
     resume: bool = False
     """continue from run_dir's latest checkpoint"""
+    keep_last: int = 2
+    """checkpoints kept in run_dir (0: all); the newest is never deleted, older ones only once it checks out"""
+    preempt_signals: str = "SIGTERM,SIGUSR1"
+    """on these signals, finish the step, save a checkpoint and exit with code 75 (launch.sh: "preempted"); "" = off"""
     stop_after: int = 0
     """stop (with a checkpoint) after this many steps of this invocation: for tests of resume (0 = off)"""
     seed: int = 0
@@ -222,17 +238,20 @@ def encode_comparisons(records: list[dict], tok, cfg: Config, stats: data.Trunca
     return items
 
 
-def collate_comparisons(items: list[dict], pad_id: int, K: int) -> dict[str, torch.Tensor]:
+def collate_comparisons(items: list[dict], pad_id: int, K: int, packed: bool = False) -> dict[str, torch.Tensor]:
     """B comparisons -> one right-padded batch of K * B rows, response-major: rows k*B .. k*B+B-1 hold the k-th
     response of every prompt, so one forward scores all of them (for K = 2 exactly data.collate_pairs: chosen,
     then rejected). valid (B, K) marks real responses; a missing one is filled with the prompt's best response
-    (finite, never counted)."""
+    (finite, never counted). packed: the same K * B sequences packed (data.pack_sft), sequence i marked by
+    document_ids == i."""
     rows, valid = [], torch.zeros(len(items), K, dtype=torch.bool)
     for k in range(K):
         for b, item in enumerate(items):
             have = k < len(item["responses"])
             valid[b, k] = have
             rows.append((item["prompt"], item["responses"][k if have else 0]))
+    if packed:
+        return {**data.pack_sft(rows, pad_id), "valid": valid}
     batch = data.collate_sft(rows, pad_id)
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "valid": valid}
 
@@ -240,10 +259,17 @@ def collate_comparisons(items: list[dict], pad_id: int, K: int) -> dict[str, tor
 def comparison_rewards(model, batch: dict, d: Dist, bf16: bool) -> torch.Tensor:
     """One forward over the K * B rows of collate_comparisons -> rewards (B, K), float32, raw (no gain/bias)."""
     ids, mask = batch["input_ids"].to(d.device), batch["attention_mask"].to(d.device)
+    docs, positions = (batch[k].to(d.device) if k in batch else None for k in ("document_ids", "position_ids"))  # packed
     with autocast(d, bf16):
-        scalars = model(ids, attention_mask=mask, head="score")  # (K * B, T)
+        scalars = model(ids, attention_mask=mask, head="score", position_ids=positions, document_ids=docs)
     B, K = batch["valid"].shape
-    return sequence_rewards(scalars, mask).view(K, B).T
+    if docs is None:
+        return sequence_rewards(scalars, mask).view(K, B).T  # (K * B, T) rows
+    # Packed: sequence i's reward is read at its last token, the largest flat position holding document i.
+    flat, where = docs.flatten(), torch.arange(docs.numel(), device=docs.device)
+    last = torch.zeros(K * B, dtype=torch.long, device=docs.device).scatter_reduce(0, flat.clamp(min=0), torch.where(
+        flat >= 0, where, 0), "amax")
+    return scalars.float().flatten()[last].view(K, B).T
 
 
 def comparison_loss(rewards: torch.Tensor, valid: torch.Tensor, cfg: Config) -> torch.Tensor:
@@ -408,9 +434,11 @@ def train(cfg: Config, d: Dist, member: int) -> dict:
     seed = cfg.seed + member
     seed_all(seed)  # the new head is drawn from the global generator (model.init_weights)
     check_writable(cfg.run_dir)
+    preemption = watch_preemption(cfg.preempt_signals)  # SIGTERM: save at the end of this step, exit 75
 
     # 1. Model: the SFT trunk plus a fresh scalar head; raw rewards (gain 1, bias 0) until normalization.
-    model = load_model(cfg.sft, "policy", d, trainable=True, scalar_head=True, dropout=cfg.dropout)
+    # With --lora_rank: adapters on the frozen SFT trunk, the head trained in full (runtime.load_model).
+    model = load_model(cfg.sft, "policy", d, trainable=True, scalar_head=True, dropout=cfg.dropout, **lora_flags(cfg))
     model.config.reward_gain, model.config.reward_bias = 1.0, 0.0
     # The loss sees only reward differences, so the head's bias gets a zero gradient up to rounding, which Adam
     # would blow up into lr-sized random steps. Frozen at 0; the normalization sets the offset.
@@ -467,7 +495,7 @@ def train(cfg: Config, d: Dist, member: int) -> dict:
         loss_sum, correct, n_pairs, margin_sum = (torch.zeros((), device=d.device) for _ in range(4))
         for i in range(0, per_rank, micro):
             # One forward scores every response of the micro-batch (chosen and rejected rows together).
-            batch = collate_comparisons(batch_items[i:i + micro], tok.eos_id, K)
+            batch = collate_comparisons(batch_items[i:i + micro], tok.eos_id, K, packed=cfg.packing)
             rewards = comparison_rewards(model, batch, d, cfg.bf16)  # (micro, K)
             valid = batch["valid"].to(d.device)
             loss = comparison_loss(rewards, valid, cfg)
@@ -505,9 +533,12 @@ def train(cfg: Config, d: Dist, member: int) -> dict:
             model.config.reward_gain, model.config.reward_bias = gain, bias
             metrics.log(step, {"normalize/raw_mean": raw.mean().item(), "normalize/raw_std": raw.std(unbiased=False).item(),
                                "normalize/gain": gain, "normalize/bias": bias})
-        if step % cfg.save_every == 0 or step == stop_at:
+        preempt = preempted(preemption, d) and step < max_steps  # every rank, every step: a MAX all_reduce
+        if step % cfg.save_every == 0 or step == stop_at or preempt:
             save_checkpoint(cfg.run_dir, step, {"reward": model}, {"reward": (model, optimizer)},
-                            {"skipped_steps": skipped_steps}, cfg, d, final=step == max_steps)
+                            {"skipped_steps": skipped_steps}, cfg, d, keep=cfg.keep_last, final=step == max_steps)
+        if preempt:
+            exit_preempted(cfg.run_dir, step, d, "rm")
     bar.close()
     if d.is_main and step == max_steps and last_eval:
         gold = f", gold accuracy {last_eval['eval/accuracy_gold']:.3f}" if "eval/accuracy_gold" in last_eval else ""

@@ -24,12 +24,16 @@ Precision story (one for the whole project; `precision()` decides, tests/test_sc
 import ast
 import contextlib
 import dataclasses
+import hashlib
 import inspect
 import json
 import math
 import os
+import re
 import shutil
+import signal
 import sys
+import threading
 import time
 import typing
 from dataclasses import dataclass
@@ -331,23 +335,45 @@ def load_model(path: str, name: str, d: Dist, trainable: bool, bf16: bool = True
 
     shard=True under torchrun: build on the meta device, fully_shard (`shard_model`), then read into each rank
     only its own shard of every tensor from the safetensors files (model.load_hf_sharded; torchtitan's
-    pattern), so no rank ever holds the whole model. Without torchrun, shard=True is a plain load."""
-    from model import GPT, load_hf_config
+    pattern), so no rank ever holds the whole model. Without torchrun, shard=True is a plain load.
+
+    A directory saved by a stage (final/, a ckpt_*) is checked against its manifest.json first (sizes and sha256,
+    `model_problem`); a damaged file is an error that names it, never a traceback from inside safetensors.
+
+    LoRA (overrides lora_rank=...): fresh adapters on the loaded base; trainable then means the adapters and a score
+    head only (model.train_lora_only), set before sharding so FSDP2 sees the final requires_grad."""
+    from safetensors import SafetensorError
     directory = model_dir(path, name)
+    problem = model_problem(directory) if os.path.isdir(directory) else None
+    if problem:
+        raise SystemExit(f"{directory} is damaged: {problem}")
     prec = precision(d.device.type, d.distributed, bf16, trainable)
+    try:
+        model = _load(directory, d, prec, trainable, bf16, shard, overrides)
+    except SafetensorError as e:  # a damaged file in a directory without manifest.json (one not written by us)
+        raise SystemExit(f"{directory}: a safetensors file there cannot be read ({e}): damaged or incomplete") from None
+    if not trainable:
+        model.requires_grad_(False).eval()
+    return model
+
+
+def _load(directory: str, d: Dist, prec: Precision, trainable: bool, bf16: bool, shard: bool, overrides: dict):
+    from model import GPT, load_hf_config, train_lora_only
     if shard and d.distributed:
         config, directory = load_hf_config(directory, **overrides)
         with torch.device("meta"):
             model = GPT(config).to(prec.weights)
         if not trainable:
             model.requires_grad_(False)
+        elif config.lora_rank:
+            train_lora_only(model, also=("score.",))
         shard_model(model, d, bf16)
         model.to_empty(device=d.device)
         model.load_hf_sharded(directory)
     else:
         model = GPT.from_pretrained(directory, **overrides).to(d.device, prec.weights)
-    if not trainable:
-        model.requires_grad_(False).eval()
+        if trainable and model.config.lora_rank:
+            train_lora_only(model, also=("score.",))
     return model
 
 
@@ -583,8 +609,10 @@ def _write_text_atomic(path: str, text: str):
 def save_checkpoint(run_dir: str, step: int, models: dict, optimizers: dict, state: dict, config, d: Dist,
                     keep: int = 2, final: bool = False) -> str | None:
     """Save models (name -> model), optimizers (name -> (model, optimizer)) and `state` (plain values
-    and tensors) as run_dir/ckpt_{step}/, atomically; with final=True (the last step) also publish its models
-    as run_dir/final/, atomically too. Collective under FSDP (all ranks call it); only rank 0 writes.
+    and tensors) as run_dir/ckpt_{step}/, atomically, with manifest.json (size and sha256 of every file) written
+    last before the rename; with final=True (the last step) also publish its models as run_dir/final/, atomically
+    too. Keeps the newest `keep` checkpoints (0: all; `--keep_last`), deleting older ones only once the new one
+    checks out against its manifest. Collective under FSDP (all ranks call it); only rank 0 writes.
     Returns the checkpoint path (on rank 0)."""
     from model import save_hf
     weights = {name: full_state_dict(m) for name, m in models.items()}
@@ -597,24 +625,144 @@ def save_checkpoint(run_dir: str, step: int, models: dict, optimizers: dict, sta
             shutil.rmtree(tmp, ignore_errors=True)
             for model_name, model in models.items():
                 save_hf(os.path.join(tmp, model_name), model.config, weights[model_name])
-            torch.save({"step": step, "optimizers": optim_states, "state": state}, os.path.join(tmp, "train_state.pt"))
+            with open(os.path.join(tmp, "train_state.pt"), "wb") as f:  # a Python file: a full disk is an OSError
+                torch.save({"step": step, "optimizers": optim_states, "state": state}, f)
             with open(os.path.join(tmp, "run_config.json"), "w") as f:
                 json.dump(dataclasses.asdict(config), f, indent=2)
+            write_manifest(tmp)
             _fsync_dir(tmp)
             shutil.rmtree(path, ignore_errors=True)  # a stale one from a run that was resumed earlier
             os.replace(tmp, path)
             _write_text_atomic(os.path.join(run_dir, "latest"), name)
-        except OSError as e:
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError over the OSError
+            free = shutil.disk_usage(run_dir).free / 2 ** 30
             shutil.rmtree(tmp, ignore_errors=True)
-            raise SystemExit(f"could not write checkpoint {path}: {e}; the previous checkpoint is intact")
-        old = sorted(p for p in os.listdir(run_dir) if p.startswith("ckpt_") and not p.endswith(".tmp"))
-        for stale in old[:-keep] if keep > 0 else []:
-            shutil.rmtree(os.path.join(run_dir, stale), ignore_errors=True)
+            cause = e.__context__ if isinstance(e, RuntimeError) and isinstance(e.__context__, OSError) else e
+            raise SystemExit(f"could not write checkpoint {path}: {cause} ({free:.2f} GiB free there); the previous "
+                             f"checkpoint is intact, and --resume continues from it once the cause is fixed")
+        if keep > 0 and checkpoint_problem(path, checksums=False) is None:  # never trade an old one for a bad one
+            for stale in checkpoint_names(run_dir)[:-keep]:
+                shutil.rmtree(os.path.join(run_dir, stale), ignore_errors=True)
         if final:
             _publish(run_dir, path)
     if d.distributed:
         dist.barrier()
     return path
+
+
+def checkpoint_names(run_dir: str) -> list[str]:
+    """The complete checkpoints' directory names, oldest first (not ckpt_*.tmp, not ckpt_*.damaged*)."""
+    names = [n for n in os.listdir(run_dir) if re.fullmatch(r"ckpt_\d{6,}", n)] if os.path.isdir(run_dir) else []
+    return sorted(names, key=_ckpt_step)
+
+
+def _ckpt_step(name: str) -> int:
+    return int(name.removeprefix("ckpt_"))
+
+
+def sha256_file(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_manifest(directory: str):
+    """directory/manifest.json: {"files": {relative path: {"size", "sha256"}}} of every file under it."""
+    files = {}
+    for root, _, names in os.walk(directory):
+        for n in sorted(names):
+            full = os.path.join(root, n)
+            files[os.path.relpath(full, directory)] = {"size": os.path.getsize(full), "sha256": sha256_file(full)}
+    with open(os.path.join(directory, "manifest.json"), "w") as f:
+        json.dump({"files": files}, f, indent=1)
+
+
+def manifest_files(directory: str) -> dict | None:
+    """manifest.json's {relative path: {"size", "sha256"}}; None if the directory has none."""
+    manifest = os.path.join(directory, "manifest.json")
+    if not os.path.exists(manifest):
+        return None
+    with open(manifest) as f:
+        return json.load(f)["files"]
+
+
+def checkpoint_problem(directory: str, prefix: str = "", checksums: bool = True) -> str | None:
+    """What is wrong with a checkpoint (or final/) directory by its manifest.json, as "file: reason", or None if
+    every listed file under `prefix` has its size (and, with checksums, its sha256). A directory without
+    manifest.json (written before manifests existed, or not by us) is not checked: None."""
+    manifest = os.path.join(directory, "manifest.json")
+    try:
+        files = manifest_files(directory)
+    except (OSError, ValueError, KeyError) as e:
+        return f"{manifest}: unreadable ({e})"
+    for rel, want in sorted((files or {}).items()):
+        if not rel.startswith(prefix):
+            continue
+        path = os.path.join(directory, rel)
+        if not os.path.isfile(path):
+            return f"{path}: missing"
+        size = os.path.getsize(path)
+        if size != want["size"]:
+            return f"{path}: {size} bytes, manifest.json says {want['size']} (truncated or overwritten)"
+        if checksums and sha256_file(path) != want["sha256"]:
+            return f"{path}: sha256 differs from manifest.json (the file changed after it was saved)"
+    return None
+
+
+def model_problem(directory: str) -> str | None:
+    """checkpoint_problem for one model directory of a checkpoint or final/ (DIR/policy: DIR's manifest, the
+    files under policy/); None for a directory that no manifest covers (a hub download, a user's own)."""
+    parent, name = os.path.split(os.path.normpath(directory))
+    return checkpoint_problem(parent, prefix=name + os.sep)
+
+
+def set_aside(path: str) -> str:
+    """Rename a damaged checkpoint to ckpt_N.damaged (.damaged1, ...): out of the resume path, kept to inspect."""
+    for i in range(1000):
+        aside = f"{path}.damaged{i or ''}"
+        if not os.path.exists(aside):
+            os.replace(path, aside)
+            return aside
+    raise SystemExit(f"{path} is damaged and {path}.damaged* are all taken: remove some")
+
+
+def resume_checkpoint(run_dir: str, d: Dist, stage: str, names=()) -> str | None:
+    """The checkpoint to resume from: the one `latest` names, else the newest older one, that checks out against
+    its manifest (sizes and sha256 of the one chosen: reading it back costs about as much as loading it). A damaged
+    one is named with its file and reason and set aside (`set_aside`), and `latest` is pointed at the one chosen.
+    None: no `latest`, or no intact checkpoint (a warning; the run starts fresh). Rank 0 decides, then tells all.
+    names: the stage's model directories; a checkpoint whose manifest lists none under one of them is another
+    stage's, not a damaged one: it is returned as it is, for the load to name what it lacks."""
+    chosen, pointer = None, os.path.join(run_dir, "latest")
+    if d.is_main and os.path.exists(pointer):
+        with open(pointer) as f:
+            named = f.read().strip()
+        for name in reversed([n for n in checkpoint_names(run_dir) if _ckpt_step(n) <= _ckpt_step(named)]):
+            path = os.path.join(run_dir, name)
+            problem = checkpoint_problem(path)
+            if problem is None or _of_another_stage(path, names):
+                chosen = path
+                break
+            print(f"{stage}: warning: checkpoint {path} is damaged: {problem}; set aside as {set_aside(path)} "
+                  f"(not deleted)", flush=True)
+        if chosen and os.path.basename(chosen) != named:
+            print(f"{stage}: warning: resuming from {chosen}, the newest intact checkpoint", flush=True)
+            _write_text_atomic(pointer, os.path.basename(chosen))
+        elif not chosen:
+            print(f"{stage}: warning: no intact checkpoint left in {run_dir}; starting from step 0", flush=True)
+    if d.distributed:
+        box = [chosen]
+        dist.broadcast_object_list(box, src=0)
+        chosen = box[0]
+    return chosen
+
+
+def _of_another_stage(path: str, names) -> bool:
+    """Whether the checkpoint's manifest lists no file under one of the model directories `names`."""
+    try:
+        listed = manifest_files(path)
+    except (OSError, ValueError, KeyError):
+        return False
+    return listed is not None and any(not any(r.startswith(n + os.sep) for r in listed) for n in names)
 
 
 def _fsync_dir(path: str):
@@ -645,7 +793,9 @@ def start_or_resume(run_dir: str, resume: bool, models: dict, optimizers: dict, 
     into models (name -> model, read from ckpt/name) and optimizers (name -> (model, optimizer)), sharded or not,
     metrics.jsonl is cut back to its step, and a run found at last_step gets a missing final/ published. The
     config (its report_to) chooses the loggers besides metrics.jsonl and is what they record."""
-    ckpt = latest_checkpoint(run_dir) if resume else None
+    ckpt = resume_checkpoint(run_dir, d, stage, models.keys()) if resume else None
+    if d.is_main and os.path.exists(os.path.join(run_dir, PREEMPTED_MARKER)):
+        os.remove(os.path.join(run_dir, PREEMPTED_MARKER))  # this run is under way again
     step, state = _load_checkpoint(ckpt, models, optimizers, d, stage) if ckpt else (0, {})
     if ckpt and step == last_step:
         publish_missing_final(run_dir, d)
@@ -658,12 +808,28 @@ def _load_checkpoint(ckpt: str, models: dict, optimizers: dict, d: Dist, stage: 
     train_state = load_train_state(ckpt)
     for name, model in models.items():
         saved = GPT.from_pretrained(os.path.join(ckpt, name), scalar_head=model.config.scalar_head)
-        load_full_state_dict(model, saved.state_dict())
+        state = saved.state_dict()
+        if model.config.lora_rank:  # the saved weights are merged: resume from the adapter (lora_resume_state)
+            state = lora_resume_state(model, os.path.join(ckpt, name), state)
+        load_full_state_dict(model, state)
     for name, (model, optimizer) in optimizers.items():
         load_full_optimizer_state(model, optimizer, train_state["optimizers"][name])
     if d.is_main:
         print(f"{stage}: resumed from {ckpt} at step {train_state['step']}")
     return train_state["step"], train_state["state"]
+
+
+def lora_resume_state(model, directory: str, merged: dict) -> dict:
+    """The full state of a LoRA model at checkpoint `directory` (model.save_hf's layout: merged weights, adapter/).
+    The frozen base is the model's own, as loaded from --init_from again (the merged file minus B A would differ in
+    the last bits); the adapters come from directory/adapter; the other trained parameters (a score head) are not
+    touched by the merge and come from the merged weights. So a resumed run continues bit for bit."""
+    from model import load_peft_adapter
+    state = {k: v for k, v in full_state_dict(model).items()}
+    trained = {n for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n}
+    state.update({k: merged[k] for k in trained})
+    state.update(load_peft_adapter(os.path.join(directory, "adapter"), model.config))
+    return state
 
 
 def _link_or_copy(src: str, dst: str):
@@ -701,6 +867,51 @@ def publish_missing_final(run_dir: str, d: Dist):
         _publish(run_dir, latest_checkpoint(run_dir))
     if missing and d.distributed:
         dist.barrier()
+
+
+# -----------------------------------------------------------------------------
+# Preemption: SIGTERM (what SLURM, Kubernetes and spot instances send before a kill) saves the step and exits
+#
+# The handler only sets a flag; the loop acts at the end of the step it is in: every rank agrees (`preempted`,
+# a MAX all_reduce, so collectives stay in order), the stage saves a checkpoint as it would on schedule, and
+# `exit_preempted` exits with PREEMPTED_EXIT. Saving inside the handler instead can hang or write half a
+# checkpoint (Lightning#21406); Lightning's SIGTERM path also sets a flag and acts at the next batch
+# (loops/training_epoch_loop.py L259-272, REFERENCES 6.4).
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL (sysexits.h): "try again later"; launch.sh reports it as "preempted"
+PREEMPTED_MARKER = "PREEMPTED"  # run_dir/PREEMPTED names the checkpoint; torchrun's agent exits 1 after a signal
+
+
+def watch_preemption(signals: str) -> threading.Event:
+    """Install handlers for the comma-separated signal names (`--preempt_signals`, e.g. "SIGTERM,SIGUSR1") that set
+    the returned event and nothing else. "" installs none (the signals keep their default: the process dies)."""
+    flag = threading.Event()
+    for name in filter(None, (n.strip().upper() for n in signals.split(","))):
+        sig = getattr(signal, name, None)
+        if not isinstance(sig, signal.Signals) or name in ("SIGKILL", "SIGSTOP"):
+            raise SystemExit(f"--preempt_signals={signals!r}: {name} is not a signal that can be caught "
+                             f"(e.g. SIGTERM,SIGUSR1,SIGUSR2)")
+        signal.signal(sig, lambda signum, frame: flag.set())
+    return flag
+
+
+def preempted(flag: threading.Event, d: Dist) -> bool:
+    """Whether any rank got a preemption signal: all ranks must stop after the same step."""
+    got = torch.tensor(float(flag.is_set()), device=d.device)
+    if d.distributed:
+        dist.all_reduce(got, op=dist.ReduceOp.MAX)
+    return bool(got.item())
+
+
+def exit_preempted(run_dir: str, step: int, d: Dist, stage: str):
+    """After the checkpoint of `step` is saved: say so, leave run_dir/PREEMPTED for launch.sh, exit PREEMPTED_EXIT."""
+    if d.is_main:
+        ckpt = os.path.join(run_dir, f"ckpt_{step:06d}")
+        _write_text_atomic(os.path.join(run_dir, PREEMPTED_MARKER), ckpt + "\n")
+        print(f"{stage}: preempted: saved {ckpt} (step {step}); exiting with code {PREEMPTED_EXIT}. "
+              f"The same command with --resume continues from there", flush=True)
+    shutdown_distributed()
+    raise SystemExit(PREEMPTED_EXIT)
 
 
 # -----------------------------------------------------------------------------

@@ -17,11 +17,11 @@ import torch
 
 import data
 from evaluate import sample_metrics, sample_responses, show_samples
-from model import GPT, config_for
+from model import GPT, config_for, lora_flags, train_lora_only
 from runtime import (Dist, all_reduce_sum, autocast, batch_at, check_context, check_nonfinite_streak, check_writable,
-                     guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config, progress_bar,
-                     save_checkpoint, seed_all, set_lr, shard_model, shutdown_distributed, speed_metrics,
-                     split_batch, start_or_resume)
+                     exit_preempted, guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config,
+                     preempted, progress_bar, save_checkpoint, seed_all, set_lr, shard_model, shutdown_distributed,
+                     speed_metrics, split_batch, start_or_resume, watch_preemption)
 
 
 @dataclass
@@ -80,6 +80,17 @@ class Config:
     """a step whose loss or gradient is inf/NaN is skipped (no update) and counted; this many in a row stop the run (0 = never stop)"""
     dropout: float = 0.0
     """dropout in the model (off by default, as all stages)"""
+    lora_rank: int = 0
+    """LoRA rank r (0 = full fine-tuning): trainable low-rank adapters on the block projections, base frozen (model.LoRALinear)"""
+    lora_alpha: float = 16.0
+    """LoRA scale: the update is B A x * lora_alpha / lora_rank (PEFT's scaling, not rsLoRA)"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input (PEFT's lora_dropout)"""
+    lora_targets: str = "all"
+    """projections with adapters: "all" (attention q, k, v, o and the MLP), or HF names: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj (Llama family), c_attn,c_proj,c_fc (GPT-2)"""
+    packing: bool = False
+    """padding-free packing: each micro-batch's examples concatenated into as few rows as fit the longest one, positions
+    restarting and attention block-diagonal per example (data.pack_sft); the same examples and loss as padded"""
     gradient_checkpointing: bool = False
     """recompute each block's activations in backward to save memory"""
     eval_every: int = 200
@@ -94,6 +105,10 @@ class Config:
     """steps between checkpoints (and one at the end)"""
     resume: bool = False
     """continue from run_dir's latest checkpoint"""
+    keep_last: int = 2
+    """checkpoints kept in run_dir (0: all); the newest is never deleted, older ones only once it checks out"""
+    preempt_signals: str = "SIGTERM,SIGUSR1"
+    """on these signals, finish the step, save a checkpoint and exit with code 75 (launch.sh: "preempted"); "" = off"""
     stop_after: int = 0
     """stop (with a checkpoint) after this many steps of this invocation: for tests of resume (0 = off)"""
     seed: int = 0
@@ -139,15 +154,18 @@ def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Ten
 
 
 def build_policy(cfg: Config, d: Dist):
-    """Scratch (random init), a hub name, or a local HF-format directory."""
+    """Scratch (random init), a hub name, or a local HF-format directory; with --lora_rank, adapters on a frozen base."""
     if cfg.init_from == "scratch":
         tok = data.get_tokenizer(cfg.tokenizer)
         sizes = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(cfg, k)}
-        model = GPT(config_for(cfg.model_size, vocab_size=tok.vocab_size, dropout=cfg.dropout, tokenizer=tok.name, **sizes))
+        model = GPT(config_for(cfg.model_size, vocab_size=tok.vocab_size, dropout=cfg.dropout, tokenizer=tok.name,
+                               **sizes, **lora_flags(cfg)))
         model.init_weights(seed=cfg.seed)
+        if cfg.lora_rank:
+            train_lora_only(model)
         model = model.to(d.device)
     else:
-        model = load_model(cfg.init_from, "policy", d, trainable=True, shard=True, dropout=cfg.dropout)
+        model = load_model(cfg.init_from, "policy", d, trainable=True, shard=True, dropout=cfg.dropout, **lora_flags(cfg))
         tok = data.get_tokenizer(model.config.tokenizer)  # HF's own GPT-2 checkpoints mean "gpt2"
     model.gradient_checkpointing = cfg.gradient_checkpointing
     return model, tok
@@ -192,6 +210,7 @@ def main(argv=None):
     d = init_distributed(cfg.device)
     seed_all(cfg.seed)
     check_writable(cfg.run_dir)
+    preemption = watch_preemption(cfg.preempt_signals)  # SIGTERM: save at the end of this step, exit 75
 
     # 1. Data: demonstrations, tokenized once, truncation counted and reported.
     model, tok = build_policy(cfg, d)
@@ -229,18 +248,20 @@ def main(argv=None):
     while step < stop_at:
         epoch, index = divmod(step, steps_per_epoch)
         batch_items = batch_at(pairs, per_rank, cfg.seed, epoch, index, d.rank, d.world_size)
-        micro_batches = [data.collate_sft(batch_items[i:i + micro], tok.eos_id, cfg.train_on_prompt)
-                         for i in range(0, per_rank, micro)]
+        collate = data.pack_sft if cfg.packing else data.collate_sft
+        micro_batches = [collate(batch_items[i:i + micro], tok.eos_id, cfg.train_on_prompt) for i in range(0, per_rank, micro)]
         # Normalize by the response tokens of the whole global batch (all ranks, all micro-batches).
         n_tokens = all_reduce_sum(sum(b["loss_mask"][:, 1:].sum() for b in micro_batches).float().to(d.device), d)
         lr = lr_at(step, max_steps, cfg.lr, cfg.warmup_steps, cfg.lr_schedule)
         set_lr(optimizer, lr)
         loss_sum = torch.zeros((), device=d.device)
         for batch in micro_batches:
-            first = loss_start(batch["loss_mask"])  # the LM head skips the prompt positions before it
+            # The LM head skips the prompt positions before the first target (padded rows; a packed row's start is a prompt).
+            first = loss_start(batch["loss_mask"])
             batch = {k: v.to(d.device) for k, v in batch.items()}
             with autocast(d, cfg.bf16):
-                logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], logits_from=first)
+                logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], logits_from=first,
+                               position_ids=batch.get("position_ids"), document_ids=batch.get("document_ids"))
             token_loss, _ = sft_loss(logits, batch["input_ids"], batch["loss_mask"], first)
             # FSDP averages gradients over ranks; scale by world_size so the result is sum / n_tokens.
             (token_loss * d.world_size / n_tokens).backward()
@@ -260,9 +281,12 @@ def main(argv=None):
         check_nonfinite_streak(bad_streak, cfg.max_nonfinite_steps, step, cfg.run_dir)  # before saving this state
         if step % cfg.eval_every == 0 or step == max_steps:
             metrics.log(step, eval_metrics(model, tok, eval_pairs, eval_records, cfg, d, step))
-        if step % cfg.save_every == 0 or step == stop_at:
+        preempt = preempted(preemption, d) and step < max_steps  # every rank, every step: a MAX all_reduce
+        if step % cfg.save_every == 0 or step == stop_at or preempt:
             save_checkpoint(cfg.run_dir, step, {"policy": model}, {"policy": (model, optimizer)},
-                            {"skipped_steps": skipped_steps}, cfg, d, final=step == max_steps)
+                            {"skipped_steps": skipped_steps}, cfg, d, keep=cfg.keep_last, final=step == max_steps)
+        if preempt:
+            exit_preempted(cfg.run_dir, step, d, "sft")
     bar.close()
     if step == max_steps and d.is_main:
         print(f"sft: done, {step} steps in {time.time() - t0:.0f}s; policy in {cfg.run_dir}/final/policy")

@@ -1,5 +1,5 @@
 """bench.py runs each measurement end to end at a toy size and writes its result lines. No timing is
-asserted: timings belong to the machine (BENCHMARKS.md)."""
+asserted: timings belong to the machine (docs/benchmarks.md)."""
 
 import dataclasses
 import json

@@ -75,7 +75,7 @@ def free_port() -> int:
 
 def test_two_nodes_over_loopback(tmp_path):
     """`torchrun --nnodes=2`: two torchrun agents, one process each, started separately as on two machines, meet
-    through the c10d rendezvous on 127.0.0.1 (the commands of README's "Running on GPUs" with HOST = 127.0.0.1),
+    through the c10d rendezvous on 127.0.0.1 (the commands of docs/gpus.md with HOST = 127.0.0.1),
     form one gloo group of 2 and run the FSDP2 SGD step of dist_helpers: the weights equal one process's."""
     port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",

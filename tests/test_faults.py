@@ -578,6 +578,8 @@ def test_resuming_a_checkpoint_of_another_stage_names_the_path(tmp_path, tiny_ru
     run_dir = tmp_path / "rm_run"  # what a reward model run leaves: ckpt_*/reward/, no policy/
     shutil.copytree(tiny_run, run_dir)
     os.rename(run_dir / "ckpt_000002" / "policy", run_dir / "ckpt_000002" / "reward")
+    os.remove(run_dir / "ckpt_000002" / "manifest.json")
+    runtime.write_manifest(str(run_dir / "ckpt_000002"))  # an RM run's manifest lists reward/: not a damaged SFT one
     with pytest.raises((FileNotFoundError, SystemExit, ValueError)) as err:
         run_sft(str(run_dir), resume=True, max_steps=4, eval_every=1000)
     assert str(run_dir / "ckpt_000002" / "policy") in str(err.value), str(err.value)

@@ -11,7 +11,7 @@
 - runtime.adamw (fused on CPU) takes the same steps as torch's per-tensor AdamW to 1e-6 over 5 steps, for
   make_adamw and ppo.make_optimizer;
 - make_experience(check_logprobs=False) skips only the diagnostic recompute: every training tensor is equal.
-No timing is asserted here (BENCHMARKS.md has the timings).
+No timing is asserted here (docs/benchmarks.md has the timings).
 """
 
 import pytest

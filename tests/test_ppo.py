@@ -122,12 +122,12 @@ def test_presets_fill_every_knob_and_flags_override():
         ppo.validate(ppo.Config(kl_location="rewards"))
 
 
-def test_readme_preset_table_matches_code():
-    readme = (ROOT / "README.md").read_text()
+def test_docs_preset_table_matches_code():
+    doc = (ROOT / "docs" / "conventions.md").read_text()
     rows = {line.split("|")[1].strip().strip("`"): [c.strip() for c in line.split("|")[2:-1]]
-            for line in readme.splitlines() if line.startswith("| `") and line.count("|") == len(ppo.PRESETS) + 3}
+            for line in doc.splitlines() if line.startswith("| `") and line.count("|") == len(ppo.PRESETS) + 3}
     defaults = ppo.Config()
-    assert rows, "README has no preset table"
+    assert rows, "docs/conventions.md has no preset table"
     for key, cells in rows.items():
         expected = [str(getattr(defaults, key))] + [str(p.get(key, getattr(defaults, key))) for p in ppo.PRESETS.values()]
         assert cells == expected, key

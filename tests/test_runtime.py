@@ -121,7 +121,7 @@ def test_final_is_the_last_checkpoint_without_its_train_state(tmp_path, monkeypa
     assert not os.path.exists(tmp_path / "final")  # only the last step publishes
     ckpt = save_checkpoint(run_dir, 2, {"policy": model}, {"policy": (model, optimizer)}, {}, sft.Config(), d, final=True)
     final = tmp_path / "final"
-    assert sorted(os.listdir(final)) == ["policy", "run_config.json"]  # no train_state.pt
+    assert sorted(os.listdir(final)) == ["manifest.json", "policy", "run_config.json"]  # no train_state.pt
     assert sorted(os.listdir(tmp_path)) == ["ckpt_000001", "ckpt_000002", "final", "latest"]  # no final.tmp
     for name in ("policy/model.safetensors", "policy/config.json", "run_config.json"):
         same_inode = os.stat(final / name).st_ino == os.stat(os.path.join(ckpt, name)).st_ino

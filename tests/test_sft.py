@@ -247,7 +247,7 @@ def test_resume_at_the_last_step_republishes_a_missing_final(tmp_path):
 
 
 def test_limits_beyond_the_context_are_refused_before_any_work(tmp_path):
-    # README's GPU flags on cpu-small (block_size 64) used to fail with an AssertionError in the first forward.
+    # docs/gpus.md's GPU flags on cpu-small (block_size 64) used to fail with an AssertionError in the first forward.
     with pytest.raises(SystemExit, match=r"--max_prompt_tokens \+ --max_response_tokens = 384 \+ 128 tokens do not fit "
                                          r"the model's context of 64"):
         run_sft(str(tmp_path / "run"), max_prompt_tokens=384, max_response_tokens=128)
