@@ -6,6 +6,8 @@
 #   bash launch.sh dpo             # DPO from the same SFT checkpoint and preference data, into the report
 #   bash launch.sh grpo            # GRPO (critic-free, 4 samples per prompt) from the same SFT and RM, into the report
 #   bash launch.sh rloo            # RLOO (leave-one-out baseline) from the same SFT and RM, into the report
+#   bash launch.sh gold            # PPO from the same SFT on the task's own annotator (--reward_fn=data:reverse_reward,
+#                                  # no RM): RL with a perfect reward model, the ceiling row of the report
 #   bash launch.sh ablate-ensemble # single RM vs an ensemble (mean, worst-case, uncertainty-weighted) at beta 0 and 0.1
 #   bash launch.sh scale           # SFT at three sizes (2x64, 4x128, 6x128: 11x in parameters), RM and PPO on the smallest
 #   SEEDS="0 1 2" bash launch.sh ablate-kl   # any mode once per seed (RUN_DIR/seed<s>/), then mean +- std of its table
@@ -37,7 +39,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 MODE=${1:-pipeline}
-MODES="pipeline ablate-kl dpo grpo rloo ablate-ensemble scale"
+MODES="pipeline ablate-kl dpo grpo rloo gold ablate-ensemble scale"
 case " $MODES " in
   *" $MODE "*) ;;
   *) echo "launch.sh: unknown mode '$MODE'; usage: bash launch.sh [${MODES// /|}]" >&2; exit 2 ;;
@@ -142,6 +144,7 @@ case "$MODE" in
     run_stage ppo ppo.py --sft="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" --dataset="$PROMPT_DATA" $SEED_ARG $PPO_ARGS
     POLICIES="sft:$RUN_DIR/sft/final,ppo:$RUN_DIR/ppo/final"
     [ -f "$RUN_DIR/dpo/DONE" ] && POLICIES="$POLICIES,dpo:$RUN_DIR/dpo/final"
+    [ -f "$RUN_DIR/gold/DONE" ] && POLICIES="$POLICIES,ppo-gold:$RUN_DIR/gold/final"
     # 4. Report (~20 s): SFT vs PPO on the same held-out prompts.
     python evaluate.py --policies="$POLICIES" --reference="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" \
       --dataset="$PROMPT_DATA" --stage_times="$TIMES" --ppo_metrics="$RUN_DIR/ppo/metrics.jsonl" --out="$RUN_DIR/report"
@@ -170,6 +173,23 @@ case "$MODE" in
     for other in ppo dpo grpo rloo; do
       [ -f "$RUN_DIR/$other/DONE" ] && POLICIES="$POLICIES,$other:$RUN_DIR/$other/final"
     done
+    [ -f "$RUN_DIR/gold/DONE" ] && POLICIES="$POLICIES,ppo-gold:$RUN_DIR/gold/final"
+    python evaluate.py --policies="$POLICIES" --reference="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" \
+      --dataset="$PROMPT_DATA" --stage_times="$TIMES" --out="$RUN_DIR/report"
+    ;;
+  gold)
+    # 3'. PPO as in the pipeline, but scored by the task's programmatic annotator instead of the learned RM
+    # (ppo.py --reward_fn, docs/reward-functions.md): RL with a perfect reward model, the ceiling of every RM row.
+    # No RM, so the critic starts from SFT (ppo.py build_models); everything else is PPO's default.
+    [ "$PROMPT_DATA" = default ] || { echo "launch.sh gold: the gold annotator exists for the default task only" >&2; exit 2; }
+    run_stage gold ppo.py --sft="$RUN_DIR/sft/final" --reward_model=none --reward_fn=data:reverse_reward \
+      --dataset="$PROMPT_DATA" $SEED_ARG $PPO_ARGS
+    POLICIES="sft:$RUN_DIR/sft/final"
+    [ -f "$RUN_DIR/ppo/DONE" ] && POLICIES="$POLICIES,ppo:$RUN_DIR/ppo/final"
+    for other in dpo grpo rloo; do
+      [ -f "$RUN_DIR/$other/DONE" ] && POLICIES="$POLICIES,$other:$RUN_DIR/$other/final"
+    done
+    POLICIES="$POLICIES,ppo-gold:$RUN_DIR/gold/final"
     python evaluate.py --policies="$POLICIES" --reference="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" \
       --dataset="$PROMPT_DATA" --stage_times="$TIMES" --out="$RUN_DIR/report"
     ;;
