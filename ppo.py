@@ -244,6 +244,9 @@ class Config:
     (uncertainty-weighted: mean - uwo_lambda x variance across members). One member: every mode is that member"""
     uwo_lambda: float = 1.0
     """UWO's penalty on the variance across members (population variance, in normalized-reward units squared)"""
+    eval_greedy: bool = False
+    """with reward functions, also answer the held-out prompts greedily (T = 0, the rate users see) and log each
+    function's mean as eval/greedy/rewards/<name>/mean; eval/rewards/... are at the sampling temperature"""
     eval_at_start: bool = True
     """also evaluate before the first update (step 0 in metrics.jsonl): the start, d = sqrt(KL) = 0, of the
     over-optimization curve (plots.py gao)"""
@@ -1529,14 +1532,22 @@ def eval_metrics(policy, ref, reward_model, tok, prompts, cfg: Config, d: Dist, 
                                      reduce=lambda s: ensemble_reward(s, cfg.reward_ensemble, cfg.uwo_lambda),
                                      visit=lambda m: offloaded(m, cfg, d))
     fn_metrics = {}
+    extra = dict(trainer_state=types.SimpleNamespace(global_step=update, max_steps=cfg.num_updates),
+                 log_metric=lambda name, value: None, log_extra=lambda *a, **k: None)  # held-out: not logged
     if reward_fns:  # the score PPO optimizes, and each function's mean (every rank scores every held-out sample)
         per_func, names, combined = function_rewards(
             reward_fns, torch.tensor(learned) if learned else None, cfg.reward_model_weight, fn_records,
-            [s["response"] for s in samples], [s["response_ids"] for s in samples], where="held-out ",
-            extra=dict(trainer_state=types.SimpleNamespace(global_step=update, max_steps=cfg.num_updates),
-                       log_metric=lambda name, value: None, log_extra=lambda *a, **k: None))  # held-out: not logged
+            [s["response"] for s in samples], [s["response_ids"] for s in samples], where="held-out ", extra=extra)
         learned = combined.tolist()
         fn_metrics = reward_function_metrics(per_func, names, Dist(), prefix="eval/")  # already whole on every rank
+        if cfg.eval_greedy:
+            greedy = sample_responses(policy, tok, prompts, d, cfg.response_length, 0.0, seed=cfg.seed + 1,
+                                      max_prompt_tokens=cfg.max_prompt_tokens, bf16=cfg.bf16)
+            rm_stub = torch.zeros(len(greedy)) if reward_model is not None else None  # only functions, greedily
+            per_func, names, _ = function_rewards(reward_fns, rm_stub, 0.0, fn_records, [s["response"] for s in greedy],
+                                                  [s["response_ids"] for s in greedy], extra, "held-out greedy ")
+            fn_metrics.update({k: v for k, v in reward_function_metrics(per_func, names, Dist(), "eval/greedy/").items()
+                               if f"/{RM_NAME}/" not in k})
     out = {"eval/learned_reward": sum(learned) / len(learned), "eval/kl": sum(kls) / len(kls), **fn_metrics,
            **sample_metrics(samples, graded=cfg.dataset == "default")}
     if d.is_main:

@@ -76,7 +76,7 @@ def args(checkpoints, run_dir, *extra):
 GROUP = ["--samples_per_prompt=2", "--advantage_whitening=none"]
 ESTIMATORS = {
     "ppo_gae": ["--advantage_estimator=gae"],
-    "grpo": ["--advantage_estimator=grpo", *GROUP],
+    "grpo": ["--advantage_estimator=grpo", "--eval_greedy", *GROUP],
     "dr_grpo": ["--advantage_estimator=grpo", "--group_std_scaling=none", "--loss_aggregation=seq_mean_token_sum_norm",
                 *GROUP],
     "rloo": ["--advantage_estimator=rloo", *GROUP],
@@ -99,6 +99,8 @@ def test_trl_style_function_with_every_estimator(checkpoints, files, tmp_path, e
         assert r["rewards/exact_answer/mean"] == pytest.approx(r["exact/frac"])  # log_metric reached the metrics
     held_out = [r for r in rows if "eval/rewards/reverse_reward/mean" in r]
     assert len(held_out) == 2  # at the start and at the end
+    if estimator == "grpo":  # --eval_greedy: T = 0 answers too, the same for both functions' keys
+        assert all("eval/greedy/rewards/reverse_reward/mean" in r for r in held_out)
 
 
 def test_reward_function_alone_equals_its_weighted_score(checkpoints, tmp_path):
