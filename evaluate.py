@@ -241,6 +241,8 @@ def format_report(report: dict) -> str:
         lines += ["", "Reward model (held-out): " + ", ".join(f"{k} {v:.3f}" for k, v in rm.items())]
     if report.get("stage_seconds"):
         lines += ["", "Wall time per stage: " + ", ".join(f"{k} {v:.0f}s" for k, v in report["stage_seconds"].items())]
+    if report.get("stage_peak_mb"):
+        lines += ["", "Peak resident memory per stage: " + ", ".join(f"{k} {v} MB" for k, v in report["stage_peak_mb"].items())]
     lines += ["", f"Held-out prompts: {report['num_prompts']}, temperature {report['temperature']}, seed {report['seed']}.", "",
               "## Samples", ""]
     for sample in report["samples"]:
@@ -336,6 +338,9 @@ def main(argv=None):
     report["reward_model"] = {k.removeprefix("eval/"): v for k, v in rm_eval.items() if k.startswith("eval/")}
     if cfg.stage_times and os.path.exists(cfg.stage_times):
         report["stage_seconds"] = json.load(open(cfg.stage_times))
+        memory = os.path.join(os.path.dirname(cfg.stage_times), "stage_peak_mb.json")  # launch.sh, with GNU time
+        if os.path.exists(memory):
+            report["stage_peak_mb"] = json.load(open(memory))
     if cfg.ppo_metrics and os.path.exists(cfg.ppo_metrics):
         report["plot"] = plot_ppo(cfg.ppo_metrics, os.path.join(cfg.out, "ppo_curves.png"))
     text = format_report(report)

