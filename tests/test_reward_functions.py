@@ -253,3 +253,30 @@ def test_each_rank_scores_its_own_rows(checkpoints, files, tmp_path):
         assert first_call == mine, rank  # 4 prompts x 2 samples: this rank's rows and no other's
     row = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl") if "objective/scores" in l][0]
     assert "rewards/spy/mean" in row
+
+
+# -----------------------------------------------------------------------------
+# The built-in checkable task
+
+def test_arithmetic_task_split_answers_and_determinism():
+    train, test = data.arithmetic_problems("train"), data.arithmetic_problems("test")
+    assert not set(train) & set(test) and len(train) + len(test) == 100 * 100 and 800 < len(test) < 1200
+    records = data.load_records("arithmetic", "prompt", "test", max_records=300, seed=3)
+    assert records == data.load_records("arithmetic", "prompt", "test", max_records=300, seed=3)  # seeded
+    assert records != data.load_records("arithmetic", "prompt", "test", max_records=300, seed=4)
+    assert len({r["prompt"] for r in records}) == 300  # without replacement while problems last
+    for r in records:
+        assert data.is_heldout_prompt(r["prompt"])  # the one split rule of every stage
+        a, b = map(int, r["prompt"].split("What is ")[1].split("?")[0].split(" + "))
+        assert r["answer"] == str(a + b)
+    assert data.text_to_messages(records[0]["prompt"])[0]["role"] == "user"  # renders with a chat template
+
+
+def test_arithmetic_reward_reads_the_last_number():
+    cases = [("The answer is 12.", "12", 1.0), ("7 + 5 = 12", "12", 1.0), ("12, no wait, 13", "12", 0.0),
+             ("1,234", "1234", 1.0), ("12.0", "12", 1.0), ("twelve", "12", 0.0), ("", "12", 0.0), ("-3", "-3", 1.0),
+             ("112", "12", 0.0)]
+    got = data.arithmetic_reward([c for c, _, _ in cases], [a for _, a, _ in cases])
+    assert got == [r for _, _, r in cases]
+    # TRL's conversational completions run through the same function.
+    assert data.arithmetic_reward([[{"role": "assistant", "content": "It is 9"}]], ["9"]) == [1.0]
