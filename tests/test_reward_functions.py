@@ -120,26 +120,41 @@ def test_reward_model_plus_function(checkpoints, tmp_path):
     assert row["objective/scores"] == pytest.approx(expected, abs=1e-5)
 
 
-@pytest.mark.parametrize("fn,message", [
-    ("raises", r"'raises' raised ZeroDivisionError: .* \(at update 2, rank 0, row \d+: prompt"),
-    ("wrong_count", r"'wrong_count' returned 15 rewards for 16 completions \(update 2"),
-    ("returns_nan", r"'returns_nan' returned nan for update 2, rank 0, row 2: prompt"),
-    ("returns_inf", r"'returns_inf' returned inf for update 2, rank 0, row 1: prompt"),
-    ("none_on_row_5", r"every reward function \(none_on_row_5\) returned None for update 2, rank 0, row 5: prompt"),
-])
-def test_bad_function_names_itself_and_the_row_and_keeps_the_checkpoint(checkpoints, files, tmp_path, fn, message):
+BAD = {  # each bad function's error: it names the function and the row
+    "raises": r"'raises' raised ZeroDivisionError: .* \(at update 2, rank 0, row \d+: prompt",
+    "wrong_count": r"'wrong_count' returned 15 rewards for 16 completions \(update 2",
+    "returns_nan": r"'returns_nan' returned nan for update 2, rank 0, row 2: prompt",
+    "returns_inf": r"'returns_inf' returned inf for update 2, rank 0, row 1: prompt",
+    "none_on_row_5": r"every reward function \(none_on_row_5\) returned None for update 2, rank 0, row 5: prompt",
+}
+
+
+@pytest.mark.parametrize("fn", ["raises", "none_on_row_5"])
+def test_bad_function_stops_the_run_before_the_update_and_the_checkpoint_resumes(checkpoints, files, tmp_path, fn):
+    """Through ppo.main: the function misbehaves on update 2; the error names it and the row, and the last
+    checkpoint (update 1's) is whole and resumes with a good function."""
     run = args(checkpoints, tmp_path, f"--reward_fn={files / 'bad_fns.py'}:{fn}", "--advantage_estimator=grpo",
                *GROUP, "--num_updates=3", "--eval_at_start=false")
-    # 4 prompts x 2 samples = 8 rows per update; the functions misbehave on update 2 (global_step 1).
-    run = [a if not a.startswith("--rollout_batch_size") else "--rollout_batch_size=8" for a in run]
-    with pytest.raises(ppo.RewardFunctionError, match=message):
+    run = [a if not a.startswith("--rollout_batch_size") else "--rollout_batch_size=8" for a in run]  # 16 rows
+    with pytest.raises(ppo.RewardFunctionError, match=BAD[fn]):
         ppo.main(run)
-    # The error came before update 2's optimizer step: the last checkpoint is update 1's, whole, and it resumes.
     assert open(tmp_path / "latest").read().strip() == "ckpt_000001"
     assert not (tmp_path / "final").exists()
-    resumed = [a.replace(f"bad_fns.py:{fn}", "bad_fns.py:fine") for a in run] + ["--resume"]
-    ppo.main(resumed)
+    ppo.main([a.replace(f"bad_fns.py:{fn}", "bad_fns.py:fine") for a in run] + ["--resume"])
     assert (tmp_path / "final" / "policy" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("fn", sorted(BAD))
+def test_bad_function_errors_name_the_function_and_the_row(files, fn):
+    """Each bad function on the 16 rows of an update, through the step-2 scorer (ppo.function_rewards)."""
+    fns = ppo.load_reward_functions(f"{files / 'bad_fns.py'}:{fn}", "")
+    rows = [{"prompt": p} for p in ("abc=", "dd=", "ponm=", "kji=")] * 4
+    ids = [[i % 3, 27] for i in range(16)]
+    extra = dict(trainer_state=types.SimpleNamespace(global_step=1, max_steps=3), log_metric=lambda *a: None)
+    with pytest.raises(ppo.RewardFunctionError, match=BAD[fn]):
+        ppo.function_rewards(fns, None, 1.0, rows, ["x"] * 16, ids, extra, "update 2, rank 0, ")
+    extra["trainer_state"].global_step = 0  # the same function behaves on the first update
+    ppo.function_rewards(fns, None, 1.0, rows, ["x"] * 16, ids, extra, "update 1, rank 0, ")
 
 
 def test_loading_errors_are_clear(files):
