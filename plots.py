@@ -6,6 +6,7 @@ subcommand writes a PNG, a .md table and a .json next to the report it reads.
     python plots.py bars --report=runs/ablate_ensemble/report.json --out=runs/ablate_ensemble
     python plots.py scale --report=runs/scale/report.json --params=runs/scale/params.json --out=runs/scale
     python plots.py seeds --reports=runs/seed0/ablate_kl/report.json,runs/seed1/... --out=runs/ablate_kl_seeds
+    python plots.py rlvr --runs=grpo:runs/s0/grpo+runs/s1/grpo,rloo:runs/s0/rloo --metric=arithmetic_reward --out=runs/rlvr
 
 The math (gao_rl_fit, gao_peak, mean_std) is in small pure functions; tests/test_lab.py checks them on synthetic
 data with known answers.
@@ -266,9 +267,57 @@ def cmd_seeds(reports: str, out: str):
         write_gao(analysis, out, f"; {len(per_seed)} seeds pooled, mean curves")
 
 
+def accuracy_curve(metrics_path: str, metric: str) -> list[dict]:
+    """The held-out evaluations of one RLVR run: {step, sampled, greedy} = the mean of reward function `metric` at the
+    sampling temperature (eval/rewards/<metric>/mean) and greedily (eval/greedy/..., NaN without --eval_greedy)."""
+    rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
+    key = f"rewards/{metric}/mean"
+    return [{"step": r["step"], "sampled": r[f"eval/{key}"], "greedy": r.get(f"eval/greedy/{key}", float("nan"))}
+            for r in rows if f"eval/{key}" in r]
+
+
+def cmd_rlvr(runs: str, metric: str, out: str):
+    """RLVR runs (name:dir+dir+... one dir per seed) -> held-out accuracy before and after, sampled and greedy,
+    mean +- std over seeds (rlvr.md/.json), and the curves against updates (rlvr.png)."""
+    table, curves = {}, {}
+    for item in runs.split(","):
+        name, dirs = item.split(":", 1)
+        per_seed = [accuracy_curve(os.path.join(d, "metrics.jsonl"), metric) for d in dirs.split("+")]
+        curves[name] = per_seed
+        row = {"seeds": len(per_seed), "updates": per_seed[0][-1]["step"]}
+        for kind in ("sampled", "greedy"):
+            for when, i in (("before", 0), ("after", -1)):
+                row[f"{kind}_{when}"], row[f"{kind}_{when}_std"] = mean_std([c[i][kind] for c in per_seed])
+            row[f"{kind}_gain"], row[f"{kind}_gain_std"] = mean_std([c[-1][kind] - c[0][kind] for c in per_seed])
+        table[name] = row
+    md = [f"# RLVR: held-out accuracy ({metric}), mean +- std over seeds", "",
+          "| run | seeds | updates | sampled before | sampled after | gain | greedy before | greedy after | gain |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in table.items():
+        cell = lambda k: f"{r[k]:.3f} +- {r[k + '_std']:.3f}"  # noqa: E731
+        md.append(f"| {name} | {r['seeds']} | {r['updates']} | {cell('sampled_before')} | {cell('sampled_after')} | "
+                  f"{cell('sampled_gain')} | {cell('greedy_before')} | {cell('greedy_after')} | {cell('greedy_gain')} |")
+    write(out, "rlvr", {"metric": metric, "runs": table, "curves": curves}, md)
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, kind in zip(axes, ("sampled", "greedy")):
+        for name, per_seed in curves.items():
+            for s, c in enumerate(per_seed):
+                ax.plot([p["step"] for p in c], [p[kind] for p in c], marker="o", ms=3, alpha=0.8,
+                        label=name if s == 0 else None, color=f"C{list(curves).index(name)}")
+        ax.set_xlabel("update")
+        ax.set_title(f"held-out accuracy, {kind}" + (" (T = 1)" if kind == "sampled" else " (T = 0)"))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(metric)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "rlvr.png"), dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"gao": cmd_gao, "bars": cmd_bars, "scale": cmd_scale, "seeds": cmd_seeds}
+    commands = {"gao": cmd_gao, "bars": cmd_bars, "scale": cmd_scale, "seeds": cmd_seeds, "rlvr": cmd_rlvr}
     if not argv or argv[0] not in commands:
         raise SystemExit(f"usage: python plots.py {{{'|'.join(commands)}}} --key=value ... (see the docstring)")
     kwargs = {}

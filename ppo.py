@@ -29,7 +29,9 @@ implementation details (Huang et al. 2024) and TRL, except where a comment says 
 
 import contextlib
 import functools
+import math
 import time
+import types
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +53,16 @@ class Config:
     sft: str = "runs/sft/final"
     """the SFT checkpoint: the initial policy and the frozen reference"""
     reward_model: str = "runs/rm/final"
-    """the reward model checkpoint (its normalization gain/bias is applied)"""
+    """the reward model checkpoint (its normalization gain/bias is applied); "none": reward functions only"""
+    reward_fn: str = ""
+    """reward functions (RLVR), comma-separated "module:function" or "path/to/file.py:function", e.g.
+    data:reverse_reward. Each is called as TRL's GRPOTrainer calls its reward_funcs (call_reward_functions) and
+    returns one float or None per completion; alone (--reward_model=none) or added to the reward model's score"""
+    reward_weights: str = ""
+    """one weight per reward function, comma-separated (TRL GRPOConfig.reward_weights); empty = 1.0 each"""
+    reward_model_weight: float = 1.0
+    """the reward model's weight when reward functions are added to it: the score is the weighted sum over the
+    reward model and each function (combine_rewards), the RM being one more of TRL's reward_funcs"""
     critic: str = "reward"
     """"reward": separate trunk from the RM (N+, TRL, OpenRLHF, DS-Chat); "sft": separate, from SFT (verl); "shared": value head on the policy trunk, zero-init (OpenAI 2019)"""
     run_dir: str = "runs/ppo"
@@ -245,6 +256,9 @@ class Config:
     (uncertainty-weighted: mean - uwo_lambda x variance across members). One member: every mode is that member"""
     uwo_lambda: float = 1.0
     """UWO's penalty on the variance across members (population variance, in normalized-reward units squared)"""
+    eval_greedy: bool = False
+    """with reward functions, also answer the held-out prompts greedily (T = 0, the rate users see) and log each
+    function's mean as eval/greedy/rewards/<name>/mean; eval/rewards/... are at the sampling temperature"""
     eval_at_start: bool = True
     """also evaluate before the first update (step 0 in metrics.jsonl): the start, d = sqrt(KL) = 0, of the
     over-optimization curve (plots.py gao)"""
@@ -786,6 +800,156 @@ def whiten_advantages(advantages: torch.Tensor, mask: torch.Tensor, mode: str, u
 
 
 # -----------------------------------------------------------------------------
+# Reward functions (RLVR): Python code that scores a completion, in place of or added to the reward model
+
+
+class RewardFunctionError(RuntimeError):
+    """A reward function misbehaved. The message names the function and the row. It is raised while scoring
+    (step 2), before any optimizer step of the update, so the run's last checkpoint is still its last good state."""
+
+
+RM_NAME = "reward_model"  # the reward model's name among the reward functions (metrics rewards/reward_model/...)
+
+
+def load_reward_functions(spec: str, weights: str) -> list[tuple[str, object, float]]:
+    """--reward_fn and --reward_weights -> [(name, function, weight)]. Each entry is "module:function" (imported
+    from the Python path, the repo first: "data:reverse_reward") or "path/to/file.py:function" (verl's
+    custom_reward_function.path/name, OpenRLHF's reward file). The name is the function's __name__, as TRL names
+    its metrics (grpo_trainer.py L512-531); weights default to 1.0 each (TRL reward_weights, L534-542)."""
+    import importlib
+    import importlib.util
+    import os
+    entries = [e.strip() for e in spec.split(",") if e.strip()]
+    ws = [float(w) for w in weights.split(",") if w.strip()] if weights else [1.0] * len(entries)
+    if len(ws) != len(entries):
+        raise SystemExit(f"--reward_weights has {len(ws)} weights for {len(entries)} reward functions")
+    out = []
+    for entry, w in zip(entries, ws):
+        target, _, attr = entry.rpartition(":")
+        if not target or not attr:
+            raise SystemExit(f"--reward_fn={entry!r}: write module:function or path/to/file.py:function")
+        try:
+            if target.endswith(".py"):
+                if not os.path.isfile(target):
+                    raise SystemExit(f"--reward_fn={entry!r}: no such file {target}")
+                module_spec = importlib.util.spec_from_file_location(os.path.basename(target)[:-3], target)
+                module = importlib.util.module_from_spec(module_spec)
+                module_spec.loader.exec_module(module)
+            else:
+                module = importlib.import_module(target)
+        except ImportError as e:
+            raise SystemExit(f"--reward_fn={entry!r}: cannot import {target} ({e})")
+        fn = getattr(module, attr, None)
+        if not callable(fn):
+            raise SystemExit(f"--reward_fn={entry!r}: {target} has no function {attr!r}")
+        name = getattr(fn, "__name__", attr)
+        if name in [n for n, _, _ in out] + [RM_NAME]:
+            raise SystemExit(f"--reward_fn: two reward functions named {name!r}; their metrics would collide")
+        out.append((name, fn, w))
+    return out
+
+
+def call_reward_functions(fns, prompts: list, completions: list, completion_ids: list, columns: dict,
+                          extra: dict | None = None, where: str = "") -> torch.Tensor:
+    """Each function's reward of each completion: (B, F) float32, NaN where it returned None.
+
+    The call is TRL GRPOTrainer's (_calculate_rewards, grpo_trainer.py L1632-1689): keywords only, prompts (the
+    records' prompts before any chat template), completions (decoded text, stop token dropped), completion_ids
+    (the response's ids, stop token included, no padding), and every other record field as a list aligned with
+    them (columns; the "answer" of a checkable task), plus `extra` (trainer_state, log_metric, log_extra), so a TRL
+    user's function runs unchanged. TRL's None -> NaN. Unlike TRL, NaN or inf returned by a function and any
+    non-number are errors: None is the way to say "no reward for this one". Errors name the function and the row."""
+    B = len(prompts)
+    out = torch.empty(B, len(fns))
+    kwargs = dict(columns, **(extra or {}))
+    row = lambda i: f"{where}row {i}: prompt {prompts[i][-80:]!r}, completion {completions[i][:80]!r}"  # noqa: E731
+    for j, (name, fn, _) in enumerate(fns):
+        try:
+            values = list(fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs))
+        except Exception as e:
+            # Find the first row that raises on its own, to name it (the functions are per-completion anyway).
+            bad = next((i for i in range(B) if _raises(fn, prompts, completions, completion_ids, kwargs, i)), None)
+            at = row(bad) if bad is not None else f"{where}the batch of {B} (no single row raises alone)"
+            raise RewardFunctionError(f"reward function {name!r} raised {type(e).__name__}: {e} (at {at})") from e
+        if len(values) != B:
+            raise RewardFunctionError(f"reward function {name!r} returned {len(values)} rewards for {B} completions "
+                                      f"({where}rows 0..{B - 1}); it must return one float or None per completion")
+        for i, v in enumerate(values):
+            if v is None:
+                out[i, j] = float("nan")
+                continue
+            try:
+                x = float(v)
+            except (TypeError, ValueError):
+                raise RewardFunctionError(f"reward function {name!r} returned {v!r} ({type(v).__name__}), not a "
+                                          f"number, for {row(i)}") from None
+            if not math.isfinite(x):
+                raise RewardFunctionError(f"reward function {name!r} returned {x} for {row(i)}; return None for "
+                                          f"'no reward' (TRL's convention), never NaN or inf")
+            out[i, j] = x
+    return out
+
+
+def _raises(fn, prompts, completions, completion_ids, kwargs, i) -> bool:
+    one = {k: (v[i:i + 1] if isinstance(v, list) and len(v) == len(prompts) else v) for k, v in kwargs.items()}
+    try:
+        fn(prompts=prompts[i:i + 1], completions=completions[i:i + 1], completion_ids=completion_ids[i:i + 1], **one)
+        return False
+    except Exception:
+        return True
+
+
+def combine_rewards(rewards_per_func: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(B, F) rewards, NaN = None -> (B,) score: the weighted sum over the functions that scored the row (nansum),
+    NaN where none did. TRL's multi_objective_aggregation="sum_then_normalize" (grpo_trainer.py L2779-2787: nansum,
+    then unscorable rows set to NaN); a NaN score takes the row out of the group statistics and the update, as
+    make_experience treats a non-finite score (TRL: excluded from nanmean/nanstd, advantage 0)."""
+    scores = (rewards_per_func.float() * weights.float()[None, :]).nansum(1)
+    return scores.masked_fill(rewards_per_func.isnan().all(1), float("nan"))
+
+
+def reward_function_metrics(rewards_per_func: torch.Tensor, names: list[str], d: Dist, prefix: str = "") -> dict:
+    """rewards/<name>/mean and /std of each function over the rollout of all ranks, leaving out its None rows:
+    TRL's names and statistics (grpo_trainer.py L2843-2848: nanmean, nanstd with Bessel's correction)."""
+    out = {}
+    for j, name in enumerate(names):
+        x = rewards_per_func[:, j].to(d.device, torch.float64)
+        ok = ~x.isnan()
+        n = all_reduce_sum(ok.sum().double(), d)
+        total = all_reduce_sum(x[ok].sum(), d)
+        mean = total / n
+        sq = all_reduce_sum(((x[ok] - mean) ** 2).sum(), d)
+        out[f"{prefix}rewards/{name}/mean"] = float(mean)
+        out[f"{prefix}rewards/{name}/std"] = float((sq / (n - 1)).sqrt()) if n > 1 else float("nan")
+    return out
+
+
+def function_rewards(reward_fns, rm_scores: torch.Tensor | None, rm_weight: float, rows: list[dict],
+                     completions: list[str], completion_ids: list[list[int]], extra: dict | None = None, where: str = ""):
+    """Step 2 with reward functions: (rewards_per_func (B, F'), names, combined score (B,)). F' counts the reward
+    model first (named RM_NAME, weight rm_weight) when there is one. rows: one record per completion, {"prompt",
+    other fields}. A row that every function left None, with no reward model, is an error: TRL only warns
+    (grpo_trainer.py L1716-1730), but a row without a reward is a data or function bug. A non-finite reward-model
+    score keeps its old meaning: the row is left out of the update (make_experience)."""
+    prompts = [r["prompt"] for r in rows]
+    keys = [k for k in rows[0] if k not in ("prompt", "completion", "completion_ids")] if rows else []
+    columns = {k: [r.get(k) for r in rows] for k in keys}
+    per_func = call_reward_functions(reward_fns, prompts, completions, completion_ids, columns, extra, where)
+    names, weights = [n for n, _, _ in reward_fns], [w for _, _, w in reward_fns]
+    if rm_scores is None:
+        unscorable = per_func.isnan().all(1)
+        if unscorable.any():
+            i = int(unscorable.nonzero()[0, 0])
+            raise RewardFunctionError(f"every reward function ({', '.join(names)}) returned None for {where}row {i}: "
+                                      f"prompt {prompts[i][-80:]!r}, completion {completions[i][:80]!r}")
+        return per_func, names, combine_rewards(per_func, torch.tensor(weights))
+    rm = rm_scores.float().cpu()
+    per_func = torch.cat([rm[:, None], per_func], 1)
+    combined = combine_rewards(per_func, torch.tensor([rm_weight] + weights))
+    return per_func, [RM_NAME] + names, torch.where(torch.isfinite(rm), combined, rm)
+
+
+# -----------------------------------------------------------------------------
 # Forward passes over prompt + response
 
 
@@ -833,7 +997,8 @@ def response_masks(response: torch.Tensor, eos_id: int, stop_token_id: int, scor
 
 @torch.no_grad()
 def make_experience(policy, critic, ref, reward_model, query_response, query_mask, sample_logp, kl_coef, tok,
-                    cfg: Config, d: Dist, check_logprobs: bool = True) -> dict:
+                    cfg: Config, d: Dist, check_logprobs: bool = True, reward_fns=None, fn_rows=None,
+                    fn_extra=None, where: str = "") -> dict:
     """Steps 2-4 on one rollout: score, KL and per-token rewards, values, advantages (GAE or a critic-free
     estimator) and returns.
 
@@ -842,7 +1007,9 @@ def make_experience(policy, critic, ref, reward_model, query_response, query_mas
     sample_logp (B, N): the sampling log-probs from `generate`. Returns a dict of (B, N) float32
     tensors and masks, everything the PPO update needs. check_logprobs False (old_logprobs=sampling, a critic of its
     own or none): skip the policy's recompute forward, which then only feeds diagnostics; exp["recomputed_logp"]
-    and exp["mismatch_kl"] are None."""
+    and exp["mismatch_kl"] are None. reward_fns (load_reward_functions), with fn_rows (the record of each row: prompt
+    and fields) and fn_extra (TRL's trainer_state, log_metric, log_extra): scored by code too (function_rewards);
+    reward_model None: by code only. `where` prefixes the rows that error messages name."""
     P = query_mask.size(1)
     response = query_response[:, P:]
     T_lp = cfg.temperature if cfg.divide_logits_by_temperature else 1.0
@@ -852,11 +1019,19 @@ def make_experience(policy, critic, ref, reward_model, query_response, query_mas
 
     # 2. Score with the frozen reward model, or each member of an ensemble in turn (one on the device at a time
     #    with offload_frozen), combined per --reward_ensemble; responses without EOS get the penalty.
+    #    Reward functions (RLVR) score the decoded completions, alone or added to the reward model's score.
     member_scores = []
-    for member in (reward_model if isinstance(reward_model, (list, tuple)) else [reward_model]):
+    for member in rm_list(reward_model):
         with offloaded(member, cfg, d), autocast(d, cfg.bf16):
             member_scores.append(reward_scores(member, query_response, attention_mask))  # at P + eos_index
-    scores = ensemble_reward(torch.stack(member_scores), cfg.reward_ensemble, cfg.uwo_lambda)
+    scores = ensemble_reward(torch.stack(member_scores), cfg.reward_ensemble, cfg.uwo_lambda) if member_scores else None
+    rewards_per_func = reward_names = None
+    if reward_fns:
+        ids = [row[m].tolist() for row, m in zip(response.cpu(), action_mask.cpu())]  # stop token included (TRL)
+        texts = [tok.decode(r[:-1] if e else r) for r, e in zip(ids, ended.tolist())]
+        rewards_per_func, reward_names, scores = function_rewards(reward_fns, scores, cfg.reward_model_weight, fn_rows,
+                                                                  texts, ids, fn_extra, where)
+        scores = scores.to(response.device)
     # A non-finite score (a diverged reward model, a bf16 overflow) would reach every advantage of the rollout
     # through whitening, then every weight of the policy: those responses take no part in the update (counted).
     nonfinite = ~torch.isfinite(scores)
@@ -929,6 +1104,7 @@ def make_experience(policy, critic, ref, reward_model, query_response, query_mas
                 nonfinite_scores=nonfinite.sum(), tis_weight=tis_weight * action_mask,
                 mismatch_kl=None if recomputed_logp is None else
                 mismatch_kl(sample_logp.float() * action_mask, recomputed_logp * action_mask, action_mask),
+                rewards_per_func=rewards_per_func, reward_names=reward_names,
                 kl_coef=kl_coef)  # the beta of this update, for a loss-side KL
 
 
@@ -1040,6 +1216,13 @@ def ptx_batch(policy, pairs, n, key, tok, cfg: Config, d: Dist):
     return total / count
 
 
+def rm_list(reward_model) -> list:
+    """The reward model's members: [] without one (--reward_model=none), the list of an ensemble, else [it]."""
+    if reward_model is None:
+        return []
+    return list(reward_model) if isinstance(reward_model, (list, tuple)) else [reward_model]
+
+
 @contextlib.contextmanager
 def offloaded(model, cfg: Config, d: Dist):
     """With offload_frozen, a frozen model lives on CPU and visits the device only while it is used."""
@@ -1104,6 +1287,8 @@ def validate(cfg: Config):
         raise SystemExit(f"--uwo_lambda={cfg.uwo_lambda}: a penalty on the variance, >= 0")
     if cfg.kl_is_weight and cfg.kl_location != "loss":
         raise SystemExit("--kl_is_weight weights the loss-side KL; it needs --kl_location=loss")
+    if cfg.reward_model == "none" and not cfg.reward_fn:
+        raise SystemExit("--reward_model=none needs --reward_fn: nothing would score the responses")
 
 
 def build_models(cfg: Config, d: Dist):
@@ -1122,23 +1307,25 @@ def build_models(cfg: Config, d: Dist):
     # disable_adapter, verl's ref_in_actor), not a second copy of the SFT weights.
     ref = BaseModel(policy) if cfg.lora_rank else load(cfg.sft, "policy", trainable=False)
     # One reward model, or an ensemble (reward_model.py --ensemble_size): a list of frozen models, one per member.
-    rm_paths = reward_model_paths(cfg.reward_model)
+    rm_paths = reward_model_paths(cfg.reward_model) if cfg.reward_model != "none" else []
     members = [load(path, "reward", trainable=False) for path in rm_paths]
     for path, member in zip(rm_paths, members):
         if not member.config.scalar_head:
             raise SystemExit(f"{path} has no scalar head: is it a reward model checkpoint?")
-    reward_model = members[0] if len(members) == 1 else members
+    reward_model = (members[0] if len(members) == 1 else members) if members else None
     critic = None
     if cfg.critic not in ("reward", "sft", "shared"):
         raise SystemExit(f"unknown critic {cfg.critic!r}: reward, sft or shared")
     if cfg.critic in ("reward", "sft") and uses_critic:
-        source, name = (rm_paths[0], "reward") if cfg.critic == "reward" else (cfg.sft, "policy")  # an ensemble's member 0
+        # Without a reward model (reward functions only) the critic starts from SFT, as verl's always does.
+        from_rm = cfg.critic == "reward" and rm_paths
+        source, name = (rm_paths[0], "reward") if from_rm else (cfg.sft, "policy")  # an ensemble's member 0
         # An SFT checkpoint has no score head: its fresh draw comes from the global generator after a plain
         # build (which draws too), so it is loaded whole and sharded later, to match a one-process run.
         # With --lora_rank the critic gets adapters of its own on its own frozen trunk, its value head trained in
         # full (OpenRLHF and verl give the critic LoRA the same way). Its trunk is the reward model's (or the SFT's),
         # not the policy's, so it cannot share the policy's base.
-        critic = load(source, name, trainable=True, scalar_head=True, shard=cfg.critic == "reward", **lora_flags(cfg))
+        critic = load(source, name, trainable=True, scalar_head=True, shard=bool(from_rm), **lora_flags(cfg))
         critic.config.reward_gain, critic.config.reward_bias = 1.0, 0.0  # a critic, not a reward model
     for m in [policy, critic] if critic is not None else [policy]:
         m.gradient_checkpointing = cfg.gradient_checkpointing
@@ -1182,6 +1369,7 @@ def main(argv=None):
     cfg = parse_config(Config, [a for a in argv if not a.startswith("--preset=")], {"real": REAL_DATA},
                        **apply_preset(argv, PRESETS))
     validate(cfg)
+    reward_fns = load_reward_functions(cfg.reward_fn, cfg.reward_weights)  # a bad --reward_fn fails before any work
     d = init_distributed(cfg.device)
     seed_all(cfg.seed)
     check_writable(cfg.run_dir)
@@ -1201,8 +1389,8 @@ def main(argv=None):
     # policy and critic together (TRL's PolicyAndValueWrapper; N+).
     policy, ref, reward_model, critic = build_models(cfg, d)
     tok = data.get_tokenizer(policy.config.tokenizer)
-    rm_members = reward_model if isinstance(reward_model, list) else [reward_model]
-    for m, name in ((policy, "policy"), (rm_members[0], "reward model")):
+    rm_members = rm_list(reward_model)
+    for m, name in [(policy, "policy")] + [(m, "reward model") for m in rm_members[:1]]:
         check_context(m, cfg.max_prompt_tokens, cfg.response_length, f"ppo ({name})", "--max_prompt_tokens + --response_length")
     trainable = nn.ModuleDict({"policy": policy} | ({"critic": critic} if critic is not None else {}))
     for m in list(trainable.values()) + ([] if cfg.lora_rank else [ref]) + rm_members:  # a BaseModel shares the policy's shards
@@ -1217,6 +1405,8 @@ def main(argv=None):
         records, eval_records = data.split_heldout(
             lambda source, split, n: data.load_records(source, "prompt", split, max_records=n, seed=cfg.seed),
             cfg.dataset, cfg.eval_dataset, 0, cfg.eval_prompts, "ppo", f"{cfg.run_dir}/prompts.json" if d.is_main else None)
+        # Reward functions see the records as loaded (prompt before the chat template, every other field).
+        fn_records, fn_eval_records = records, eval_records
         records, eval_records = (data.apply_chat_template(r, tok, cfg.chat_template) for r in (records, eval_records))
         prompts, eval_prompts = [r["prompt"] for r in records], [r["prompt"] for r in eval_records]
     except data.DataError as e:
@@ -1243,14 +1433,16 @@ def main(argv=None):
     start_update, bad_streak = update, 0
     first_length, last_kl, warned = 0.0, None, set()  # for degeneration_warnings
     bar = progress_bar(cfg.num_updates, update, "ppo", d)
+    evaluate_now = lambda update: eval_metrics(policy, ref, reward_model, tok, eval_prompts, cfg, d, update,  # noqa: E731
+                                               reward_fns, fn_eval_records)
     if update == 0 and cfg.eval_at_start:
-        metrics_log.log(0, eval_metrics(policy, ref, reward_model, tok, eval_prompts, cfg, d, 0))
+        metrics_log.log(0, evaluate_now(0))
 
     while update < cfg.num_updates:
         t_start = time.time()
         epoch, index = divmod(update, updates_per_epoch)
-        batch_prompts = batch_at(prompt_ids, local_prompts, cfg.seed, epoch, index, d.rank, d.world_size)
-        query, query_mask = data.pad_left(batch_prompts, tok.eos_id)
+        batch_idx = batch_at(list(range(len(prompt_ids))), local_prompts, cfg.seed, epoch, index, d.rank, d.world_size)
+        query, query_mask = data.pad_left([prompt_ids[i] for i in batch_idx], tok.eos_id)
         # Groups: each prompt repeated samples_per_prompt times in consecutive rows.
         query, query_mask = query.repeat_interleave(cfg.samples_per_prompt, 0), query_mask.repeat_interleave(cfg.samples_per_prompt, 0)
         query, query_mask = query.to(d.device), query_mask.to(d.device)
@@ -1260,8 +1452,16 @@ def main(argv=None):
         t_rollout = time.time()
 
         # 2-4. Score, KL and rewards, advantages.
+        # Reward functions get TRL's extra keywords: trainer_state (global_step, max_steps), log_metric (averaged
+        # into this update's metrics), log_extra (TRL's completions table; none here, so it is ignored).
+        logged = {}
+        fn_extra = dict(trainer_state=types.SimpleNamespace(global_step=update, max_steps=cfg.num_updates),
+                        log_metric=lambda name, value: logged.setdefault(name, []).append(float(value)),
+                        log_extra=lambda *a, **k: None)
         exp = make_experience(policy, critic, ref, reward_model, query_response, query_mask, sample_logp,
-                              kl_ctl.value, tok, cfg, d, check_logprobs=checks_logprobs(update, cfg))
+                              kl_ctl.value, tok, cfg, d, check_logprobs=checks_logprobs(update, cfg), reward_fns=reward_fns,
+                              fn_rows=[fn_records[i] for i in batch_idx for _ in range(cfg.samples_per_prompt)],
+                              fn_extra=fn_extra, where=f"update {update + 1}, rank {d.rank}, ")
         t_score = time.time()
 
         # 5. PPO update: epochs x minibatches x micro-batches (gradient accumulation).
@@ -1298,6 +1498,10 @@ def main(argv=None):
                 "val/nonfinite_scores": all_reduce_sum(exp["nonfinite_scores"].float(), d),
                 "policy/skipped_steps": stats["skipped_steps"],
             }
+            if exp["rewards_per_func"] is not None:  # TRL's per-function names; log_metric's as means over ranks
+                row.update(reward_function_metrics(exp["rewards_per_func"], exp["reward_names"], d))
+                row.update({name: all_reduce_mean(torch.tensor(sum(v) / len(v), device=d.device), d)
+                            for name, v in sorted(logged.items())})
             if exp["recomputed_logp"] is not None:  # on the updates that ran the recompute (logprob_check_every)
                 row["val/logprob_recompute_maxdiff"] = ((exp["recomputed_logp"] - logp) * action_mask).abs().max()
                 row["val/mismatch_kl"] = all_reduce_mean(exp["mismatch_kl"], d)  # verl rollout_corr/k3_kl
@@ -1319,7 +1523,7 @@ def main(argv=None):
             bar.set_postfix(score=f"{float(row['objective/scores']):.3f}", kl=f"{float(row['objective/kl']):.2f}")
         check_nonfinite_streak(bad_streak, cfg.max_nonfinite_steps, update, cfg.run_dir)  # before saving this state
         if update % cfg.eval_every == 0 or update == cfg.num_updates:
-            metrics_log.log(update, eval_metrics(policy, ref, reward_model, tok, eval_prompts, cfg, d, update))
+            metrics_log.log(update, evaluate_now(update))
         stopping = cfg.stop_after and update - start_update >= cfg.stop_after
         preempt = preempted(preemption, d) and update < cfg.num_updates  # every rank, every update: a MAX all_reduce
         if update % cfg.save_every == 0 or update == cfg.num_updates or stopping or preempt:
@@ -1336,7 +1540,8 @@ def main(argv=None):
 
 
 @torch.no_grad()
-def eval_metrics(policy, ref, reward_model, tok, prompts, cfg: Config, d: Dist, update: int) -> dict:
+def eval_metrics(policy, ref, reward_model, tok, prompts, cfg: Config, d: Dist, update: int, reward_fns=None,
+                 fn_records=None) -> dict:
     """Held-out prompts: learned reward, KL to the reference (sequence-summed k1), length, EOS rate, and
     on the default task the gold reward, so reward hacking shows as it happens (learned up, gold down)."""
     samples = sample_responses(policy, tok, prompts, d, cfg.response_length, cfg.temperature, seed=cfg.seed + 1,
@@ -1347,7 +1552,24 @@ def eval_metrics(policy, ref, reward_model, tok, prompts, cfg: Config, d: Dist, 
         learned, kls = score_samples(samples, policy, ref, reward_model, tok, cfg.temperature, d, bf16=cfg.bf16,
                                      reduce=lambda s: ensemble_reward(s, cfg.reward_ensemble, cfg.uwo_lambda),
                                      visit=lambda m: offloaded(m, cfg, d))
-    out = {"eval/learned_reward": sum(learned) / len(learned), "eval/kl": sum(kls) / len(kls),
+    fn_metrics = {}
+    extra = dict(trainer_state=types.SimpleNamespace(global_step=update, max_steps=cfg.num_updates),
+                 log_metric=lambda name, value: None, log_extra=lambda *a, **k: None)  # held-out: not logged
+    if reward_fns:  # the score PPO optimizes, and each function's mean (every rank scores every held-out sample)
+        per_func, names, combined = function_rewards(
+            reward_fns, torch.tensor(learned) if learned else None, cfg.reward_model_weight, fn_records,
+            [s["response"] for s in samples], [s["response_ids"] for s in samples], where="held-out ", extra=extra)
+        learned = combined.tolist()
+        fn_metrics = reward_function_metrics(per_func, names, Dist(), prefix="eval/")  # already whole on every rank
+        if cfg.eval_greedy:
+            greedy = sample_responses(policy, tok, prompts, d, cfg.response_length, 0.0, seed=cfg.seed + 1,
+                                      max_prompt_tokens=cfg.max_prompt_tokens, bf16=cfg.bf16)
+            rm_stub = torch.zeros(len(greedy)) if reward_model is not None else None  # only functions, greedily
+            per_func, names, _ = function_rewards(reward_fns, rm_stub, 0.0, fn_records, [s["response"] for s in greedy],
+                                                  [s["response_ids"] for s in greedy], extra, "held-out greedy ")
+            fn_metrics.update({k: v for k, v in reward_function_metrics(per_func, names, Dist(), "eval/greedy/").items()
+                               if f"/{RM_NAME}/" not in k})
+    out = {"eval/learned_reward": sum(learned) / len(learned), "eval/kl": sum(kls) / len(kls), **fn_metrics,
            **sample_metrics(samples, graded=cfg.dataset == "default")}
     if d.is_main:
         show_samples(samples, cfg.num_samples_shown, f"update {update}", cfg.dataset == "default", learned)
