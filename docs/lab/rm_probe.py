@@ -1,0 +1,44 @@
+"""Probe reward models on fixed inputs (docs/lab.md, "Making the default run robust"): gold accuracy on held-out
+pairs between full-length answers (drawn as before 2026-12-06: no unfinished answer), and how often the RM prefers
+the empty answer, or the first two letters, to the exact reversal.
+
+    PYTHONPATH=. python docs/lab/rm_probe.py runs/rm/final [more RM checkpoints ...]
+"""
+import random
+import sys
+
+import torch
+
+import data
+from evaluate import reward_scores
+from model import GPT
+
+
+def scores(rm, tok, prompts, responses):
+    ids = [tok.encode(p) + tok.encode(r) + [tok.eos_id] for p, r in zip(prompts, responses)]
+    x, mask = data.pad_right(ids, tok.pad_id)
+    with torch.no_grad():
+        return reward_scores(rm, x, mask)
+
+
+def main(paths):
+    tok = data.get_tokenizer("char")
+    data.UNFINISHED_FRACTION = 0.0  # the old comparisons: full-length answers only
+    pairs = [p for p in data.make_default_records("preference", "test", 500, seed=0)
+             if p["chosen_gold"] != p["rejected_gold"]]
+    rng = random.Random(0)
+    prompts = [data.task_prompt(rng) for _ in range(400)]
+    for path in paths:
+        rm = GPT.from_pretrained(path.rstrip("/") + "/reward").eval()
+        a = scores(rm, tok, [p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
+        b = scores(rm, tok, [p["prompt"] for p in pairs], [p["rejected"] for p in pairs])
+        gold_says_a = torch.tensor([p["chosen_gold"] > p["rejected_gold"] for p in pairs])
+        exact = scores(rm, tok, prompts, [data.gold_target(p) for p in prompts])
+        empty = scores(rm, tok, prompts, ["" for _ in prompts])
+        two = scores(rm, tok, prompts, [data.gold_target(p)[:2] for p in prompts])
+        print(f"{path}: gold accuracy on {len(pairs)} full-length pairs {((a > b) == gold_says_a).float().mean():.3f}; "
+              f"empty > exact {(empty > exact).float().mean():.1%}; 2 letters > exact {(two > exact).float().mean():.1%}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
