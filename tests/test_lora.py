@@ -116,8 +116,9 @@ def test_peft_parity_outputs_and_adapter_gradients(base_dirs, family, targets, t
     ours_by_peft_name = load_file(str(tmp_path / "grads" / "adapter_model.safetensors"))
     assert set(ours_by_peft_name) == set(grads_theirs)
     for name, g in grads_theirs.items():
-        # float32 sums in another order: the error is relative to the gradient's scale
-        assert (ours_by_peft_name[name] - g).abs().max() <= 1e-5 * g.abs().max(), name
+        # float32 sums in another order (and BLAS threading): the error is relative to the gradient's scale. 1e-4 of
+        # it: two threads gave 1.0e-5 on Qwen2's k_proj; every bug this catches (scale, merge, adapters on/off) is >= 1e-1
+        assert (ours_by_peft_name[name] - g).abs().max() <= 1e-4 * g.abs().max(), name
 
 
 @pytest.mark.parametrize("family,targets", CASES)

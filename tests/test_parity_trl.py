@@ -131,11 +131,16 @@ def test_update_matches_trl(layout, dirs, trl_run):
     for i, (t, o) in enumerate(zip(trl["steps"], ours["steps"])):
         close(o["pg_loss"], t["pg_loss"], f"step {i} policy loss", **LOSS_TOL)
         close(o["vf_loss"], t["vf_loss"], f"step {i} value loss", **LOSS_TOL)
-        close(o["vf_clipfrac"], t["vf_clipfrac"], f"step {i} value clipfrac", **LOSS_TOL)
+        # A clip fraction counts tokens: a value within float32 rounding of the clip boundary (the two sides sum
+        # in different orders; BLAS threading changes it) may land on either side, so one token may differ.
+        close(o["vf_clipfrac"], t["vf_clipfrac"], f"step {i} value clipfrac", atol=1 / o["vf_tokens"] + 1e-6, rtol=0)
     m, s = trl["metrics"][0], ours["stats"]
     for trl_key, our_key in [("loss/policy_avg", "pg_loss"), ("loss/value_avg", "vf_loss"),
                              ("policy/clipfrac_avg", "clipfrac"), ("val/clipfrac_avg", "vf_clipfrac")]:
-        close(s[our_key], torch.tensor(m[trl_key]), trl_key, **LOSS_TOL)
+        # the logged average of the per-step clip fractions: one token of one step may differ (see above)
+        tol = dict(atol=sum(1 / o["vf_tokens"] for o in ours["steps"]) / len(ours["steps"]) + 1e-6, rtol=0) \
+            if "clipfrac" in trl_key else LOSS_TOL
+        close(s[our_key], torch.tensor(m[trl_key]), trl_key, **tol)
     # Not vacuous: later steps clip (policy and value), and TRL's gradient norm exceeds 1 (so the
     # grad-clip xfail below is a real difference), and TRL's lr stayed at its base value in this update.
     assert m["policy/clipfrac_avg"] > 0 and m["val/clipfrac_avg"] > 0

@@ -287,7 +287,8 @@ def run_ours(dirs: dict, trl: dict, cfg: ppo.Config, freeze_critic_bias: bool = 
 
     def value_loss_spy(*a, **k):
         loss, clipfrac = real_value_loss(*a, **k)
-        steps[-1].update(vf_loss=loss.detach().clone(), vf_clipfrac=clipfrac)
+        mask = k["mask"] if "mask" in k else a[3]
+        steps[-1].update(vf_loss=loss.detach().clone(), vf_clipfrac=clipfrac, vf_tokens=int(mask.sum()))
         return loss, clipfrac
 
     def randperm_from_trl(n, *a, **k):  # replay TRL's np.random.permutation draws (one per PPO epoch)
