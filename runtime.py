@@ -897,9 +897,10 @@ def watch_preemption(signals: str) -> threading.Event:
 
 def preempted(flag: threading.Event, d: Dist) -> bool:
     """Whether any rank got a preemption signal: all ranks must stop after the same step."""
+    if not d.distributed:  # no collective, and no device sync per step
+        return flag.is_set()
     got = torch.tensor(float(flag.is_set()), device=d.device)
-    if d.distributed:
-        dist.all_reduce(got, op=dist.ReduceOp.MAX)
+    dist.all_reduce(got, op=dist.ReduceOp.MAX)
     return bool(got.item())
 
 
