@@ -398,7 +398,7 @@ def main(argv=None):
         if step % cfg.eval_every == 0 or step == max_steps:
             last_eval = eval_metrics(policy, ref, tok, eval_items, prompts, cfg, d, step)
             metrics.log(step, last_eval)
-        preempt = preempted(preemption, d) and step < max_steps  # every rank, every step: a MAX all_reduce
+        preempt = preempted(preemption, d) and step < max_steps  # under torchrun, a MAX all_reduce: all ranks stop together
         if step % cfg.save_every == 0 or step == stop_at or preempt:
             save_checkpoint(cfg.run_dir, step, {"policy": policy}, {"policy": (policy, optimizer)},
                             {"skipped_steps": skipped_steps}, cfg, d, keep=cfg.keep_last, final=step == max_steps)

@@ -533,7 +533,7 @@ def train(cfg: Config, d: Dist, member: int) -> dict:
             model.config.reward_gain, model.config.reward_bias = gain, bias
             metrics.log(step, {"normalize/raw_mean": raw.mean().item(), "normalize/raw_std": raw.std(unbiased=False).item(),
                                "normalize/gain": gain, "normalize/bias": bias})
-        preempt = preempted(preemption, d) and step < max_steps  # every rank, every step: a MAX all_reduce
+        preempt = preempted(preemption, d) and step < max_steps  # under torchrun, a MAX all_reduce: all ranks stop together
         if step % cfg.save_every == 0 or step == stop_at or preempt:
             save_checkpoint(cfg.run_dir, step, {"reward": model}, {"reward": (model, optimizer)},
                             {"skipped_steps": skipped_steps}, cfg, d, keep=cfg.keep_last, final=step == max_steps)

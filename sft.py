@@ -281,7 +281,7 @@ def main(argv=None):
         check_nonfinite_streak(bad_streak, cfg.max_nonfinite_steps, step, cfg.run_dir)  # before saving this state
         if step % cfg.eval_every == 0 or step == max_steps:
             metrics.log(step, eval_metrics(model, tok, eval_pairs, eval_records, cfg, d, step))
-        preempt = preempted(preemption, d) and step < max_steps  # every rank, every step: a MAX all_reduce
+        preempt = preempted(preemption, d) and step < max_steps  # under torchrun, a MAX all_reduce: all ranks stop together
         if step % cfg.save_every == 0 or step == stop_at or preempt:
             save_checkpoint(cfg.run_dir, step, {"policy": model}, {"policy": (model, optimizer)},
                             {"skipped_steps": skipped_steps}, cfg, d, keep=cfg.keep_last, final=step == max_steps)
