@@ -899,6 +899,13 @@ def _raises(fn, prompts, completions, completion_ids, kwargs, i) -> bool:
         return True
 
 
+def trl_extra(update: int, cfg: Config, log_metric=lambda name, value: None) -> dict:
+    """The extra keywords TRL's GRPOTrainer passes its reward functions: trainer_state (global_step, max_steps),
+    log_metric, and log_extra (TRL's completions table; none here, so it is ignored)."""
+    return dict(trainer_state=types.SimpleNamespace(global_step=update, max_steps=cfg.num_updates),
+                log_metric=log_metric, log_extra=lambda *a, **k: None)
+
+
 def combine_rewards(rewards_per_func: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """(B, F) rewards, NaN = None -> (B,) score: the weighted sum over the functions that scored the row (nansum),
     NaN where none did. TRL's multi_objective_aggregation="sum_then_normalize" (grpo_trainer.py L2779-2787: nansum,
@@ -1455,9 +1462,7 @@ def main(argv=None):
         # Reward functions get TRL's extra keywords: trainer_state (global_step, max_steps), log_metric (averaged
         # into this update's metrics), log_extra (TRL's completions table; none here, so it is ignored).
         logged = {}
-        fn_extra = dict(trainer_state=types.SimpleNamespace(global_step=update, max_steps=cfg.num_updates),
-                        log_metric=lambda name, value: logged.setdefault(name, []).append(float(value)),
-                        log_extra=lambda *a, **k: None)
+        fn_extra = trl_extra(update, cfg, log_metric=lambda name, value: logged.setdefault(name, []).append(float(value)))
         exp = make_experience(policy, critic, ref, reward_model, query_response, query_mask, sample_logp,
                               kl_ctl.value, tok, cfg, d, check_logprobs=checks_logprobs(update, cfg), reward_fns=reward_fns,
                               fn_rows=[fn_records[i] for i in batch_idx for _ in range(cfg.samples_per_prompt)],
@@ -1525,7 +1530,7 @@ def main(argv=None):
         if update % cfg.eval_every == 0 or update == cfg.num_updates:
             metrics_log.log(update, evaluate_now(update))
         stopping = cfg.stop_after and update - start_update >= cfg.stop_after
-        preempt = preempted(preemption, d) and update < cfg.num_updates  # every rank, every update: a MAX all_reduce
+        preempt = preempted(preemption, d) and update < cfg.num_updates  # under torchrun, a MAX all_reduce: all ranks stop together
         if update % cfg.save_every == 0 or update == cfg.num_updates or stopping or preempt:
             save_checkpoint(cfg.run_dir, update, dict(trainable.items()), {"ppo": (trainable, optimizer)},
                             {"kl_coef": kl_ctl.value}, cfg, d, keep=cfg.keep_last, final=update == cfg.num_updates)
@@ -1553,8 +1558,7 @@ def eval_metrics(policy, ref, reward_model, tok, prompts, cfg: Config, d: Dist, 
                                      reduce=lambda s: ensemble_reward(s, cfg.reward_ensemble, cfg.uwo_lambda),
                                      visit=lambda m: offloaded(m, cfg, d))
     fn_metrics = {}
-    extra = dict(trainer_state=types.SimpleNamespace(global_step=update, max_steps=cfg.num_updates),
-                 log_metric=lambda name, value: None, log_extra=lambda *a, **k: None)  # held-out: not logged
+    extra = trl_extra(update, cfg)  # held-out: log_metric is not logged
     if reward_fns:  # the score PPO optimizes, and each function's mean (every rank scores every held-out sample)
         per_func, names, combined = function_rewards(
             reward_fns, torch.tensor(learned) if learned else None, cfg.reward_model_weight, fn_records,
