@@ -1459,9 +1459,7 @@ def main(argv=None):
         t_rollout = time.time()
 
         # 2-4. Score, KL and rewards, advantages.
-        # Reward functions get TRL's extra keywords: trainer_state (global_step, max_steps), log_metric (averaged
-        # into this update's metrics), log_extra (TRL's completions table; none here, so it is ignored).
-        logged = {}
+        logged = {}  # what reward functions send through TRL's log_metric: averaged into this update's metrics
         fn_extra = trl_extra(update, cfg, log_metric=lambda name, value: logged.setdefault(name, []).append(float(value)))
         exp = make_experience(policy, critic, ref, reward_model, query_response, query_mask, sample_logp,
                               kl_ctl.value, tok, cfg, d, check_logprobs=checks_logprobs(update, cfg), reward_fns=reward_fns,
