@@ -214,14 +214,16 @@ response is the word reversed, then EOS: "fbkd=" -> "dkbf". Why this task:
 TASK_LETTERS = "abcdefghijklmnop"
 TASK_MIN_LEN, TASK_MAX_LEN = 3, 8
 MAX_PAIR_NOISE = 0.6  # noise levels of compared responses are drawn U(0, MAX_PAIR_NOISE)
-# Share of comparisons with one unfinished answer: the last response drawn is cut after a uniform number of letters,
-# down to the empty answer. Why: a reward model is only trustworthy on the responses it was trained to compare.
-# Full-length responses alone (within one letter of the target's length) taught it nothing about short ones: it
-# extrapolated "shorter is better" (an empty answer outscored the exact reversal on 11% of prompts), and PPO found
-# the 2-letter answers it rated highest (docs/lab.md, "Making the default run robust"). InstructGPT's labelers
-# compared the policies' own samples, cut or not; this shows the RM the short answers a policy can reach, while
-# four comparisons in five stay between full answers, which carry what the RM must learn about the letters.
-UNFINISHED_FRACTION = 0.2
+# Share of comparisons with one off-length answer: the last response drawn is, on a coin flip, either cut after a
+# uniform number of letters (unfinished, down to the empty answer) or run on by up to its length in random
+# letters (it did not stop). Why: a reward model is only trustworthy on the responses it was trained to compare.
+# Full-length responses alone (within one letter of the target's length) taught it nothing about other lengths: it
+# extrapolated "shorter is better" (an empty answer outscored the exact reversal on 11% of prompts) and, once cut
+# answers were added, "a few more letters do no harm" (a noisy answer run on by three letters outscored itself on
+# a quarter of prompts); PPO found each (docs/lab.md, "Making the default run robust"). InstructGPT's labelers
+# compared the policies' own samples, which stop too early and too late; four comparisons in five stay between
+# full answers, which carry what the RM must learn about the letters.
+OFF_LENGTH_FRACTION = 0.2
 DEFAULT_SIZES = {"train": 20000, "test": 500}
 
 
@@ -279,13 +281,17 @@ def _bt_prob(diff: float, tau: float) -> float:
 
 def _distinct_responses(prompt: str, rng: random.Random, k: int) -> list[str]:
     """k different responses, each with its own noise level drawn U(0, MAX_PAIR_NOISE); with probability
-    UNFINISHED_FRACTION the last one is cut after a uniform number of letters in [0, len) (an unfinished answer,
-    possibly empty). Duplicates are redrawn."""
+    OFF_LENGTH_FRACTION the last one is off-length: on a coin flip, followed by a uniform number in [1, len] of
+    random letters (run on) or cut after a uniform number of letters in [0, len) (unfinished, possibly empty).
+    Duplicates are redrawn."""
     out = []
     while len(out) < k:
         r = noisy_response(prompt, rng, rng.uniform(0, MAX_PAIR_NOISE))
-        if len(out) == k - 1 and UNFINISHED_FRACTION and rng.random() < UNFINISHED_FRACTION:
-            r = r[:rng.randrange(max(len(r), 1))]
+        if len(out) == k - 1 and OFF_LENGTH_FRACTION and rng.random() < OFF_LENGTH_FRACTION:
+            if rng.random() < 0.5:
+                r += "".join(rng.choice(TASK_LETTERS) for _ in range(rng.randint(1, max(len(r), 1))))
+            else:
+                r = r[:rng.randrange(max(len(r), 1))]
         if r not in out:
             out.append(r)
     return out

@@ -621,17 +621,22 @@ def test_a_files_skip_warning_is_said_once_per_process(tmp_path):
     assert [str(w.message) for w in caught] == [f"{path}: skipped 200 of 400 records: empty response"]
 
 
-def test_default_comparisons_include_unfinished_answers(monkeypatch):
-    """One comparison in five has an unfinished answer (cut short, down to empty), so the reward model sees the
-    lengths a policy can reach; without them every response is within one letter of the target's length (one
-    deletion at most), and a reward model extrapolated "shorter is better" to answers it never saw (docs/lab.md)."""
+def test_default_comparisons_include_off_length_answers(monkeypatch):
+    """One comparison in five has an off-length answer, half cut short (down to empty), half run on, so the reward
+    model sees the lengths a policy can reach; without them every response is within one letter of the target's
+    length (one deletion or insertion at most), and a reward model extrapolated "shorter is better", then "a few
+    more letters do no harm", to answers it never saw (docs/lab.md)."""
     def shares(records):
         short = sum(any(len(x) < len(gold_target(r["prompt"])) - 1 for x in (r["chosen"], r["rejected"]))
                     for r in records) / len(records)
+        long = sum(any(len(x) > len(gold_target(r["prompt"])) + 1 for x in (r["chosen"], r["rejected"]))
+                   for r in records) / len(records)
         empty = sum("" in (r["chosen"], r["rejected"]) for r in records) / len(records)
-        return short, empty
-    short, empty = shares(make_default_records("preference", "train", 4000, seed=0))
-    # cut after U{0..len-1} letters: at least 2 letters short unless the cut falls in the last two places
-    assert 0.1 < short < data.UNFINISHED_FRACTION and empty > 0.02
-    monkeypatch.setattr(data, "UNFINISHED_FRACTION", 0.0)
-    assert shares(make_default_records("preference", "train", 4000, seed=0)) == (0.0, 0.0)
+        return short, long, empty
+    short, long, empty = shares(make_default_records("preference", "train", 4000, seed=0))
+    # cut after U{0..len-1} letters: at least 2 letters short unless the cut falls in the last two places;
+    # run on by U{1..len} letters: at least 2 long unless only 1 was added (or one deletion took it back)
+    half = data.OFF_LENGTH_FRACTION / 2
+    assert 0.05 < short < half and 0.05 < long < half and empty > 0.01
+    monkeypatch.setattr(data, "OFF_LENGTH_FRACTION", 0.0)
+    assert shares(make_default_records("preference", "train", 4000, seed=0)) == (0.0, 0.0, 0.0)

@@ -1,6 +1,7 @@
 """Probe reward models on fixed inputs (docs/lab.md, "Making the default run robust"): gold accuracy on held-out
-pairs between full-length answers (drawn as before 2026-12-06: no unfinished answer), and how often the RM prefers
-the empty answer, or the first two letters, to the exact reversal.
+pairs between full-length answers (drawn as before 2026-12-06: no off-length answer), and how often the RM prefers
+the empty answer, the first two letters, or a run-on answer (the exact reversal with its last letter repeated
+three more times) to the exact reversal.
 
     PYTHONPATH=. python docs/lab/rm_probe.py runs/rm/final [more RM checkpoints ...]
 """
@@ -23,7 +24,7 @@ def scores(rm, tok, prompts, responses):
 
 def main(paths):
     tok = data.get_tokenizer("char")
-    data.UNFINISHED_FRACTION = 0.0  # the old comparisons: full-length answers only
+    data.OFF_LENGTH_FRACTION = 0.0  # the old comparisons: full-length answers only
     pairs = [p for p in data.make_default_records("preference", "test", 500, seed=0)
              if p["chosen_gold"] != p["rejected_gold"]]
     rng = random.Random(0)
@@ -36,8 +37,16 @@ def main(paths):
         exact = scores(rm, tok, prompts, [data.gold_target(p) for p in prompts])
         empty = scores(rm, tok, prompts, ["" for _ in prompts])
         two = scores(rm, tok, prompts, [data.gold_target(p)[:2] for p in prompts])
+        # run-on answers: the exact reversal that does not stop, its last letter repeated three times more
+        runon = scores(rm, tok, prompts, [data.gold_target(p) + data.gold_target(p)[-1] * 3 for p in prompts])
+        # a demonstration-like answer against the same answer run on (its last letter three more times)
+        noisy = [data.noisy_response(p, rng, 0.3) or data.gold_target(p) for p in prompts]
+        plain = scores(rm, tok, prompts, noisy)
+        longer = scores(rm, tok, prompts, [r + r[-1] * 3 for r in noisy])
         print(f"{path}: gold accuracy on {len(pairs)} full-length pairs {((a > b) == gold_says_a).float().mean():.3f}; "
-              f"empty > exact {(empty > exact).float().mean():.1%}; 2 letters > exact {(two > exact).float().mean():.1%}")
+              f"empty > exact {(empty > exact).float().mean():.1%}; 2 letters > exact {(two > exact).float().mean():.1%}; "
+              f"run-on (+3 repeats) > exact {(runon > exact).float().mean():.1%}; "
+              f"noisy answer run on > itself {(longer > plain).float().mean():.1%}")
 
 
 if __name__ == "__main__":
