@@ -110,18 +110,19 @@ if [ "$MODE" = smollm2 ]; then
   SFT_DATA=$HH PREF_DATA=$HH PROMPT_DATA=$HH
   [ "$RUN_DIR" = runs ] && RUN_DIR=runs/smollm2
   PEAK_MEMORY=${PEAK_MEMORY:-1}
-  # Cut to fit a 2-core CPU shared with other jobs (docs/real-model.md has the time and what the cuts cost): prompts
-  # 64 tokens (left-cut; SmolLM2's template adds a ~20-token system turn), responses 32, a handful of optimizer steps
-  # per stage (SMOL_STEPS, SMOL_RL_UPDATES), 16-32 held-out examples per evaluation. Scale these up on a real machine.
+  # Sized for <= 45 min on a 2-core CPU (docs/real-model.md has the measured run and what the cuts cost): prompts
+  # 64 tokens (left-cut; SmolLM2's template adds a ~20-token system turn), responses 32; SFT 32 steps of 8, RM 48
+  # steps of 4 pairs, DPO 24 steps of 4 pairs, PPO and GRPO 10 updates of 8 sequences; 32-64 held-out examples per
+  # evaluation. On a real machine raise them through SFT_ARGS, RM_ARGS, PPO_ARGS, DPO_ARGS and GROUP_ARGS (a flag
+  # given twice: the last one wins).
   LEN="--max_prompt_tokens=64"
-  STEPS=${SMOL_STEPS:-8}
-  EVAL="--eval_every=1000 --save_every=1000 --eval_examples=16"
+  EVAL="--eval_every=1000 --save_every=1000"
   RL_EVAL="--eval_every=1000 --save_every=1000 --eval_prompts=16 --eval_at_start=false"
-  SFT_ARGS="--profile=real $LEN --max_response_tokens=32 --batch_size=4 --micro_batch_size=4 --max_steps=$STEPS --warmup_steps=1 $EVAL $SFT_ARGS"
-  RM_ARGS="--profile=real $LEN --max_response_tokens=32 --batch_size=4 --micro_batch_size=4 --max_steps=$STEPS --warmup_steps=1 --lr=3e-5 $EVAL --eval_examples=32 --normalize_examples=8 $RM_ARGS"
-  PPO_ARGS="--preset=trl --profile=real $LEN --response_length=32 --rollout_batch_size=4 --micro_batch_size=4 --num_ppo_epochs=1 --num_updates=${SMOL_RL_UPDATES:-3} --lr=1e-5 $RL_EVAL $PPO_ARGS"
-  DPO_ARGS="--profile=real $LEN --max_response_tokens=32 --batch_size=4 --micro_batch_size=4 --max_steps=$STEPS --warmup_steps=1 --lr=5e-6 $EVAL $DPO_ARGS"
-  GROUP_ARGS="--profile=real $LEN --response_length=32 --micro_batch_size=4 --num_ppo_epochs=1 --num_updates=${SMOL_RL_UPDATES:-3} --lr=1e-5 --kl_coef=0.05 $RL_EVAL $GROUP_ARGS"
+  SFT_ARGS="--profile=real $LEN --max_response_tokens=32 --batch_size=8 --micro_batch_size=8 --max_steps=32 --warmup_steps=3 $EVAL --eval_examples=32 $SFT_ARGS"
+  RM_ARGS="--profile=real $LEN --max_response_tokens=32 --batch_size=4 --micro_batch_size=4 --max_steps=48 --warmup_steps=3 --lr=3e-5 $EVAL --eval_examples=64 --normalize_examples=16 $RM_ARGS"
+  PPO_ARGS="--preset=trl --profile=real $LEN --response_length=32 --rollout_batch_size=8 --micro_batch_size=8 --num_ppo_epochs=1 --num_updates=10 --lr=1e-5 $RL_EVAL $PPO_ARGS"
+  DPO_ARGS="--profile=real $LEN --max_response_tokens=32 --batch_size=4 --micro_batch_size=4 --max_steps=24 --warmup_steps=3 --lr=5e-6 $EVAL --eval_examples=32 $DPO_ARGS"
+  GROUP_ARGS="--profile=real $LEN --response_length=32 --micro_batch_size=8 --num_ppo_epochs=1 --num_updates=10 --lr=1e-5 --kl_coef=0.05 $RL_EVAL $GROUP_ARGS"
 fi
 mkdir -p "$RUN_DIR"
 TIMES="$RUN_DIR/stage_times.json"
@@ -265,9 +266,9 @@ case "$MODE" in
     run_stage grpo ppo.py --sft="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" --dataset="$PROMPT_DATA" \
       --advantage_estimator=grpo --kl_location=loss --kl_estimator=k3 --kl_is_weight --loss_aggregation=global_token_mean \
       --samples_per_prompt=4 --rollout_batch_size=2 --advantage_whitening=none $SEED_ARG $GROUP_ARGS
-    # "base" is SmolLM2 as downloaded (before), "sft" the reference for the KL column; 16 held-out prompts by default.
+    # "base" is SmolLM2 as downloaded (before), "sft" the reference for the KL column; 32 held-out prompts by default.
     python evaluate.py --policies="base:$(python model.py convert-gguf "$BASE_MODEL"),sft:$RUN_DIR/sft/final,ppo:$RUN_DIR/ppo/final,dpo:$RUN_DIR/dpo/final,grpo:$RUN_DIR/grpo/final" \
-      --reference="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" --dataset="$PROMPT_DATA" --num_prompts="${SMOL_EVAL_PROMPTS:-16}" \
+      --reference="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" --dataset="$PROMPT_DATA" --num_prompts="${SMOL_EVAL_PROMPTS:-32}" \
       --max_prompt_tokens=64 --response_length=32 --stage_times="$TIMES" --ppo_metrics="$RUN_DIR/ppo/metrics.jsonl" \
       --out="$RUN_DIR/report"
     ;;
