@@ -1,7 +1,7 @@
 """Probe reward models on fixed inputs (docs/lab.md, "Making the default run robust"): gold accuracy on held-out
 pairs between full-length answers (drawn as before 2026-12-06: no off-length answer), and how often the RM prefers
 the empty answer, the first two letters, or a run-on answer (the exact reversal with its last letter repeated
-three more times) to the exact reversal.
+three more times) to the exact reversal, and a noisy answer run on the same way to the noisy answer itself.
 
     PYTHONPATH=. python docs/lab/rm_probe.py runs/rm/final [more RM checkpoints ...]
 """
