@@ -276,14 +276,33 @@ def accuracy_curve(metrics_path: str, metric: str) -> list[dict]:
             for r in rows if f"eval/{key}" in r]
 
 
+def before_after(metrics_path: str) -> tuple[list[int], list[tuple[dict, dict]]]:
+    """The held-out samples that ppo.py logs at each evaluation (eval/samples: the same prompts every time, sampled
+    and greedy answers with their scores), at the first and the last evaluation: ([step0, step1], [(before, after)])."""
+    rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
+    evals = [r for r in rows if r.get("eval/samples")]
+    if not evals:
+        return [], []
+    return [evals[0]["step"], evals[-1]["step"]], list(zip(evals[0]["eval/samples"], evals[-1]["eval/samples"]))
+
+
+def answer_cell(sample: dict, greedy: bool) -> str:
+    """One logged answer as a Markdown table cell: the text, then its reward in brackets."""
+    text, score = (sample.get("greedy"), sample.get("greedy_score")) if greedy else (sample["response"], sample["score"])
+    if text is None:
+        return "-"
+    return "`" + text.replace("|", "\\|").replace("`", "'") + f"` ({score:.0f})"
+
+
 def cmd_rlvr(runs: str, metric: str, out: str):
     """RLVR runs (name:dir+dir+... one dir per seed) -> held-out accuracy before and after, sampled and greedy,
     mean +- std over seeds (rlvr.md/.json), and the curves against updates (rlvr.png)."""
-    table, curves = {}, {}
+    table, curves, examples = {}, {}, {}
     for item in runs.split(","):
         name, dirs = item.split(":", 1)
         per_seed = [accuracy_curve(os.path.join(d, "metrics.jsonl"), metric) for d in dirs.split("+")]
         curves[name] = per_seed
+        examples[name] = before_after(os.path.join(dirs.split("+")[0], "metrics.jsonl"))
         row = {"seeds": len(per_seed), "updates": per_seed[0][-1]["step"]}
         for kind in ("sampled", "greedy"):
             for when, i in (("before", 0), ("after", -1)):
@@ -297,7 +316,16 @@ def cmd_rlvr(runs: str, metric: str, out: str):
         cell = lambda k: f"{r[k]:.3f} +- {r[k + '_std']:.3f}"  # noqa: E731
         md.append(f"| {name} | {r['seeds']} | {r['updates']} | {cell('sampled_before')} | {cell('sampled_after')} | "
                   f"{cell('sampled_gain')} | {cell('greedy_before')} | {cell('greedy_after')} | {cell('greedy_gain')} |")
-    write(out, "rlvr", {"metric": metric, "runs": table, "curves": curves}, md)
+    for name, (steps, rows) in examples.items():
+        if not rows:
+            continue
+        md += ["", f"## {name}: held-out problems at update {steps[0]} and {steps[1]} (first seed; score in brackets)", "",
+               "| prompt (its end) | greedy before | greedy after | sampled before | sampled after |", "|---|---|---|---|---|"]
+        for p, q in rows:
+            md.append(f"| `{p['prompt'][-80:]}` | {answer_cell(p, True)} | {answer_cell(q, True)} | "
+                      f"{answer_cell(p, False)} | {answer_cell(q, False)} |".replace("\n", " "))
+    write(out, "rlvr", {"metric": metric, "runs": table, "curves": curves,
+                        "samples": {n: {"steps": st, "before_after": r} for n, (st, r) in examples.items()}}, md)
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, kind in zip(axes, ("sampled", "greedy")):

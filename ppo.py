@@ -1555,7 +1555,7 @@ def eval_metrics(policy, ref, reward_model, tok, prompts, cfg: Config, d: Dist, 
         learned, kls = score_samples(samples, policy, ref, reward_model, tok, cfg.temperature, d, bf16=cfg.bf16,
                                      reduce=lambda s: ensemble_reward(s, cfg.reward_ensemble, cfg.uwo_lambda),
                                      visit=lambda m: offloaded(m, cfg, d))
-    fn_metrics = {}
+    fn_metrics, greedy, greedy_scores = {}, None, None
     extra = trl_extra(update, cfg)  # held-out: log_metric is not logged
     if reward_fns:  # the score PPO optimizes, and each function's mean (every rank scores every held-out sample)
         per_func, names, combined = function_rewards(
@@ -1567,12 +1567,18 @@ def eval_metrics(policy, ref, reward_model, tok, prompts, cfg: Config, d: Dist, 
             greedy = sample_responses(policy, tok, prompts, d, cfg.response_length, 0.0, seed=cfg.seed + 1,
                                       max_prompt_tokens=cfg.max_prompt_tokens, bf16=cfg.bf16)
             rm_stub = torch.zeros(len(greedy)) if reward_model is not None else None  # only functions, greedily
-            per_func, names, _ = function_rewards(reward_fns, rm_stub, 0.0, fn_records, [s["response"] for s in greedy],
-                                                  [s["response_ids"] for s in greedy], extra, "held-out greedy ")
+            per_func, names, greedy_scores = function_rewards(
+                reward_fns, rm_stub, 0.0, fn_records, [s["response"] for s in greedy], [s["response_ids"] for s in greedy],
+                extra, "held-out greedy ")
             fn_metrics.update({k: v for k, v in reward_function_metrics(per_func, names, Dist(), "eval/greedy/").items()
                                if f"/{RM_NAME}/" not in k})
     out = {"eval/learned_reward": sum(learned) / len(learned), "eval/kl": sum(kls) / len(kls), **fn_metrics,
            **sample_metrics(samples, graded=cfg.dataset == "default")}
+    # The first held-out prompts, the same at every evaluation, so a report can set "before" beside "after".
+    out["eval/samples"] = [{"prompt": s["prompt_shown"], "response": s["response"], "ended": s["ended"], "score": learned[i]}
+                           | ({"greedy": greedy[i]["response"], "greedy_ended": greedy[i]["ended"],
+                               "greedy_score": float(greedy_scores[i])} if greedy else {})
+                           for i, s in enumerate(samples[:cfg.num_samples_shown])]
     if d.is_main:
         show_samples(samples, cfg.num_samples_shown, f"update {update}", cfg.dataset == "default", learned)
     return out

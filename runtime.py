@@ -944,7 +944,7 @@ class Metrics:
             log(step, {k: v for k, v in clean.items() if isinstance(v, (int, float))})
         if echo:
             from tqdm import tqdm
-            shown = " ".join(f"{k}={_fmt(v)}" for k, v in clean.items())
+            shown = " ".join(f"{k}={_fmt(v)}" for k, v in clean.items() if not isinstance(v, list))  # samples: too long
             tqdm.write(f"step {step}: {shown}")
 
 

@@ -101,6 +101,20 @@ def test_trl_style_function_with_every_estimator(checkpoints, files, tmp_path, e
     assert len(held_out) == 2  # at the start and at the end
     if estimator == "grpo":  # --eval_greedy: T = 0 answers too, the same for both functions' keys
         assert all("eval/greedy/rewards/reverse_reward/mean" in r for r in held_out)
+        # The first held-out answers of each evaluation, sampled and greedy, with the weighted score of each.
+        weighted = lambda p, c: float(c == p.partition("=")[0][::-1]) + 0.5 * data.gold_reward(p, c)  # noqa: E731
+        for r in held_out:
+            assert len(r["eval/samples"]) == 3  # --num_samples_shown's default
+            for s in r["eval/samples"]:
+                assert s["score"] == pytest.approx(weighted(s["prompt"], s["response"]))
+                assert s["greedy_score"] == pytest.approx(weighted(s["prompt"], s["greedy"]))
+        # plots.py rlvr sets them before / after in its report.
+        import plots
+        plots.main(["rlvr", f"--runs=grpo:{tmp_path}", "--metric=reverse_reward", f"--out={tmp_path / 'rlvr'}"])
+        report = (tmp_path / "rlvr" / "rlvr.md").read_text()
+        first, last = held_out[0]["eval/samples"][0], held_out[-1]["eval/samples"][0]
+        assert "## grpo: held-out problems at update 0 and 2" in report
+        assert f"`{first['greedy']}` ({first['greedy_score']:.0f}) | `{last['greedy']}` ({last['greedy_score']:.0f})" in report
 
 
 def test_reward_function_alone_equals_its_weighted_score(checkpoints, tmp_path):
