@@ -162,6 +162,10 @@ class Config:
     All but token_mean are normalized over the whole minibatch, so micro_batch_size and the process count do not change the gradient"""
     old_logprobs: str = "sampling"
     """"sampling": log-probs recorded while generating (N+, TRL, torchtune); "recompute": a fresh forward pass (OpenRLHF, verl, DS-Chat)"""
+    skip_unused_reference: bool = False
+    """at kl_coef 0 without adaptive_kl the reference changes nothing in the update (its KL term is multiplied by 0):
+    skip its forward, as TRL does not even load it at beta 0 (trl 1.12 grpo_trainer.py L968). Training is
+    the same; objective/kl is then NaN, and held-out evaluations still measure the KL (eval/kl)"""
     logprob_check_every: int = 0
     """with old_logprobs=sampling the policy's recompute forward only feeds diagnostics (val/logprob_recompute_maxdiff,
     val/mismatch_kl, the top-k/top-p check): run it on every Nth update (1 = every update); 0 = on the updates that are
@@ -1050,8 +1054,10 @@ def make_experience(policy, critic, ref, reward_model, query_response, query_mas
         scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
 
     # 3. Log-probs of policy and reference (logits / T, float32), values, KL, per-token rewards.
-    with offloaded(ref, cfg, d), autocast(d, cfg.bf16):
-        ref_logp, _, _ = response_logprobs(ref, query_response, attention_mask, P, T_lp)
+    skip_ref = cfg.skip_unused_reference and kl_coef == 0 and not cfg.adaptive_kl
+    if not skip_ref:
+        with offloaded(ref, cfg, d), autocast(d, cfg.bf16):
+            ref_logp, _, _ = response_logprobs(ref, query_response, attention_mask, P, T_lp)
     uses_critic = cfg.advantage_estimator == "gae"  # the group estimators need no values (no critic is built)
     shared_critic = critic is None and uses_critic  # one forward gives log-probs and values
     recomputed_logp = values = None
@@ -1071,7 +1077,7 @@ def make_experience(policy, critic, ref, reward_model, query_response, query_mas
     # TIS: recomputed old log-probs, but tokens drawn by the sampler; weights of 1 when off.
     tis = cfg.tis_cap > 0 and cfg.old_logprobs == "recompute"
     tis_weight = truncated_is_weight(recomputed_logp, sample_logp, cfg.tis_cap) if tis else torch.ones_like(logp)
-    ref_logp = ref_logp * action_mask
+    ref_logp = logp.detach().clone() if skip_ref else ref_logp * action_mask  # skipped: a KL of 0, times beta 0
     kl = kl_penalty(logp, ref_logp, cfg.kl_estimator, cfg.kl_clamp) * action_mask
     n = cfg.samples_per_prompt
     # REINFORCE++-baseline (OpenRLHF): the group mean leaves the score before the per-token KL joins it.
@@ -1106,7 +1112,7 @@ def make_experience(policy, critic, ref, reward_model, query_response, query_mas
     return dict(query_response=query_response, attention_mask=attention_mask, context_length=P,
                 action_mask=action_mask, value_mask=value_mask, ended=ended, scores=scores, logp=logp,
                 recomputed_logp=None if recomputed_logp is None else recomputed_logp * action_mask,
-                ref_logp=ref_logp, values=values, rewards=rewards,
+                ref_logp=ref_logp, ref_skipped=skip_ref, values=values, rewards=rewards,
                 non_score_reward=non_score_reward, advantages=advantages, returns=returns,
                 nonfinite_scores=nonfinite.sum(), tis_weight=tis_weight * action_mask,
                 mismatch_kl=None if recomputed_logp is None else
@@ -1476,7 +1482,7 @@ def main(argv=None):
         with torch.no_grad():
             logp, ref_logp, action_mask, scores = exp["logp"], exp["ref_logp"], exp["action_mask"], exp["scores"]
             seq_kl = sequence_kl(logp, ref_logp, action_mask)  # logged KL is always k1, summed (TRL)
-            mean_kl = all_reduce_mean(seq_kl.mean(), d)
+            mean_kl = all_reduce_mean(seq_kl.mean(), d) if not exp["ref_skipped"] else torch.tensor(float("nan"))
             token_kl = all_reduce_mean(masked_mean(kl_penalty(logp, ref_logp, "k1"), action_mask), d)
             all_ratios = stats["ratios"]
             row = {

@@ -309,3 +309,33 @@ def test_arithmetic_reward_reads_the_last_number():
     assert got == [r for _, _, r in cases]
     # TRL's conversational completions run through the same function.
     assert data.arithmetic_reward([[{"role": "assistant", "content": "It is 9"}]], ["9"]) == [1.0]
+
+
+def test_skip_unused_reference_trains_the_same(checkpoints, tmp_path):
+    """--skip_unused_reference at beta 0 (TRL GRPO's default): no reference forward, the same weights after two
+    updates, objective/kl NaN; at beta > 0 the flag changes nothing (the reference is used)."""
+    base = ["--reward_fn=data:reverse_reward", "--advantage_estimator=grpo", "--kl_location=loss", "--kl_estimator=k3",
+            *GROUP]
+    weights, kls, forwards = {}, {}, {}
+    for beta in ("0", "0.1"):
+        for skip in ("false", "true"):
+            run = tmp_path / f"b{beta}_{skip}"
+            calls = []
+            real = ppo.response_logprobs
+            ppo.response_logprobs = lambda model, *a, **k: (calls.append(model), real(model, *a, **k))[1]
+            try:
+                ppo.main(args(checkpoints, run, *base, f"--kl_coef={beta}", f"--skip_unused_reference={skip}",
+                              "--eval_every=100", "--eval_at_start=false"))
+            finally:
+                ppo.response_logprobs = real
+            weights[beta, skip] = load_file(run / "final" / "policy" / "model.safetensors")
+            kls[beta, skip] = [json.loads(line)["objective/kl"] for line in open(run / "metrics.jsonl")
+                               if "objective/kl" in line]
+            forwards[beta, skip] = len(calls)
+    assert forwards["0", "true"] == forwards["0", "false"] - 2  # one reference forward per update fewer
+    assert forwards["0.1", "true"] == forwards["0.1", "false"]
+    for beta in ("0", "0.1"):
+        for k, v in weights[beta, "false"].items():
+            assert torch.equal(v, weights[beta, "true"][k]), (beta, k)
+    assert all(k != k for k in kls["0", "true"]) and all(k == k for k in kls["0", "false"])  # NaN only when skipped
+    assert kls["0.1", "true"] == kls["0.1", "false"]
