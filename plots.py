@@ -302,7 +302,8 @@ def cmd_rlvr(runs: str, metric: str, out: str):
         name, dirs = item.split(":", 1)
         per_seed = [accuracy_curve(os.path.join(d, "metrics.jsonl"), metric) for d in dirs.split("+")]
         curves[name] = per_seed
-        examples[name] = before_after(os.path.join(dirs.split("+")[0], "metrics.jsonl"))
+        logged = [(d, before_after(os.path.join(d, "metrics.jsonl"))) for d in dirs.split("+")]
+        examples[name] = next(((d, *ba) for d, ba in logged if ba[1]), (None, [], []))  # the first seed that has them
         row = {"seeds": len(per_seed), "updates": per_seed[0][-1]["step"]}
         for kind in ("sampled", "greedy"):
             for when, i in (("before", 0), ("after", -1)):
@@ -316,16 +317,18 @@ def cmd_rlvr(runs: str, metric: str, out: str):
         cell = lambda k: f"{r[k]:.3f} +- {r[k + '_std']:.3f}"  # noqa: E731
         md.append(f"| {name} | {r['seeds']} | {r['updates']} | {cell('sampled_before')} | {cell('sampled_after')} | "
                   f"{cell('sampled_gain')} | {cell('greedy_before')} | {cell('greedy_after')} | {cell('greedy_gain')} |")
-    for name, (steps, rows) in examples.items():
+    for name, (run_dir, steps, rows) in examples.items():
         if not rows:
             continue
-        md += ["", f"## {name}: held-out problems at update {steps[0]} and {steps[1]} (first seed; score in brackets)", "",
+        md += ["", f"## {name}: the first held-out problems at update {steps[0]} and {steps[1]} ({run_dir}; reward in "
+               "brackets)", "",
                "| prompt (its end) | greedy before | greedy after | sampled before | sampled after |", "|---|---|---|---|---|"]
         for p, q in rows:
             md.append(f"| `{p['prompt'][-80:]}` | {answer_cell(p, True)} | {answer_cell(q, True)} | "
                       f"{answer_cell(p, False)} | {answer_cell(q, False)} |".replace("\n", " "))
     write(out, "rlvr", {"metric": metric, "runs": table, "curves": curves,
-                        "samples": {n: {"steps": st, "before_after": r} for n, (st, r) in examples.items()}}, md)
+                        "samples": {n: {"run": rd, "steps": st, "before_after": r} for n, (rd, st, r) in examples.items()}},
+          md)
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, kind in zip(axes, ("sampled", "greedy")):

@@ -113,7 +113,7 @@ def test_trl_style_function_with_every_estimator(checkpoints, files, tmp_path, e
         plots.main(["rlvr", f"--runs=grpo:{tmp_path}", "--metric=reverse_reward", f"--out={tmp_path / 'rlvr'}"])
         report = (tmp_path / "rlvr" / "rlvr.md").read_text()
         first, last = held_out[0]["eval/samples"][0], held_out[-1]["eval/samples"][0]
-        assert "## grpo: held-out problems at update 0 and 2" in report
+        assert f"## grpo: the first held-out problems at update 0 and 2 ({tmp_path}; reward in brackets)" in report
         assert f"`{first['greedy']}` ({first['greedy_score']:.0f}) | `{last['greedy']}` ({last['greedy_score']:.0f})" in report
 
 
