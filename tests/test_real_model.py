@@ -159,3 +159,81 @@ def test_trained_policy_loads_in_transformers_with_same_logits(ppo_run):
     a = policy(ids, attention_mask=mask)
     b = hf(ids, attention_mask=mask, position_ids=positions).logits
     assert (a - b)[mask.bool()].abs().max().item() <= 1e-4
+
+
+def test_one_grpo_update_equals_trl_grpotrainer(smol, tmp_path):
+    """One GRPO update on SmolLM2 (tied embeddings, GQA, RoPE) from TRL's own rollout: TRL 1.12's GRPOTrainer samples
+    2 arithmetic problems x 4 answers, scores them (data.arithmetic_reward + a length term) and takes its step (beta 0, "dapo",
+    two micro-batches, grad clip 1.0, AdamW); ours (make_experience + ppo_update, --preset=trl_grpo) takes its step on
+    the same tokens. Same advantages, the same tokens in the loss, and the same step: all weights' difference
+    9e-5 of the step's size (the largest single weight's: 1.4e-6 to 2.8e-6, with a step of ~1e-5 per weight)."""
+    pytest.importorskip("trl", reason="trl==1.12.0 (requirements-dev.txt) runs the reference GRPOTrainer")
+    import datasets
+    import torch.nn as nn
+    import trl.trainer.grpo_trainer as grpo_module
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+    import ppo
+    from runtime import Dist
+
+    records = data.make_arithmetic_records("prompt", "train", 2, seed=0)
+    args = GRPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False, seed=0, learning_rate=1e-5,
+                      per_device_train_batch_size=4, gradient_accumulation_steps=2, num_generations=4,
+                      max_completion_length=16, temperature=1.0, top_k=0, beta=0.0, loss_type="dapo", max_steps=1,
+                      shuffle_dataset=False, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
+    train = datasets.Dataset.from_list([{"prompt": data.text_to_messages(r["prompt"]), "answer": r["answer"]}
+                                        for r in records])
+    policy = AutoModelForCausalLM.from_pretrained(smol["hf_dir"], dtype=torch.float32)
+    initial = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+    rewards, inputs = [], []
+
+    def reward(completions, answer, **kw):  # data.arithmetic_reward plus a length term, so no group is all ties
+        out = [r + 0.01 * len(c[0]["content"]) for r, c in zip(data.arithmetic_reward(completions, answer), completions)]
+        rewards.extend(out)
+        return out
+    trainer = GRPOTrainer(model=policy, reward_funcs=reward, args=args, train_dataset=train,
+                          processing_class=AutoTokenizer.from_pretrained(smol["hf_dir"]))
+    real_loss, real_shuffle = trainer._compute_loss, grpo_module.shuffle_sequence_dict
+    trainer._compute_loss = lambda model, x: (inputs.append({k: v for k, v in x.items()}), real_loss(model, x))[1]
+    grpo_module.shuffle_sequence_dict = lambda d: d  # micro-batches in group order, as ours
+    try:
+        trainer.train()
+    finally:
+        grpo_module.shuffle_sequence_dict = real_shuffle
+    theirs = trainer.accelerator.unwrap_model(trainer.model).state_dict()
+
+    # TRL pads each micro-batch to its own widths (prompts left, completions right): one batch of ours.
+    P, N = max(x["prompt_ids"].shape[1] for x in inputs), 16
+    left = lambda t, v: torch.cat([torch.full((len(t), P - t.shape[1]), v, dtype=t.dtype), t], 1)  # noqa: E731
+    right = lambda t: torch.cat([t, torch.full((len(t), N - t.shape[1]), 2, dtype=t.dtype)], 1)  # noqa: E731
+    query = torch.cat([left(x["prompt_ids"], 2) for x in inputs])
+    query_mask = torch.cat([left(x["prompt_mask"], 0) for x in inputs]).bool()
+    query_response = torch.cat([query, torch.cat([right(x["completion_ids"]) for x in inputs])], 1)
+    cfg = ppo.Config(**{**ppo.PRESETS["trl_grpo"], "samples_per_prompt": 4, "rollout_batch_size": 2,
+                        "micro_batch_size": 4, "response_length": N, "max_prompt_tokens": P, "lr": 1e-5,
+                        "old_logprobs": "recompute", "bf16": False, "device": "cpu", "num_updates": 1})
+    ours = M.GPT.from_pretrained(smol["hf_dir"])
+    ref = M.GPT.from_pretrained(smol["hf_dir"]).eval().requires_grad_(False)
+    fns = [("arithmetic_reward", lambda **kw: list(rewards), 1.0)]
+    real_randperm = torch.randperm
+    torch.randperm = lambda n, *a, **k: torch.arange(n)  # TRL's micro-batch order
+    try:
+        exp = ppo.make_experience(ours, None, ref, None, query_response, query_mask, torch.zeros(len(query), N), 0.0,
+                                  smol["tok"], cfg, Dist(), reward_fns=fns, fn_rows=[{"prompt": ""}] * len(rewards),
+                                  fn_extra=ppo.trl_extra(0, cfg))
+        optimizer = ppo.make_optimizer(ours, None, cfg)
+        ppo.ppo_update(ours, None, nn.ModuleDict({"policy": ours}), optimizer, [cfg.lr], exp, 0, 1, cfg, Dist())
+    finally:
+        torch.randperm = real_randperm
+    torch.testing.assert_close(exp["advantages"][:, 0], torch.cat([x["advantages"] for x in inputs]).float(),
+                               atol=1e-6, rtol=1e-5)
+    assert int(exp["action_mask"].sum()) == int(sum(x["completion_mask"].sum() for x in inputs))
+    mine = M.to_hf_state_dict(ours.state_dict(), ours.config)
+    assert max((theirs[k] - initial[k]).abs().max().item() for k in mine) > 5e-6  # it moved (Adam: ~lr per weight)
+    # Per weight: Adam's first step is lr * g / (|g| + eps), so a weight whose gradient is near eps (1e-8) magnifies
+    # float32 noise in g; a wrong formula moves the whole step, which the relative error of all weights shows.
+    for k, v in mine.items():
+        torch.testing.assert_close(v, theirs[k], atol=5e-6, rtol=0, msg=lambda m: f"{k}: {m}")
+    step_error = sum(((mine[k] - theirs[k]) ** 2).sum() for k in mine).sqrt()
+    step = sum(((theirs[k] - initial[k]) ** 2).sum() for k in mine).sqrt()
+    assert step_error / step < 1e-3, (step_error / step).item()
