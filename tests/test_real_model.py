@@ -163,9 +163,9 @@ def test_trained_policy_loads_in_transformers_with_same_logits(ppo_run):
 
 def test_one_grpo_update_equals_trl_grpotrainer(smol, tmp_path):
     """One GRPO update on SmolLM2 (tied embeddings, GQA, RoPE) from TRL's own rollout: TRL 1.12's GRPOTrainer samples
-    2 arithmetic problems x 4 answers, scores them (data.arithmetic_reward + a length term) and takes its step (beta 0, "dapo",
-    two micro-batches, grad clip 1.0, AdamW); ours (make_experience + ppo_update, --preset=trl_grpo) takes its step on
-    the same tokens. Same advantages, the same tokens in the loss, and the same step: all weights' difference
+    2 arithmetic problems x 4 answers, scores them (data.arithmetic_reward + a length term) and takes its step (beta 0,
+    "dapo", two micro-batches, grad clip 1.0, AdamW); ours (make_experience + ppo_update, --preset=trl_grpo) takes its
+    step on the same tokens. Same advantages, the same tokens in the loss, and the same step: all weights' difference
     9e-5 of the step's size (the largest single weight's: 1.4e-6 to 2.8e-6, with a step of ~1e-5 per weight)."""
     pytest.importorskip("trl", reason="trl==1.12.0 (requirements-dev.txt) runs the reference GRPOTrainer")
     import datasets
@@ -242,8 +242,8 @@ def test_one_grpo_update_equals_trl_grpotrainer(smol, tmp_path):
 def test_sampler_draws_from_the_models_distribution(smol):
     """model.sample_inverse_cdf (one uniform per row, searchsorted on the float32 CDF) on SmolLM2's real next-token
     distribution, V = 49,152: 50,000 draws are as close to the exact softmax as torch.multinomial's 50,000 (total
-    variation; at 100,000 each, measured 0.026 and 0.024). A sampler off the model's distribution would still pass the log-prob
-    checks, since those score the tokens it did draw."""
+    variation, measured 0.0367 and 0.0364; sampling probs ** 1.1 instead gives 0.096 and fails). A sampler off the
+    model's distribution would still pass the log-prob checks, since those score the tokens it did draw."""
     ids = torch.tensor([smol["tok"].encode(smol["tok"].hf.apply_chat_template(
         [{"role": "user", "content": "What is 95 + 4? Answer with the number only."}], tokenize=False,
         add_generation_prompt=True))])
