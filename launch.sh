@@ -210,15 +210,17 @@ if [ "$MODE" = rlvr ]; then
   # TRL GRPO defaults where they fit a CPU: 8 generations per prompt, beta 0 (no reference in the loss), token-level
   # clipped ratio at 0.2, "dapo" aggregation, one optimizer step per rollout; lr 1e-5 (TRL's 1e-6 moves a 135M model
   # too little in 30 updates); sampling log-probs as old log-probs (no recompute pass but every 10th update's
-  # diagnostic one); no reference forward at beta 0 (as TRL; the held-out evaluations still measure the KL). Each
-  # method sees the same prompts in the same order (same seed).
+  # diagnostic one); no reference forward at beta 0 (as TRL; the held-out evaluations still measure the KL); each
+  # distinct prompt through the trunk once, not once per sample (--share_prompts). Each method sees the same prompts
+  # in the same order (same seed).
   RLVR_MODEL=${RLVR_MODEL:-$(python model.py fetch-smollm2)}
   RLVR_ARGS=${RLVR_ARGS:-}
   COMMON=(--sft="$RLVR_MODEL" --reward_model=none --reward_fn=data:arithmetic_reward --dataset=arithmetic
     --preset=trl_grpo --old_logprobs=sampling --samples_per_prompt=8 --rollout_batch_size="${RLVR_PROMPTS:-4}"
     --micro_batch_size=16 --max_prompt_tokens=64 --response_length=40 --temperature=1.0 --lr=1e-5
     --num_updates="${RLVR_UPDATES:-30}" --eval_every="${RLVR_EVAL_EVERY:-10}" --eval_prompts="${RLVR_EVAL_PROMPTS:-64}"
-    --eval_greedy --num_samples_shown=5 --save_every=10 --log_every=1 --skip_unused_reference --logprob_check_every=10)
+    --eval_greedy --num_samples_shown=5 --save_every=10 --log_every=1 --skip_unused_reference --logprob_check_every=10
+    --share_prompts)
   for m in $RLVR_METHODS; do
     case "$m" in
       grpo) METHOD=(--advantage_estimator=grpo) ;;

@@ -1294,6 +1294,26 @@ def decode_step(model, token, mask, positions, cache):
     return logits[:, -1, :].float().clone()
 
 
+def prefill_prompts_once(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Run each distinct prompt of the left-padded (B, P) batch through the model once, write its keys and values
+    into every row of the empty `cache` that holds it, and return the logits (B, 1, V) at the last prompt position.
+
+    A group method samples each prompt k times (GRPO's group), so the rows of a rollout share prompts: the prompt's
+    trunk runs on B / k rows instead of B, the same output (to float32 rounding: the GEMMs see fewer rows). Under
+    autograd the copy into the rows sums their gradients back to the one forward, so a training forward gets the
+    same gradient too (tests/test_perf_paths.py). TRL's GRPOTrainer and HF generate run every row's prompt."""
+    assert cache.pos == 0, "prefill_prompts_once fills an empty cache"
+    P = prompt_ids.size(1)
+    rows, inverse = torch.unique(torch.cat([prompt_ids, prompt_mask.to(prompt_ids.dtype)], 1), dim=0, return_inverse=True)
+    distinct = KVCache(model.config, rows.size(0), P, prompt_ids.device, cache.k[0].dtype)
+    logits = model(rows[:, :P], attention_mask=rows[:, P:], kv_cache=distinct, logits_from=-1)
+    for layer in range(len(cache.k)):
+        cache.k[layer][:, :, :P] = distinct.k[layer].index_select(0, inverse)
+        cache.v[layer][:, :, :P] = distinct.v[layer].index_select(0, inverse)
+    cache.pos = P
+    return logits.index_select(0, inverse)
+
+
 def static_cache_len(n: int) -> int:
     """The cache length generate(compile_step=True) allocates for n positions: the next power of two, at least 64.
     The compiled step's shapes depend on the batch size and this length only, so rollouts whose longest prompt
@@ -1320,7 +1340,7 @@ def compiled_decode_step(device_type: str):
 @torch.no_grad()
 def generate(model, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0, eos_id=None,
              stop_id=None, pad_id=0, generator=None, use_cache=True, top_k=0, top_p=1.0, check_every=None,
-             compile_step=False):
+             compile_step=False, share_prompts=False):
     """Sample continuations of left-padded prompts, with a KV cache.
 
     prompt_ids, prompt_mask: (B, P), left-padded. temperature 0 means greedy; top_k > 0 and top_p < 1
@@ -1348,6 +1368,9 @@ def generate(model, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0, eo
     max_new_tokens rounded up to a power of two) are the same; another shape compiles once more.
     Same tokens and log-probs as eager to float32 rounding (tests/test_perf_paths.py): each step attends over
     all max_len slots with the unwritten ones masked, so its sums run in another order.
+
+    share_prompts: prefill each distinct prompt once (`prefill_prompts_once`), for batches that repeat prompts (a
+    group method's k samples per prompt). Same tokens and log-probs to float32 rounding.
     """
     B, P = prompt_ids.shape
     device = prompt_ids.device
@@ -1359,8 +1382,8 @@ def generate(model, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0, eo
         # gradients of the next backward (a 2-rank PPO update differed from 1 process by 0.1): refuse it.
         raise ValueError("generate: the model's weights are sharded (FSDP2); sample inside runtime.unsharded(model), "
                          "as ppo.rollout and evaluate.sample_responses do")
-    if compile_step and not use_cache:
-        raise ValueError("generate: compile_step needs the KV cache (use_cache=True)")
+    if (compile_step or share_prompts) and not use_cache:
+        raise ValueError("generate: compile_step and share_prompts need the KV cache (use_cache=True)")
     cache_len = static_cache_len(P + max_new_tokens) if compile_step else P + max_new_tokens
     cache = KVCache(model.config, B, cache_len, device, param.dtype if param.is_floating_point() else torch.float32) if use_cache else None
     # Sequences and the attention mask are allocated once at full length and filled in; step t reads the
@@ -1388,6 +1411,8 @@ def generate(model, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0, eo
             cache.index = columns[P + t - 1:P + t]
             # contiguous: a view of seq has seq's row stride, which differs with P + N and would recompile the step
             logits = step_fn(model, seq[:, P + t - 1:P + t].contiguous(), key_mask, positions, cache)
+        elif use_cache and t == 0 and share_prompts:
+            logits = prefill_prompts_once(model, seq[:, :P], mask[:, :P], cache)[:, -1, :]
         elif use_cache:  # prefill: the whole prompt, logits at its last position only; then one token per step
             step_input = seq[:, :P] if t == 0 else seq[:, P + t - 1:P + t]
             logits = model(step_input, attention_mask=mask[:, :P + t], kv_cache=cache, logits_from=-1)[:, -1, :]

@@ -39,7 +39,7 @@ import torch.nn as nn
 
 import data
 from evaluate import reward_model_paths, reward_scores, sample_metrics, sample_responses, score_samples, sequence_kl, show_samples
-from model import BaseModel, generate, lora_flags, token_logprobs
+from model import BaseModel, KVCache, generate, lora_flags, prefill_prompts_once, token_logprobs
 from runtime import (Dist, adamw, all_reduce_mean, all_reduce_sum, apply_preset, autocast, batch_at, check_context,
                      check_nonfinite_streak, check_writable, clip_grad_norm, exit_preempted, init_distributed,
                      load_model, lr_at, parse_config, preempted, progress_bar, save_checkpoint, seed_all, shard_model,
@@ -175,6 +175,12 @@ class Config:
     """sample with model.generate(compile_step=True): the one-token decode step through torch.compile over a fixed-shape
     KV cache (CUDA graphs on CUDA, gpt-fast style; inductor's C++ kernels on CPU). Same tokens as eager; the first
     rollout pays the compile (tens of seconds on a CPU). Measured on CPU only (docs/benchmarks.md); off by default"""
+    share_prompts: bool = False
+    """run each distinct prompt of a rollout through the trunk once, not once per sample: in generation's prefill and
+    in the policy's (and reference's) log-prob forwards, whose responses then attend to the prompt's cached keys and
+    values (`model.prefill_prompts_once`). A group method's k samples per prompt then cost one prompt forward. Same
+    samples, log-probs and gradients to float32 rounding (tests/test_perf_paths.py); one process only (untested
+    under FSDP2, which would see two forwards per micro-batch). Off by default; launch.sh rlvr turns it on"""
     rollout_batch_size: int = 64
     """PROMPTS per update, over all processes; each is sampled samples_per_prompt times, so an update trains on
     rollout_batch_size x samples_per_prompt sequences whatever the number of processes (groups never straddle ranks)"""
@@ -964,13 +970,24 @@ def function_rewards(reward_fns, rm_scores: torch.Tensor | None, rm_weight: floa
 # Forward passes over prompt + response
 
 
-def response_logprobs(model, query_response, attention_mask, context_length, temperature, head="lm", top_k=0, top_p=1.0):
+def response_logprobs(model, query_response, attention_mask, context_length, temperature, head="lm", top_k=0, top_p=1.0,
+                      share_prompts=False):
     """Log-probs (float32) of the response tokens, and values when head="both": position
     context_length - 1 + t predicts response token t, and holds the value of the state before it.
-    top_k/top_p: the sampler's truncation, so the policy's log-probs are of the distribution sampled."""
-    # The heads run on positions context_length - 1 .. T - 1 only (GPT.forward's logits_from): the prompt's
-    # logits are never read.
-    out = model(query_response, attention_mask=attention_mask, head=head, logits_from=context_length - 1)
+    top_k/top_p: the sampler's truncation, so the policy's log-probs are of the distribution sampled.
+    share_prompts (head="lm"): each distinct prompt runs through the trunk once (`model.prefill_prompts_once`),
+    then the responses attend to its cached keys and values; same log-probs and gradients to float32 rounding."""
+    if share_prompts and head == "lm":
+        B, T = query_response.shape
+        cache = KVCache(model.config, B, T, query_response.device, next(model.parameters()).dtype)
+        last_prompt = prefill_prompts_once(model, query_response[:, :context_length],
+                                           attention_mask[:, :context_length], cache)
+        rest = model(query_response[:, context_length:], attention_mask=attention_mask, kv_cache=cache)
+        out = torch.cat([last_prompt, rest], 1)
+    else:
+        # The heads run on positions context_length - 1 .. T - 1 only (GPT.forward's logits_from): the prompt's
+        # logits are never read.
+        out = model(query_response, attention_mask=attention_mask, head=head, logits_from=context_length - 1)
     logits = out[0] if head == "both" else out
     logits = logits[:, :-1]
     logp = token_logprobs(logits, query_response[:, context_length:], temperature, top_k, top_p)
@@ -1057,14 +1074,16 @@ def make_experience(policy, critic, ref, reward_model, query_response, query_mas
     skip_ref = cfg.skip_unused_reference and kl_coef == 0 and not cfg.adaptive_kl
     if not skip_ref:
         with offloaded(ref, cfg, d), autocast(d, cfg.bf16):
-            ref_logp, _, _ = response_logprobs(ref, query_response, attention_mask, P, T_lp)
+            ref_logp, _, _ = response_logprobs(ref, query_response, attention_mask, P, T_lp,
+                                               share_prompts=cfg.share_prompts)
     uses_critic = cfg.advantage_estimator == "gae"  # the group estimators need no values (no critic is built)
     shared_critic = critic is None and uses_critic  # one forward gives log-probs and values
     recomputed_logp = values = None
     with autocast(d, cfg.bf16):
         if cfg.old_logprobs == "recompute" or shared_critic or check_logprobs:
             recomputed_logp, values, _ = response_logprobs(policy, query_response, attention_mask, P, T_lp,
-                                                           "both" if shared_critic else "lm", cfg.top_k, cfg.top_p)
+                                                           "both" if shared_critic else "lm", cfg.top_k, cfg.top_p,
+                                                           cfg.share_prompts)
         if critic is not None:
             values = critic_values(critic, query_response, attention_mask, P)
         if values is None:
@@ -1163,7 +1182,8 @@ def ppo_update(policy, critic, trainable, optimizer, base_lrs, exp: dict, update
                     if critic is None and uses_critic:
                         new_logp, new_values, logits = response_logprobs(policy, qr, attn, P, T_lp, "both", cfg.top_k, cfg.top_p)
                     else:
-                        new_logp, _, logits = response_logprobs(policy, qr, attn, P, T_lp, "lm", cfg.top_k, cfg.top_p)
+                        new_logp, _, logits = response_logprobs(policy, qr, attn, P, T_lp, "lm", cfg.top_k, cfg.top_p,
+                                                                cfg.share_prompts)
                         new_values = critic_values(critic, qr, attn, P) if critic is not None else None
                 # TIS scales A by a positive weight, which scales each token's clipped loss by it (1 when off).
                 adv = mb_adv[i * micro:(i + 1) * micro] * exp["tis_weight"][idx]
@@ -1371,7 +1391,7 @@ def rollout(policy, query, query_mask, update: int, tok, cfg: Config, d: Dist):
     with unsharded(policy), autocast(d, cfg.bf16):
         out = generate(policy, query, query_mask, cfg.response_length, temperature=cfg.temperature, eos_id=tok.eos_id,
                        stop_id=cfg.stop_token_id if cfg.stop_token_id >= 0 else None, pad_id=tok.eos_id, generator=gen,
-                       top_k=cfg.top_k, top_p=cfg.top_p, compile_step=cfg.compile_decode)
+                       top_k=cfg.top_k, top_p=cfg.top_p, compile_step=cfg.compile_decode, share_prompts=cfg.share_prompts)
     policy.train()
     return out
 
@@ -1387,6 +1407,8 @@ def main(argv=None):
     seed_all(cfg.seed)
     check_writable(cfg.run_dir)
     preemption = watch_preemption(cfg.preempt_signals)  # SIGTERM: save at the end of this step, exit 75
+    if cfg.share_prompts and d.world_size > 1:
+        raise SystemExit(f"--share_prompts: one process only ({d.world_size} here); see its help")
     # rollout_batch_size counts prompts; each rank samples samples_per_prompt responses to each of its prompts.
     if cfg.rollout_batch_size % d.world_size:
         raise SystemExit(f"rollout_batch_size {cfg.rollout_batch_size} (prompts) must divide among {d.world_size} processes")

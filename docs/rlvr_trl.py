@@ -19,9 +19,11 @@ same sampling seed, into out/metrics.jsonl in our format: the two curves differ 
 seed's `bash launch.sh rlvr` run (RUN_DIR/rlvr_grpo/metrics.jsonl), whose update-0 row this one must equal.
 
 time: one process, ours then TRL's, `updates` updates each, no evaluations: the median wall time between the ends of
-consecutive updates (the first update is a warm-up). Ours twice: as launch.sh rlvr runs it (no reference forward at
-beta 0, as TRL; the diagnostic recompute of the policy's log-probs on every 10th update) and with both forwards on
-every update (launch.sh rlvr's first measured runs, 2026-12-07; training is the same, ppo.Config.skip_unused_reference).
+consecutive updates (the first update is a warm-up). Ours three times: as launch.sh rlvr runs it (no reference
+forward at beta 0, as TRL; the diagnostic recompute of the policy's log-probs on every 10th update; each distinct
+prompt through the trunk once, ppo.Config.share_prompts); with every row's prompt through the trunk, as TRL does; and
+also with both forwards on every update (launch.sh rlvr's first measured runs, 2026-12-07). Training is the same in
+all three (share_prompts to float32 rounding).
 """
 
 import json
@@ -52,7 +54,8 @@ def ours_argv(hf_dir: str, run_dir: str, updates: int, seed: int, *extra: str) -
             f"--rollout_batch_size={PROMPTS_PER_UPDATE}", f"--micro_batch_size={MICRO_BATCH}", "--max_prompt_tokens=64",
             f"--response_length={NEW_TOKENS}", "--temperature=1.0", f"--lr={LR}", f"--num_updates={updates}",
             "--eval_every=10", "--eval_prompts=64", "--eval_greedy", "--num_samples_shown=5", "--save_every=10",
-            "--log_every=1", "--skip_unused_reference", "--logprob_check_every=10", "--advantage_estimator=grpo",
+            "--log_every=1", "--skip_unused_reference", "--logprob_check_every=10", "--share_prompts",
+            "--advantage_estimator=grpo",
             f"--seed={seed}", f"--run_dir={run_dir}", *extra]
 
 
@@ -192,8 +195,10 @@ def cmd_time(updates: int = 4, out: str = ""):
     result = {"threads": torch.get_num_threads(), "updates": updates, "precision": "float32 (both sides)"}
     for name, (times, phases) in (
             ("ours (launch.sh rlvr)", ours_update_times(hf_dir, updates)),
+            ("ours, each row's prompt through the trunk (as TRL)", ours_update_times(
+                hf_dir, updates, "--share_prompts=false")),
             ("ours, reference and diagnostic forwards every update", ours_update_times(
-                hf_dir, updates, "--skip_unused_reference=false", "--logprob_check_every=1")),
+                hf_dir, updates, "--skip_unused_reference=false", "--logprob_check_every=1", "--share_prompts=false")),
             ("TRL GRPOTrainer", trl_update_times(hf_dir, updates))):
         result[name] = {"seconds_per_update": times, "median_after_first": statistics.median(times[1:]),
                         "median_phases": phases}

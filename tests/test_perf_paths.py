@@ -290,6 +290,64 @@ def test_compile_step_needs_the_cache():
         generate(tiny("gpt2"), ids, mask, 4, use_cache=False, compile_step=True)
 
 
+# ---- (2b) each distinct prompt through the trunk once (--share_prompts)
+
+
+def grouped(k=4, P=6, N=5, seed=0):
+    """3 distinct left-padded prompts, each k times, rows shuffled (as a minibatch draws them); responses end at
+    different lengths (right padding, mask 0)."""
+    ids, mask, _ = left_padded(B=3, P=P, N=N, seed=seed)
+    order = torch.randperm(3 * k, generator=torch.Generator().manual_seed(seed)) % 3
+    ids, mask = ids[order].clone(), mask[order].clone()
+    g = torch.Generator().manual_seed(seed + 1)
+    ids[:, P:] = torch.randint(0, VOCAB - 1, (3 * k, N), generator=g)  # each sample its own response
+    for b in range(3 * k if N else 0):
+        mask[b, P + 1 + b % N:] = 0
+    return ids, mask, P
+
+
+def rows_through_first_block(model):
+    """Record the (B, T) of every call of the first transformer block."""
+    seen = []
+    model.transformer.h[0].register_forward_hook(lambda m, a, out: seen.append(tuple(a[0].shape[:2])))
+    return seen
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shared_prompts_give_the_same_logprobs_and_gradients(family):
+    ids, mask, P = grouped()
+    results = []
+    for share in (False, True):
+        model = tiny(family)
+        seen = rows_through_first_block(model)
+        logp, _, logits = ppo.response_logprobs(model, ids, mask, P, 0.7, share_prompts=share)
+        weights = torch.linspace(-1, 1, logp.numel()).view_as(logp)  # a loss that reaches every response token
+        (logp * weights * mask[:, P:]).sum().backward()
+        results.append((logp.detach(), logits.detach(), {n: p.grad for n, p in model.named_parameters()}, seen))
+    (lp0, lg0, g0, seen0), (lp1, lg1, g1, seen1) = results
+    assert seen0 == [(12, ids.size(1))]
+    assert seen1 == [(3, P), (12, ids.size(1) - P)]  # the prompt once per distinct prompt, then the responses
+    torch.testing.assert_close(lp1, lp0, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lg1, lg0, atol=1e-5, rtol=0)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_generate_with_shared_prompts_samples_the_same(family, temperature):
+    ids, mask, P = grouped(N=0)
+    model = tiny(family)
+    seen = rows_through_first_block(model)
+    kwargs = dict(temperature=temperature, eos_id=3, pad_id=VOCAB - 1)
+    seq0, lp0 = generate(model, ids, mask, 10, generator=torch.Generator().manual_seed(0), **kwargs)
+    seen.clear()
+    seq1, lp1 = generate(model, ids, mask, 10, generator=torch.Generator().manual_seed(0), share_prompts=True, **kwargs)
+    assert seen[0] == (3, P)
+    assert torch.equal(seq1, seq0)
+    torch.testing.assert_close(lp1, lp0, atol=1e-5, rtol=0)
+
+
 # ---- (3) fused AdamW
 
 

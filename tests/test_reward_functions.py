@@ -311,6 +311,22 @@ def test_arithmetic_reward_reads_the_last_number():
     assert data.arithmetic_reward([[{"role": "assistant", "content": "It is 9"}]], ["9"]) == [1.0]
 
 
+def test_share_prompts_trains_the_same(checkpoints, tmp_path):
+    """--share_prompts (each distinct prompt through the trunk once) with a reference in the loss: the same samples,
+    and the weights after two updates equal to float32 rounding."""
+    base = ["--reward_fn=data:reverse_reward", "--advantage_estimator=grpo", "--kl_location=loss", "--kl_estimator=k3",
+            "--kl_coef=0.1", "--old_logprobs=recompute", "--eval_every=100", "--eval_at_start=false", *GROUP]
+    weights, kls = {}, {}
+    for share in ("false", "true"):
+        run = tmp_path / share
+        ppo.main(args(checkpoints, run, *base, f"--share_prompts={share}"))
+        weights[share] = load_file(run / "final" / "policy" / "model.safetensors")
+        kls[share] = [json.loads(line)["objective/kl"] for line in open(run / "metrics.jsonl") if "objective/kl" in line]
+    for k, v in weights["false"].items():
+        torch.testing.assert_close(weights["true"][k], v, atol=1e-6, rtol=1e-5, msg=k)
+    assert kls["true"] == pytest.approx(kls["false"], abs=1e-5)
+
+
 def test_skip_unused_reference_trains_the_same(checkpoints, tmp_path):
     """--skip_unused_reference at beta 0 (TRL GRPO's default): no reference forward, the same weights after two
     updates, objective/kl NaN; at beta > 0 the flag changes nothing (the reference is used)."""
