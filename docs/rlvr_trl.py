@@ -35,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -144,25 +145,20 @@ def ours_update_times(hf_dir: str, updates: int, *extra: str, bf16: bool = False
     """Wall time between the ends of consecutive updates of ppo.main (its metrics line is written at each end), and
     the median of each phase it logs (time/rollout, time/score: reference and diagnostic forwards, time/update).
     bf16: RLHF_CPU_BF16=1 for this run (ppo.py's --bf16, default true, then applies on the CPU)."""
-    stamps, real_log, real_env = [], runtime.Metrics.log, os.environ.get("RLHF_CPU_BF16")
+    stamps, real_log = [], runtime.Metrics.log
 
     def log(self, step, metrics, echo=True):
         if "objective/scores" in metrics:
             stamps.append(time.perf_counter())
         return real_log(self, step, metrics, echo)
-    with tempfile.TemporaryDirectory() as run_dir:
+    with tempfile.TemporaryDirectory() as run_dir, mock.patch.dict(os.environ, RLHF_CPU_BF16="1" if bf16 else "0"):
         runtime.Metrics.log = log
-        os.environ["RLHF_CPU_BF16"] = "1" if bf16 else "0"
         try:
             stamps.append(time.perf_counter())
             ppo.main(ours_argv(hf_dir, run_dir, updates, 0, "--eval_every=100000", "--eval_at_start=false",
                                "--eval_prompts=2", "--save_every=100000", *extra))
         finally:
             runtime.Metrics.log = real_log
-            if real_env is None:
-                del os.environ["RLHF_CPU_BF16"]
-            else:
-                os.environ["RLHF_CPU_BF16"] = real_env
         rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if "time/rollout" in line]
     phases = {k: statistics.median(r[f"time/{k}"] for r in rows[1:]) for k in ("rollout", "score", "update")}
     return [b - a for a, b in zip(stamps, stamps[1:])], phases

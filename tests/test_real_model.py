@@ -161,7 +161,7 @@ def test_trained_policy_loads_in_transformers_with_same_logits(ppo_run):
     assert (a - b)[mask.bool()].abs().max().item() <= 1e-4
 
 
-def test_one_grpo_update_equals_trl_grpotrainer(smol, tmp_path):
+def test_one_grpo_update_equals_trl_grpotrainer(smol, tmp_path, monkeypatch):
     """One GRPO update on SmolLM2 (tied embeddings, GQA, RoPE) from TRL's own rollout: TRL 1.12's GRPOTrainer samples
     2 arithmetic problems x 4 answers, scores them (data.arithmetic_reward + a length term) and takes its step (beta 0,
     "dapo", two micro-batches, grad clip 1.0, AdamW); ours (make_experience + ppo_update, --preset=trl_grpo) takes its
@@ -224,21 +224,23 @@ def test_one_grpo_update_equals_trl_grpotrainer(smol, tmp_path):
     ours = M.GPT.from_pretrained(smol["hf_dir"])
     ref = M.GPT.from_pretrained(smol["hf_dir"]).eval().requires_grad_(False)
     fns = [("arithmetic_reward", lambda **kw: list(rewards), 1.0)]
-    real_randperm = torch.randperm
-    torch.randperm = lambda n, *a, **k: torch.arange(n)  # TRL's micro-batch order
-    try:
-        exp = ppo.make_experience(ours, None, ref, None, query_response, query_mask, torch.zeros(len(query), N), 0.0,
-                                  smol["tok"], cfg, Dist(), reward_fns=fns, fn_rows=[{"prompt": ""}] * len(rewards),
-                                  fn_extra=ppo.trl_extra(0, cfg))
-        optimizer = ppo.make_optimizer(ours, None, cfg)
-        my_grads, my_norms, real_step, real_clip = {}, [], optimizer.step, ppo.clip_grad_norm
-        ppo.clip_grad_norm = lambda params, limit: my_norms.append(real_clip(params, limit)) or my_norms[-1]
-        optimizer.step = lambda *a, **k: (my_grads.update({n: p.grad.detach().clone() for n, p in
-                                                           ours.named_parameters()}), real_step(*a, **k))[1]
-        ppo.ppo_update(ours, None, nn.ModuleDict({"policy": ours}), optimizer, [cfg.lr], exp, 0, 1, cfg, Dist())
-    finally:
-        torch.randperm = real_randperm
-        ppo.clip_grad_norm = real_clip
+    monkeypatch.setattr(torch, "randperm", lambda n, *a, **k: torch.arange(n))  # TRL's micro-batch order
+    exp = ppo.make_experience(ours, None, ref, None, query_response, query_mask, torch.zeros(len(query), N), 0.0,
+                              smol["tok"], cfg, Dist(), reward_fns=fns, fn_rows=[{"prompt": ""}] * len(rewards),
+                              fn_extra=ppo.trl_extra(0, cfg))
+    optimizer = ppo.make_optimizer(ours, None, cfg)
+    my_grads, my_norms, real_step, real_clip = {}, [], optimizer.step, ppo.clip_grad_norm
+
+    def clip_and_record(params, limit):  # the norm before clipping, as TRL logs it
+        my_norms.append(real_clip(params, limit))
+        return my_norms[-1]
+
+    def record_and_step(*a, **k):  # the clipped gradient the step uses
+        my_grads.update({n: p.grad.detach().clone() for n, p in ours.named_parameters()})
+        return real_step(*a, **k)
+    monkeypatch.setattr(ppo, "clip_grad_norm", clip_and_record)
+    optimizer.step = record_and_step
+    ppo.ppo_update(ours, None, nn.ModuleDict({"policy": ours}), optimizer, [cfg.lr], exp, 0, 1, cfg, Dist())
     torch.testing.assert_close(exp["advantages"][:, 0], torch.cat([x["advantages"] for x in inputs]).float(),
                                atol=1e-6, rtol=1e-5)
     assert int(exp["action_mask"].sum()) == int(sum(x["completion_mask"].sum() for x in inputs))
