@@ -44,3 +44,5 @@ def main():
 if __name__ == "__main__":
     torch.set_num_threads(1)
     main()
+    from dist_helpers import exit_worker  # gloo's rare abort at exit on torch 2.13 (its docstring)
+    exit_worker()
