@@ -40,7 +40,7 @@ from model import BaseModel, lora_flags, token_logprobs
 from runtime import (Dist, all_reduce_sum, apply_preset, autocast, batch_at, check_context, check_nonfinite_streak,
                      check_writable, exit_preempted, guarded_step, init_distributed, load_model, lr_at, make_adamw,
                      parse_config, preempted, progress_bar, save_checkpoint, seed_all, set_lr, shard_model,
-                     shutdown_distributed, speed_metrics, split_batch, start_or_resume, watch_preemption)
+                     run_main, shutdown_distributed, speed_metrics, split_batch, start_or_resume, watch_preemption)
 
 
 @dataclass
@@ -413,4 +413,4 @@ def main(argv=None):
     shutdown_distributed()
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -43,7 +43,7 @@ from model import BaseModel, KVCache, generate, lora_flags, prefill_prompts_once
 from runtime import (Dist, adamw, all_reduce_mean, all_reduce_sum, apply_preset, autocast, batch_at, check_context,
                      check_nonfinite_streak, check_writable, clip_grad_norm, exit_preempted, init_distributed,
                      load_model, lr_at, parse_config, preempted, progress_bar, save_checkpoint, seed_all, shard_model,
-                     shutdown_distributed, start_or_resume, step_if_finite, unsharded, watch_preemption)
+                     run_main, shutdown_distributed, start_or_resume, step_if_finite, unsharded, watch_preemption)
 from sft import loss_start, sft_loss
 
 
@@ -1613,4 +1613,4 @@ def eval_metrics(policy, ref, reward_model, tok, prompts, cfg: Config, d: Dist, 
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -33,7 +33,7 @@ from evaluate import last_eval as last_logged_eval, sample_responses, sequence_r
 from model import GPT, lora_flags, save_hf_sequence_classifier
 from runtime import (Dist, all_reduce_sum, autocast, batch_at, check_context, check_nonfinite_streak, check_writable,
                      exit_preempted, guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config,
-                     preempted, progress_bar, save_checkpoint, seed_all, set_lr, shard_model, shutdown_distributed,
+                     preempted, progress_bar, save_checkpoint, seed_all, set_lr, shard_model, run_main, shutdown_distributed,
                      speed_metrics, split_batch, start_or_resume, watch_preemption)
 
 
@@ -551,4 +551,4 @@ def train(cfg: Config, d: Dist, member: int) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -186,6 +186,29 @@ def init_distributed(device: str = "auto") -> Dist:
     return Dist(rank, local_rank, world_size, dev)
 
 
+def run_main(main):
+    """Run a stage's main() as a script. Under torchrun with gloo on torch 2.13 a rank sometimes aborts after all
+    its work is done and its process group destroyed ("terminate called without an active exception", from a
+    C++ destructor at interpreter exit, no Python frame), and torchrun reports the whole run as failed: 2 of 4
+    fresh-clone CI runs hit it once, in a test helper and in `torchrun dpo.py`. So a distributed rank closes its
+    loggers and leaves with os._exit, which skips those destructors; its checkpoints and metrics.jsonl are
+    already written and closed. SystemExit (a flag error, a preemption) keeps its code. One process exits as usual."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return main()
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) or e.code is None else 1
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    for close in _TRACKER_CLOSERS:  # what atexit would have done: wandb's run.finish, TensorBoard's close
+        close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
+
+
 def shutdown_distributed():
     """Leave the process group together: a rank that tears gloo down while another is still sending (rank 0
     writing a checkpoint or a result) can abort with "terminate called without an active exception"."""
@@ -949,6 +972,7 @@ class Metrics:
 
 
 REPORT_TO = ("tensorboard", "wandb")
+_TRACKER_CLOSERS = []  # run_main calls these before os._exit; a plain exit leaves them to atexit
 
 
 def open_trackers(report_to: str, run_dir: str, config=None) -> list:
@@ -966,6 +990,7 @@ def open_trackers(report_to: str, run_dir: str, config=None) -> list:
                     writer.add_scalar(k, v, step)
                 writer.flush()
             trackers.append(log_tb)
+            _TRACKER_CLOSERS.append(writer.close)
         elif name == "wandb":
             try:
                 import wandb
@@ -974,6 +999,7 @@ def open_trackers(report_to: str, run_dir: str, config=None) -> list:
             run = wandb.init(dir=run_dir, config=dataclasses.asdict(config) if config is not None else None,
                              name=os.path.basename(os.path.normpath(run_dir)))
             trackers.append(lambda step, values, run=run: run.log(values, step=step))
+            _TRACKER_CLOSERS.append(run.finish)
         else:
             raise SystemExit(f"--report_to={report_to!r}: choose from {REPORT_TO}, comma-separated, or leave empty")
     return trackers

@@ -20,7 +20,7 @@ from evaluate import sample_metrics, sample_responses, show_samples
 from model import GPT, config_for, lora_flags, train_lora_only
 from runtime import (Dist, all_reduce_sum, autocast, batch_at, check_context, check_nonfinite_streak, check_writable,
                      exit_preempted, guarded_step, init_distributed, load_model, lr_at, make_adamw, parse_config,
-                     preempted, progress_bar, save_checkpoint, seed_all, set_lr, shard_model, shutdown_distributed,
+                     preempted, progress_bar, save_checkpoint, seed_all, set_lr, shard_model, run_main, shutdown_distributed,
                      speed_metrics, split_batch, start_or_resume, watch_preemption)
 
 
@@ -293,4 +293,4 @@ def main(argv=None):
     shutdown_distributed()
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

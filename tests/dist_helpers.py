@@ -25,7 +25,7 @@ import torch
 
 import data
 from model import GPT, config_for, generate
-from runtime import Dist, all_reduce_sum, full_state_dict, init_distributed, shard_model, shutdown_distributed, unsharded
+from runtime import Dist, all_reduce_sum, full_state_dict, init_distributed, run_main, shard_model, shutdown_distributed, unsharded
 from sft import sft_loss
 
 # Reverse-task demonstrations of different lengths, so the batch has right padding.
@@ -100,16 +100,5 @@ def main():
     shutdown_distributed()
 
 
-def exit_worker():
-    """End a torchrun worker script after its results are written: flush, then os._exit(0), which skips C++
-    static destructors. With gloo on torch 2.13 a rank sometimes aborts after all its Python work is done
-    ("terminate called without an active exception", no Python frame, about 1 run in 20 of
-    test_bug02_grad_accum_norm.py's worker), and torchrun reports that as a failed run."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 if __name__ == "__main__":
-    main()
-    exit_worker()
+    run_main(main)

@@ -45,6 +45,5 @@ def main(ckpts, out):
 
 
 if __name__ == "__main__":
-    from dist_helpers import exit_worker
-    main(sys.argv[1], sys.argv[2])
-    exit_worker()
+    from runtime import run_main
+    run_main(lambda: main(sys.argv[1], sys.argv[2]))

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from bench import proc_status_bytes, reset_peak_memory
-from runtime import full_state_dict, init_distributed, load_model, shutdown_distributed
+from runtime import full_state_dict, init_distributed, load_model, run_main, shutdown_distributed
 
 
 def main():
@@ -43,6 +43,4 @@ def main():
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    main()
-    from dist_helpers import exit_worker  # gloo's rare abort at exit on torch 2.13 (its docstring)
-    exit_worker()
+    run_main(main)  # gloo's rare abort at exit on torch 2.13: runtime.run_main's docstring

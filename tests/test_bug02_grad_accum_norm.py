@@ -145,6 +145,5 @@ def test_ppo_update_two_processes_uneven_micro_batches_equal_one_batch(checkpoin
 
 
 if __name__ == "__main__":
-    from dist_helpers import exit_worker
-    run_update(sys.argv[1], sys.argv[2], sys.argv[3])
-    exit_worker()
+    from runtime import run_main
+    run_main(lambda: run_update(sys.argv[1], sys.argv[2], sys.argv[3]))

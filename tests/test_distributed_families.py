@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch
 
 from model import GPT
-from runtime import Dist, all_reduce_sum, init_distributed, shard_model, shutdown_distributed
+from runtime import Dist, all_reduce_sum, init_distributed, run_main, shard_model, shutdown_distributed
 from sft import sft_loss
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,7 +59,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)  # as the stages end under torchrun
 else:
     import pytest
     import torch.distributed as dist

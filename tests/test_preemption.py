@@ -186,7 +186,7 @@ def preempted(flag, d):
 
 
 stage.preempted = preempted
-stage.main(sys.argv[1:])
+runtime.run_main(lambda: stage.main(sys.argv[1:]))  # as the stage's own __main__ does
 '''
 
 

@@ -145,3 +145,35 @@ def test_sequence_kl_hand_worked():
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
     # row 0: (-1 + 1.5) + (-2 + 1) = -0.5, the NaN at the padded position left out; row 1: 0.3 + 0 - 0.2 = 0.1
     torch.testing.assert_close(sequence_kl(logp, ref, mask), torch.tensor([-0.5, 0.1]))
+
+
+@pytest.mark.parametrize("raised,code", [(None, 0), (SystemExit(143), 143), (SystemExit("bad --flag"), 1),
+                                         (SystemExit(None), 0)])
+def test_run_main_under_torchrun_closes_loggers_and_keeps_the_exit_code(monkeypatch, capsys, raised, code):
+    """A distributed rank leaves through os._exit (gloo's abort at exit, runtime.run_main): the loggers that
+    atexit would close are closed first, and a SystemExit's code (preemption, a flag error) survives."""
+    import runtime
+    exits, closed = [], []
+
+    def stage():
+        if raised is not None:
+            raise raised
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(runtime, "_TRACKER_CLOSERS", [lambda: closed.append("tb"), lambda: closed.append("wandb")])
+    monkeypatch.setattr(runtime.os, "_exit", exits.append)
+    runtime.run_main(stage)
+    assert exits == [code] and closed == ["tb", "wandb"]
+    assert ("bad --flag" in capsys.readouterr().err) == (code == 1)
+
+
+def test_run_main_in_one_process_exits_as_usual(monkeypatch):
+    import runtime
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(runtime.os, "_exit", lambda code: pytest.fail("os._exit in one process"))
+
+    def preempted_stage():
+        raise SystemExit(143)
+    with pytest.raises(SystemExit) as e:
+        runtime.run_main(preempted_stage)
+    assert e.value.code == 143
