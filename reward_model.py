@@ -70,8 +70,11 @@ class Config:
     micro_batch_size: int = 32
     """comparisons per forward pass per process; batch_size / (world_size * micro) steps are accumulated"""
     max_steps: int = 0
-    """optimizer steps; 0 = one epoch over all the comparisons (OpenAI 2019, N+ and InstructGPT train reward models for
-    one epoch; on the default task 300 steps, half an epoch, left the RM short of its accuracy, docs/lab.md)"""
+    """optimizer steps; 0 = num_epochs epochs over all the comparisons"""
+    num_epochs: int = 2
+    """epochs when max_steps is 0. OpenAI 2019, N+ and InstructGPT train one epoch on human comparisons, where a
+    second one overfits (InstructGPT), and so does the real profile; the built-in task's RM is still learning after
+    one (held-out loss and gold accuracy rising; flat by the end of the second), docs/lab.md"""
     lr: float = 5e-4
     """peak learning rate (AdamW); N+ uses 3e-6 and OpenAI 2019 5e-5 for GPT-2/Pythia-size models"""
     weight_decay: float = 0.0
@@ -142,7 +145,7 @@ class Config:
 # --profile=real: limits as sft.py's; lr 1e-5 near InstructGPT's 9e-6 for its 6B RM, one epoch (InstructGPT:
 # the RM overfits after one; the toy lr 5e-4 made HH's held-out loss rise during training).
 REAL_DATA = dict(max_prompt_tokens=384, max_response_tokens=128, lr=1e-5, batch_size=64, micro_batch_size=8,
-                 max_steps=0, warmup_steps=10)
+                 max_steps=0, num_epochs=1, warmup_steps=10)
 
 
 # -----------------------------------------------------------------------------
@@ -473,8 +476,8 @@ def train(cfg: Config, d: Dist, member: int) -> dict:
               f"responses each), {len(norm_set)} normalization responses ({cfg.normalize_on}); {stats.summary()}")
 
     # 3. Batch arithmetic: the global batch of comparisons is fixed; processes and accumulation split it.
-    per_rank, micro, steps_per_epoch, max_steps = split_batch(cfg.batch_size, cfg.micro_batch_size, len(items),
-                                                              cfg.max_steps, d)
+    per_rank, micro, steps_per_epoch, _ = split_batch(cfg.batch_size, cfg.micro_batch_size, len(items), cfg.max_steps, d)
+    max_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
 
     # 4. Model sharding, optimizer, and the state to resume from.
     model = shard_model(model, d, cfg.bf16)

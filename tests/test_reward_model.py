@@ -317,6 +317,18 @@ def test_gradient_accumulation_does_not_change_the_update(tmp_path):
         assert a == pytest.approx(b, rel=1e-5), (step, key)
 
 
+@pytest.mark.parametrize("flags,steps", [(["--max_steps=0"], 8), (["--max_steps=0", "--num_epochs=1"], 4),
+                                         (["--max_steps=0", "--profile=real", "--max_prompt_tokens=12",
+                                          "--max_response_tokens=16"], 4),
+                                         (["--max_steps=5"], 5)])
+def test_max_steps_zero_trains_num_epochs(tmp_path, flags, steps):
+    """64 comparisons in batches of 16: 4 steps an epoch; the toy profile trains 2 epochs, the real profile 1."""
+    sft = tiny_sft(tmp_path / "sft")
+    rm.main(tiny_args(sft, tmp_path / "rm", "--eval_every=100", *flags))
+    with open(tmp_path / "rm/metrics.jsonl") as f:
+        assert max(json.loads(line)["step"] for line in f) == steps
+
+
 def test_resume_is_exact(tmp_path):
     sft = tiny_sft(tmp_path / "sft")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
