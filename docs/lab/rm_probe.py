@@ -1,7 +1,8 @@
 """Probe reward models on fixed inputs (docs/lab.md, "Making the default run robust"): gold accuracy on 3,000
-held-out comparisons drawn as the RM's own (its seed: --seed), and on held-out pairs between full-length answers (drawn as before 2026-12-06: no off-length answer), and how often the RM prefers
-the empty answer, the first two letters, or a run-on answer (the exact reversal with its last letter repeated
-three more times) to the exact reversal, and a noisy answer run on the same way to the noisy answer itself.
+held-out comparisons drawn as the RM's own (its seed: --seed), and on held-out pairs between full-length answers
+(drawn as before 2026-12-06: no off-length answer), and how often the RM prefers the empty answer, the first two
+letters, or a run-on answer (the exact reversal with its last letter repeated three more times) to the exact
+reversal, and a noisy answer run on the same way to the noisy answer itself.
 
     PYTHONPATH=. python docs/lab/rm_probe.py [--seed=S] runs/rm/final [more RM checkpoints ...]
 """
