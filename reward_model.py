@@ -97,9 +97,10 @@ class Config:
     """dropout on the adapters' input (PEFT's lora_dropout)"""
     lora_targets: str = "all"
     """projections with adapters: "all" (attention q, k, v, o and the MLP), or HF names: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj (Llama family), c_attn,c_proj,c_fc (GPT-2)"""
-    packing: bool = False
+    packing: bool = True
     """padding-free packing of each micro-batch's K * B sequences (data.pack_sft), each scored at its own last token;
-    the same rewards as padded (tests/test_packing.py)"""
+    the same rewards as padded (tests/test_packing.py). On for the built-in task (docs/lab.md has the times); the
+    real profile keeps it off, as docs/real-model.md's runs were padded"""
     gradient_checkpointing: bool = False
     """recompute each block's activations in backward to save memory"""
     eval_every: int = 100
@@ -145,7 +146,7 @@ class Config:
 # --profile=real: limits as sft.py's; lr 1e-5 near InstructGPT's 9e-6 for its 6B RM, one epoch (InstructGPT:
 # the RM overfits after one; the toy lr 5e-4 made HH's held-out loss rise during training).
 REAL_DATA = dict(max_prompt_tokens=384, max_response_tokens=128, lr=1e-5, batch_size=64, micro_batch_size=8,
-                 max_steps=0, num_epochs=1, warmup_steps=10)
+                 max_steps=0, num_epochs=1, warmup_steps=10, packing=False)
 
 
 # -----------------------------------------------------------------------------

@@ -88,9 +88,11 @@ class Config:
     """dropout on the adapters' input (PEFT's lora_dropout)"""
     lora_targets: str = "all"
     """projections with adapters: "all" (attention q, k, v, o and the MLP), or HF names: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj (Llama family), c_attn,c_proj,c_fc (GPT-2)"""
-    packing: bool = False
+    packing: bool = True
     """padding-free packing: each micro-batch's examples concatenated into as few rows as fit the longest one, positions
-    restarting and attention block-diagonal per example (data.pack_sft); the same examples and loss as padded"""
+    restarting and attention block-diagonal per example (data.pack_sft); the same examples and loss as padded. On for
+    the built-in task, whose padded batches are 30% padding (docs/lab.md has the times); the real profile keeps it
+    off, as docs/real-model.md's runs were padded"""
     gradient_checkpointing: bool = False
     """recompute each block's activations in backward to save memory"""
     eval_every: int = 200
@@ -127,7 +129,7 @@ class Config:
 # prompt 97 GPT-2 tokens); lr 2e-5 is TRL's SFTConfig default (trl/trainer/sft_config.py L141); one epoch as
 # N+ and InstructGPT's SFT; micro-batch 8 keeps the (micro, T, 50257) logits near 1 GB.
 REAL_DATA = dict(max_prompt_tokens=384, max_response_tokens=128, block_size=512, lr=2e-5, batch_size=64,
-                 micro_batch_size=8, max_steps=0, warmup_steps=10)
+                 micro_batch_size=8, max_steps=0, warmup_steps=10, packing=False)
 
 
 def loss_start(loss_mask: torch.Tensor) -> int:
