@@ -329,6 +329,13 @@ def test_max_steps_zero_trains_num_epochs(tmp_path, flags, steps):
         assert max(json.loads(line)["step"] for line in f) == steps
 
 
+def test_packing_is_on_for_the_toy_profile_only():
+    """The built-in task trains packed (its padded batches are 30% padding); real data keeps padded batches."""
+    from runtime import parse_config
+    assert parse_config(rm.Config, [], {"real": rm.REAL_DATA}).packing
+    assert not parse_config(rm.Config, ["--dataset=hh.jsonl"], {"real": rm.REAL_DATA}).packing
+
+
 def test_resume_is_exact(tmp_path):
     sft = tiny_sft(tmp_path / "sft")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
