@@ -9,7 +9,7 @@
 #   bash launch.sh rlvr            # RLVR: GRPO, Dr. GRPO and RLOO from SmolLM2-135M-Instruct on the built-in arithmetic
 #                                  # task, scored by data:arithmetic_reward (no SFT, no RM); SEEDS="0 1 2" for 3 seeds
 #   bash launch.sh gold            # PPO from the same SFT on the task's own annotator (--reward_fn=data:reverse_reward,
-#                                  # no RM): RL with a perfect reward model, the ceiling row of the report
+#                                  # no RM): RL with a perfect reward model, the gold row of the report
 #   bash launch.sh ablate-ensemble # single RM vs an ensemble (mean, worst-case, uncertainty-weighted) at beta 0 and 0.1
 #   bash launch.sh scale           # SFT at three sizes (2x64, 4x128, 6x128: 11x in parameters), RM and PPO on the smallest
 #   SEEDS="0 1 2" bash launch.sh ablate-kl   # any mode once per seed (RUN_DIR/seed<s>/), then mean +- std of its table
@@ -297,7 +297,8 @@ case "$MODE" in
     ;;
   gold)
     # 3'. PPO as in the pipeline, but scored by the task's programmatic annotator instead of the learned RM
-    # (ppo.py --reward_fn, docs/reward-functions.md): RL with a perfect reward model, the ceiling of every RM row.
+    # (ppo.py --reward_fn, docs/reward-functions.md): RL with a perfect reward model. Not a bound on the RM rows at the
+    # same beta: the annotator's reward spreads about 9x less than the RM's, so beta holds it nearer SFT.
     # No RM, so the critic starts from SFT (ppo.py build_models); everything else is PPO's default.
     [ "$PROMPT_DATA" = default ] || { echo "launch.sh gold: the gold annotator exists for the default task only" >&2; exit 2; }
     run_stage gold ppo.py --sft="$RUN_DIR/sft/final" --reward_model=none --reward_fn=data:reverse_reward \
