@@ -250,7 +250,7 @@ def gold_reward(prompt: str, response: str) -> float:
 def reverse_reward(prompts: list, completions: list, **kwargs) -> list[float]:
     """gold_reward as a reward function with TRL's calling convention (ppo.py --reward_fn=data:reverse_reward):
     one float per (prompt, completion). PPO on it is RL with a perfect reward model (launch.sh gold), on a scale of
-    its own: over SFT's samples it spreads about 9x less than the RM's normalized score (docs/reward-functions.md)."""
+    its own: over SFT's samples it spreads about 10x less than the RM's normalized score (docs/reward-functions.md)."""
     return [gold_reward(p, c) for p, c in zip(prompts, completions)]
 
 

@@ -298,7 +298,7 @@ case "$MODE" in
   gold)
     # 3'. PPO as in the pipeline, but scored by the task's programmatic annotator instead of the learned RM
     # (ppo.py --reward_fn, docs/reward-functions.md): RL with a perfect reward model. Not a bound on the RM rows at the
-    # same beta: the annotator's reward spreads about 9x less than the RM's, so beta holds it nearer SFT.
+    # same beta: the annotator's reward spreads about 10x less than the RM's, so beta holds it nearer SFT.
     # No RM, so the critic starts from SFT (ppo.py build_models); everything else is PPO's default.
     [ "$PROMPT_DATA" = default ] || { echo "launch.sh gold: the gold annotator exists for the default task only" >&2; exit 2; }
     run_stage gold ppo.py --sft="$RUN_DIR/sft/final" --reward_model=none --reward_fn=data:reverse_reward \

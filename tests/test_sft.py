@@ -297,7 +297,8 @@ def test_real_data_profile_replaces_toy_defaults_and_says_so(capsys):
     assert (toy.profile, toy.lr, toy.max_prompt_tokens, toy.packing) == ("toy", 2e-3, 12, True)
     real = parse_config(sft.Config, ["--dataset=hh.jsonl", "--lr=5e-5"], {"real": sft.REAL_DATA})
     assert (real.profile, real.lr, real.max_prompt_tokens, real.max_response_tokens) == ("real", 5e-5, 384, 128)
-    assert not real.packing and parse_config(sft.Config, ["--dataset=hh.jsonl", "--packing"], {"real": sft.REAL_DATA}).packing
+    assert not real.packing
+    assert parse_config(sft.Config, ["--dataset=hh.jsonl", "--packing"], {"real": sft.REAL_DATA}).packing
     assert "profile 'real' in force (max_prompt_tokens=384" in capsys.readouterr().out
     forced = parse_config(sft.Config, ["--dataset=hh.jsonl", "--profile=toy"], {"real": sft.REAL_DATA})
     assert (forced.profile, forced.lr) == ("toy", 2e-3)
