@@ -245,12 +245,12 @@ run_stage rm reward_model.py --sft="$RUN_DIR/sft/final" --dataset="$PREF_DATA" $
 
 case "$MODE" in
   pipeline)
-    # 3. PPO (~4 min): optimize the SFT policy against the RM with a KL penalty to SFT.
+    # 3. PPO (~1 min): optimize the SFT policy against the RM with a KL penalty to SFT.
     run_stage ppo ppo.py --sft="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" --dataset="$PROMPT_DATA" $SEED_ARG $PPO_ARGS
     POLICIES="sft:$RUN_DIR/sft/final,ppo:$RUN_DIR/ppo/final"
     [ -f "$RUN_DIR/dpo/DONE" ] && POLICIES="$POLICIES,dpo:$RUN_DIR/dpo/final"
     [ -f "$RUN_DIR/gold/DONE" ] && POLICIES="$POLICIES,ppo-gold:$RUN_DIR/gold/final"
-    # 4. Report (~20 s): SFT vs PPO on the same held-out prompts.
+    # 4. Report (~10 s): SFT vs PPO on the same held-out prompts.
     python evaluate.py --policies="$POLICIES" --reference="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" \
       --dataset="$PROMPT_DATA" --stage_times="$TIMES" --ppo_metrics="$RUN_DIR/ppo/metrics.jsonl" --out="$RUN_DIR/report"
     python plots.py gao --runs="ppo:$RUN_DIR/ppo" --out="$RUN_DIR/report"

@@ -2,7 +2,8 @@
 held-out comparisons drawn as the RM's own (its seed: --seed), and on held-out pairs between full-length answers
 (drawn as before 2026-12-06: no off-length answer), and how often the RM prefers the empty answer, the first two
 letters, or a run-on answer (the exact reversal with its last letter repeated three more times) to the exact
-reversal, and a noisy answer run on the same way to the noisy answer itself.
+reversal, and a noisy answer run on the same way to the noisy answer itself. The first accuracy is also split into
+pairs of answers of equal length and of different lengths.
 
     PYTHONPATH=. python docs/lab/rm_probe.py [--seed=S] runs/rm/final [more RM checkpoints ...]
 """
@@ -23,10 +24,15 @@ def scores(rm, tok, prompts, responses):
         return reward_scores(rm, x, mask)
 
 
-def gold_accuracy(rm, tok, pairs) -> float:
+def gold_agreement(rm, tok, pairs) -> torch.Tensor:
+    """Per pair: does the RM order it as gold does."""
     a = scores(rm, tok, [p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
     b = scores(rm, tok, [p["prompt"] for p in pairs], [p["rejected"] for p in pairs])
-    return ((a > b) == torch.tensor([p["chosen_gold"] > p["rejected_gold"] for p in pairs])).float().mean().item()
+    return (a > b) == torch.tensor([p["chosen_gold"] > p["rejected_gold"] for p in pairs])
+
+
+def gold_accuracy(rm, tok, pairs) -> float:
+    return gold_agreement(rm, tok, pairs).float().mean().item()
 
 
 def main(argv):
@@ -54,7 +60,12 @@ def main(argv):
         # a demonstration-like answer against the same answer run on (its last letter three more times)
         plain = scores(rm, tok, prompts, noisy)
         longer = scores(rm, tok, prompts, [r + r[-1] * 3 for r in noisy])
-        print(f"{path}: gold accuracy on {len(many)} held-out pairs of seed {seed} {gold_accuracy(rm, tok, many):.3f}, "
+        # Length alone can decide a pair of different lengths; a pair of equal length needs the letter-by-letter check.
+        agree = gold_agreement(rm, tok, many)
+        same = torch.tensor([len(p["chosen"]) == len(p["rejected"]) for p in many])
+        print(f"{path}: gold accuracy on {len(many)} held-out pairs of seed {seed} {agree.float().mean():.3f} "
+              f"(answers of equal length {agree[same].float().mean():.3f}, of different length "
+              f"{agree[~same].float().mean():.3f}), "
               f"on {len(pairs)} full-length pairs {gold_accuracy(rm, tok, pairs):.3f}; "
               f"empty > exact {(empty > exact).float().mean():.1%}; 2 letters > exact {(two > exact).float().mean():.1%}; "
               f"run-on (+3 repeats) > exact {(runon > exact).float().mean():.1%}; "
