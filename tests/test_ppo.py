@@ -133,6 +133,16 @@ def test_docs_preset_table_matches_code():
         assert cells == expected, key
 
 
+def test_two_ppo_epochs_on_the_toy_profile_four_on_real_data():
+    """The built-in task takes 2 epochs per rollout (docs/lab.md: as much gold as 4, at lower KL, in 60% of the
+    time); real data keeps TRL's 4 (ppo_config.py), as docs/real-model.md's runs used; explicit flags still win."""
+    from runtime import parse_config
+    assert parse_config(ppo.Config, [], {"real": ppo.REAL_DATA}).num_ppo_epochs == 2
+    assert parse_config(ppo.Config, ["--dataset=hh.jsonl"], {"real": ppo.REAL_DATA}).num_ppo_epochs == 4
+    explicit = parse_config(ppo.Config, ["--dataset=hh.jsonl", "--num_ppo_epochs=1"], {"real": ppo.REAL_DATA})
+    assert explicit.num_ppo_epochs == 1
+
+
 @pytest.mark.parametrize("preset", sorted(ppo.PRESETS))
 def test_each_preset_runs_one_update(checkpoints, tmp_path, preset):
     ppo.main([f"--preset={preset}", f"--sft={checkpoints / 'sft'}", f"--reward_model={checkpoints / 'rm'}",
