@@ -186,7 +186,7 @@ class Config:
     rollout_batch_size x samples_per_prompt sequences whatever the number of processes (groups never straddle ranks)"""
     num_ppo_epochs: int = 2
     """passes over each rollout (TRL GRPO num_iterations, verl ppo_epochs). 2 on the built-in task: it ended as high
-    on gold as TRL's and N+'s 4, at lower KL, in 60% of PPO's time (docs/lab.md); the real profile keeps 4"""
+    on gold as TRL's and N+'s 4, at lower KL, in about two thirds of PPO's time (docs/lab.md); real data keeps 4"""
     num_minibatches: int = 1
     """optimizer steps per epoch; the rollout's sequences are split evenly among them"""
     micro_batch_size: int = 64

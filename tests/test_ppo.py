@@ -134,8 +134,9 @@ def test_docs_preset_table_matches_code():
 
 
 def test_two_ppo_epochs_on_the_toy_profile_four_on_real_data():
-    """The built-in task takes 2 epochs per rollout (docs/lab.md: as much gold as 4, at lower KL, in 60% of the
-    time); real data keeps TRL's 4 (ppo_config.py), as docs/real-model.md's runs used; explicit flags still win."""
+    """The built-in task takes 2 epochs per rollout (docs/lab.md: as much gold as 4, at lower KL, in about two
+    thirds of the time); real data keeps TRL's 4 (ppo_config.py), as docs/real-model.md's runs used; explicit
+    flags still win."""
     from runtime import parse_config
     assert parse_config(ppo.Config, [], {"real": ppo.REAL_DATA}).num_ppo_epochs == 2
     assert parse_config(ppo.Config, ["--dataset=hh.jsonl"], {"real": ppo.REAL_DATA}).num_ppo_epochs == 4
