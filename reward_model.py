@@ -5,7 +5,9 @@ The SFT model with a scalar head (`score`, fresh, N(0, 1/sqrt(d_model + 1)) as O
 kept token of a response cut by truncation (`evaluate.sequence_rewards`). Trained with the Bradley-Terry loss -log sigmoid(r_w - r_l)
 on {prompt, chosen, rejected} pairs (Stiennon et al. 2020, eq. 1; TRL RewardTrainer), or on rankings of
 K responses with the mean over all K-choose-2 pairs of each prompt (InstructGPT, Ouyang et al. 2022,
-section 3.5, eq. 1). After training the reward is normalized: gain and bias stored in the checkpoint's
+section 3.5, eq. 1). On the built-in task each pair's loss is averaged over the positions from the first token
+where the two responses differ (--loss_positions=suffix, DeepSpeed-Chat's); elsewhere it reads the last token
+only. After training the reward is normalized: gain and bias stored in the checkpoint's
 config make it mean 0 (and, with --normalize_gain, std 1) on responses sampled from the SFT policy
 (OpenAI 2019 `train_reward.py`) or on the SFT dataset's reference responses (N+ `reward.py`); ppo.py
 applies them (`evaluate.reward_scores`). The output, run_dir/final/reward/, is what ppo.py --reward_model loads.
@@ -63,6 +65,12 @@ class Config:
     """prompts longer than this are cut from the left (counted)"""
     max_response_tokens: int = 16
     """responses (with EOS) longer than this are cut from the right (counted); pairs that become identical are dropped"""
+    loss_positions: str = "suffix"
+    """where the loss compares two responses: "last", their rewards at the last token (TRL, OpenRLHF, N+, OpenAI
+    2019); "suffix", every position from the first token where they differ to the end of the longer, averaged
+    (DeepSpeed-Chat step 2; divergent_suffix_loss). The reward is read at the last token either way. "suffix" on the
+    built-in task, where the RM is told which answer is better at the first wrong letter (docs/lab.md); the real
+    profile keeps "last" """
     margin: float = 0.0
     """Bradley-Terry margin: loss -log sigmoid(r_w - r_l - margin) (Llama 2; TRL's margin column), preference only"""
     batch_size: int = 32
@@ -144,9 +152,10 @@ class Config:
 
 
 # --profile=real: limits as sft.py's; lr 1e-5 near InstructGPT's 9e-6 for its 6B RM, one epoch (InstructGPT:
-# the RM overfits after one; the toy lr 5e-4 made HH's held-out loss rise during training).
+# the RM overfits after one; the toy lr 5e-4 made HH's held-out loss rise during training). The last-token loss, as
+# docs/real-model.md's runs used it (the suffix loss is not measured on real data yet).
 REAL_DATA = dict(max_prompt_tokens=384, max_response_tokens=128, lr=1e-5, batch_size=64, micro_batch_size=8,
-                 max_steps=0, num_epochs=1, warmup_steps=10, packing=False)
+                 max_steps=0, num_epochs=1, warmup_steps=10, packing=False, loss_positions="last")
 
 
 # -----------------------------------------------------------------------------
@@ -179,6 +188,34 @@ def kwise_loss(rewards: torch.Tensor, valid: torch.Tensor | None = None) -> torc
     losses = -F.logsigmoid(rewards[:, :, None] - rewards[:, None, :])  # (B, K, K): pair (i, j)
     losses = torch.where(pairs, losses, torch.zeros_like(losses))
     per_prompt = losses.sum((1, 2)) / pairs.sum((1, 2)).clamp(min=1)  # (B,)
+    return per_prompt.mean()
+
+
+def divergent_suffix_loss(scores: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor | None = None,
+                          margin: float = 0.0) -> torch.Tensor:
+    """DeepSpeed-Chat's reward-model loss, for rankings as kwise_loss: scores (B, K, L), the raw reward at each
+    position of prompt + response of K sequences per prompt, best first, each sequence's last score repeated past its
+    end; tokens (B, K, L) its token ids, -1 past its end -> scalar.
+
+    For a pair i < j (i better): the mean of -log sigmoid(s_i[t] - s_j[t] - margin) over the positions t from the
+    first where the two sequences differ to the end of the longer; then, as kwise_loss, the mean over a prompt's
+    valid pairs and over prompts. K = 2 is DeepSpeed-Chat step 2 (`dschat/utils/model/reward_model.py`,
+    RewardModel.forward: divergence_ind to end_ind = max(c_ind, r_ind), from trlx's summarize_rlhf), except past the
+    shorter sequence's end, where DeepSpeed-Chat reads the scores of pad tokens and this reads its reward. Every
+    prefix's reward is trained, so the RM is told which response is better where they first differ, not only at the
+    end; the reward is still read at the last token. With the same score at every position it is kwise_loss."""
+    B, K, L = scores.shape
+    valid = torch.ones(B, K, dtype=torch.bool, device=scores.device) if valid is None else valid.bool()
+    i, j = torch.triu_indices(K, K, offset=1, device=scores.device)  # every pair i < j
+    differ = tokens[:, i] != tokens[:, j]  # (B, P, L)
+    end = torch.maximum((tokens[:, i] >= 0).sum(-1), (tokens[:, j] >= 0).sum(-1))  # (B, P): the longer's length
+    first = torch.where(differ.any(-1), differ.float().argmax(-1), end - 1)  # argmax: the first True
+    t = torch.arange(L, device=scores.device)
+    span = (t >= first[..., None]) & (t < end[..., None])  # (B, P, L), never empty
+    losses = -F.logsigmoid(scores[:, i].float() - scores[:, j].float() - margin)
+    per_pair = (losses * span).sum(-1) / span.sum(-1)  # (B, P)
+    pairs = valid[:, i] & valid[:, j]
+    per_prompt = (per_pair * pairs).sum(1) / pairs.sum(1).clamp(min=1)
     return per_prompt.mean()
 
 
@@ -260,23 +297,41 @@ def collate_comparisons(items: list[dict], pad_id: int, K: int, packed: bool = F
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "valid": valid}
 
 
-def comparison_rewards(model, batch: dict, d: Dist, bf16: bool) -> torch.Tensor:
-    """One forward over the K * B rows of collate_comparisons -> rewards (B, K), float32, raw (no gain/bias)."""
+def comparison_scores(model, batch: dict, d: Dist, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward over the K * B sequences of collate_comparisons (padded or packed) -> (scores, tokens), both
+    (B, K, L): each sequence's raw score (float32, no gain/bias) and token id at each of its positions, from its first;
+    past its end, its last score repeated and token -1. So scores[..., -1] is each reward, read at the last token:
+    the EOS, or the last kept token of a cut response (as evaluate.sequence_rewards)."""
     ids, mask = batch["input_ids"].to(d.device), batch["attention_mask"].to(d.device)
     docs, positions = (batch[k].to(d.device) if k in batch else None for k in ("document_ids", "position_ids"))  # packed
     with autocast(d, bf16):
-        scalars = model(ids, attention_mask=mask, head="score", position_ids=positions, document_ids=docs)
+        scalars = model(ids, attention_mask=mask, head="score", position_ids=positions, document_ids=docs).float()
     B, K = batch["valid"].shape
-    if docs is None:
-        return sequence_rewards(scalars, mask).view(K, B).T  # (K * B, T) rows
-    # Packed: sequence i's reward is read at its last token, the largest flat position holding document i.
-    flat, where = docs.flatten(), torch.arange(docs.numel(), device=docs.device)
-    last = torch.zeros(K * B, dtype=torch.long, device=docs.device).scatter_reduce(0, flat.clamp(min=0), torch.where(
-        flat >= 0, where, 0), "amax")
-    return scalars.float().flatten()[last].view(K, B).T
+    if docs is None:  # padded: row r is sequence r, right-padded, so its positions are the columns
+        docs = torch.arange(ids.size(0), device=ids.device)[:, None].expand_as(ids).masked_fill(mask == 0, -1)
+        positions = torch.arange(ids.size(1), device=ids.device).expand_as(ids)
+    real = docs >= 0
+    seq, pos = docs[real], positions[real]
+    L = int(pos.max()) + 1
+    grid = scalars.new_zeros(K * B, L).index_put((seq, pos), scalars[real])
+    tokens = torch.full((K * B, L), -1, dtype=torch.long, device=ids.device).index_put((seq, pos), ids[real])
+    length = torch.zeros(K * B, dtype=torch.long, device=ids.device).index_add_(0, seq, torch.ones_like(seq))
+    held = grid.gather(1, torch.minimum(torch.arange(L, device=ids.device), length[:, None] - 1))
+    return held.view(K, B, L).transpose(0, 1), tokens.view(K, B, L).transpose(0, 1)
 
 
-def comparison_loss(rewards: torch.Tensor, valid: torch.Tensor, cfg: Config) -> torch.Tensor:
+def comparison_rewards(model, batch: dict, d: Dist, bf16: bool) -> torch.Tensor:
+    """collate_comparisons' batch -> rewards (B, K), float32, raw: each sequence's score at its last token."""
+    return comparison_scores(model, batch, d, bf16)[0][..., -1]
+
+
+def comparison_loss(rewards: torch.Tensor, valid: torch.Tensor, cfg: Config, scores: torch.Tensor | None = None,
+                    tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss of rewards (B, K), best first. Given comparison_scores' scores and tokens (training) and
+    --loss_positions=suffix, divergent_suffix_loss; otherwise at the last token: Bradley-Terry for pairs, the
+    K-wise loss for rankings (evaluation's eval/loss is always this one, on the rewards that ppo.py reads)."""
+    if cfg.loss_positions == "suffix" and scores is not None:
+        return divergent_suffix_loss(scores, tokens, valid, cfg.margin)
     if cfg.data_format == "preference":
         return bradley_terry_loss(rewards[:, 0], rewards[:, 1], cfg.margin)
     return kwise_loss(rewards, valid)
@@ -399,6 +454,8 @@ def main(argv=None):
         raise SystemExit(f"--data_format={cfg.data_format!r}: choose preference or ranked")
     if cfg.normalize_on not in ("samples", "references", "none"):
         raise SystemExit(f"--normalize_on={cfg.normalize_on!r}: choose samples, references or none")
+    if cfg.loss_positions not in ("last", "suffix"):
+        raise SystemExit(f"--loss_positions={cfg.loss_positions!r}: choose last or suffix")
     if cfg.margin and cfg.data_format == "ranked":
         raise SystemExit("--margin applies to pairs (data_format=preference) only")
     if cfg.ensemble_size < 1:
@@ -500,9 +557,9 @@ def train(cfg: Config, d: Dist, member: int) -> dict:
         for i in range(0, per_rank, micro):
             # One forward scores every response of the micro-batch (chosen and rejected rows together).
             batch = collate_comparisons(batch_items[i:i + micro], tok.eos_id, K, packed=cfg.packing)
-            rewards = comparison_rewards(model, batch, d, cfg.bf16)  # (micro, K)
-            valid = batch["valid"].to(d.device)
-            loss = comparison_loss(rewards, valid, cfg)
+            scores, tokens = comparison_scores(model, batch, d, cfg.bf16)  # (micro, K, L)
+            rewards, valid = scores[..., -1], batch["valid"].to(d.device)  # (micro, K): at the last token
+            loss = comparison_loss(rewards, valid, cfg, scores, tokens)
             # loss is the mean over this micro-batch; weighted by micro / batch_size, the sum over micro-batches
             # and ranks is the mean over the global batch. FSDP averages gradients over ranks: scale by world_size.
             (loss * micro * d.world_size / cfg.batch_size).backward()

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import data
+import evaluate
 from model import GPT, GPTConfig, config_for
 from sft import sft_loss
 
@@ -134,20 +135,31 @@ def test_dpo_packing_trains_to_the_same_losses(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_reward_model_packed_rewards_and_gradients_equal_padded(family):
-    """reward_model.comparison_rewards on packed rows: each sequence scored at its own last token, as padded."""
+@pytest.mark.parametrize("loss", ["last", "suffix"])
+def test_reward_model_packed_rewards_and_gradients_equal_padded(family, loss):
+    """reward_model.comparison_scores on packed rows: each sequence's scores by position, as padded, so the same
+    rewards (at its own last token) and the same gradients of either loss."""
     import reward_model
     from runtime import Dist
     items = [{"prompt": p, "responses": [r, r[::-1] + [7]], "golds": None} for p, r in examples(seed=4, n=5)]
     m = model(family)
     m.score = torch.nn.Linear(m.config.n_embd, 1)  # a head, drawn at random
+    cfg = reward_model.Config(loss_positions=loss)
     out = {}
     for packed in (False, True):
         m.zero_grad()
         batch = reward_model.collate_comparisons(items, 0, 2, packed=packed)
+        scores, tokens = reward_model.comparison_scores(m, batch, Dist(), False)
         rewards = reward_model.comparison_rewards(m, batch, Dist(), False)
-        reward_model.bradley_terry_loss(rewards[:, 0], rewards[:, 1], 0.0).backward()
-        out[packed] = (rewards.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+        torch.testing.assert_close(rewards, scores[..., -1])
+        if not packed:  # the one read-out of a reward, at each sequence's last real token
+            with torch.no_grad():
+                scalars = m(batch["input_ids"], attention_mask=batch["attention_mask"], head="score")
+            last = evaluate.sequence_rewards(scalars, batch["attention_mask"]).view(2, len(items)).T
+            torch.testing.assert_close(rewards.detach(), last)
+        reward_model.comparison_loss(rewards, batch["valid"], cfg, scores, tokens).backward()
+        out[packed] = (scores.detach(), tokens, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
     torch.testing.assert_close(out[True][0], out[False][0], atol=1e-5, rtol=1e-6)
-    for name, grad in out[False][1].items():
-        assert (out[True][1][name] - grad).abs().max() <= 1e-6 * max(grad.abs().max(), 1e-3), name
+    assert torch.equal(out[True][1], out[False][1])
+    for name, grad in out[False][2].items():
+        assert (out[True][2][name] - grad).abs().max() <= 1e-6 * max(grad.abs().max(), 1e-3), name

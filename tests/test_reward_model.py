@@ -110,6 +110,48 @@ def test_kwise_valid_mask_ignores_missing_responses():
     assert rm.kwise_loss(rewards, valid).item() == pytest.approx((prompt1 + prompt2) / 2, abs=1e-6)
 
 
+# -----------------------------------------------------------------------------
+# The divergent-suffix loss (DeepSpeed-Chat), --loss_positions=suffix
+
+
+def test_divergent_suffix_loss_hand_worked():
+    # One pair, positions 0-4. Tokens: chosen [5 6 7] (then -1: ended), rejected [5 6 8 9 4]. They first differ at
+    # position 2 and the longer ends after position 4, so the loss averages positions 2, 3, 4. Past its end the
+    # chosen sequence keeps its last score, 1.5 (comparison_scores repeats it).
+    tokens = torch.tensor([[[5, 6, 7, -1, -1], [5, 6, 8, 9, 4]]])
+    scores = torch.tensor([[[9.0, 9.0, 1.5, 1.5, 1.5], [-9.0, -9.0, 0.5, 2.5, 1.5]]])
+    # differences at 2, 3, 4: 1.0, -1.0, 0.0 -> (softplus(-1) + softplus(1) + softplus(0)) / 3
+    expected = (softplus(-1.0) + softplus(1.0) + math.log(2)) / 3  # (0.31326 + 1.31326 + 0.69315) / 3 = 0.77322
+    assert expected == pytest.approx(0.773224, abs=1e-6)
+    assert rm.divergent_suffix_loss(scores, tokens).item() == pytest.approx(expected, abs=1e-6)
+    # positions 0-1 (the shared prompt, huge differences) are left out; a margin shifts every position's difference
+    with_margin = (softplus(-0.5) + softplus(1.5) + softplus(0.5)) / 3
+    assert rm.divergent_suffix_loss(scores, tokens, margin=0.5).item() == pytest.approx(with_margin, abs=1e-6)
+
+
+def test_divergent_suffix_loss_with_one_score_per_sequence_is_the_last_token_loss():
+    """The same score at every position: each pair's mean is its one difference, so pairs give Bradley-Terry and
+    rankings (with a missing response) the K-wise loss, whatever the lengths and the divergence points."""
+    gen = torch.Generator().manual_seed(0)
+    for K, valid in ((2, None), (4, torch.tensor([[True] * 4, [True] * 4, [True, True, True, False]]))):
+        B, L = 3, 6
+        rewards = torch.randn(B, K, generator=gen)
+        tokens = torch.randint(0, 4, (B, K, L), generator=gen)
+        tokens[:, :, 0] = 9  # a shared first token
+        tokens[0, 1, 4:] = -1  # a shorter response
+        scores = rewards[..., None].expand(B, K, L)
+        expected = rm.bradley_terry_loss(rewards[:, 0], rewards[:, 1]) if K == 2 else rm.kwise_loss(rewards, valid)
+        assert rm.divergent_suffix_loss(scores, tokens, valid).item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_loss_positions_suffix_on_the_toy_profile_last_on_real_data():
+    from runtime import parse_config
+    assert parse_config(rm.Config, [], {"real": rm.REAL_DATA}).loss_positions == "suffix"
+    assert parse_config(rm.Config, ["--dataset=hh.jsonl"], {"real": rm.REAL_DATA}).loss_positions == "last"
+    with pytest.raises(SystemExit, match="--loss_positions='first': choose last or suffix"):
+        rm.main(["--loss_positions=first"])
+
+
 def test_ranked_pair_differences_order():
     x = torch.tensor([[3.0, 1.0, 0.0]])
     assert rm.ranked_pair_differences(x, torch.ones(1, 3, dtype=torch.bool)).tolist() == [2.0, 3.0, 1.0]
