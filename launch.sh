@@ -85,6 +85,9 @@ SEED_ARG=""
 [ -n "${LAB_SEED:-}" ] && SEED_ARG="--seed=$LAB_SEED"
 # Periodic evaluations of the ablations' PPO runs (each ~1 s): the points of the gold-vs-sqrt(KL) curves.
 LAB_EVAL_EVERY=${LAB_EVAL_EVERY:-10}
+# The ablations' PPO runs go three times the default's 150 updates: against the default RM, beta 0 needs more than
+# 150 to over-optimize (its gold peaks near update 75, then falls while the learned reward rises; docs/lab.md).
+LAB_UPDATES=${LAB_UPDATES:-450}
 ENSEMBLE_SIZE=${ENSEMBLE_SIZE:-3}
 ENSEMBLE_BETAS=${ENSEMBLE_BETAS:-"0 0.1"}
 UWO_LAMBDA=${UWO_LAMBDA:-1.0}
@@ -317,7 +320,8 @@ case "$MODE" in
     POLICIES="sft:$RUN_DIR/sft/final"
     for beta in $ABLATE_BETAS; do
       run_stage "ppo_beta$beta" ppo.py --sft="$RUN_DIR/sft/final" --reward_model="$RUN_DIR/rm/final" \
-        --dataset="$PROMPT_DATA" --kl_coef="$beta" --eval_every="$LAB_EVAL_EVERY" $SEED_ARG $PPO_ARGS
+        --dataset="$PROMPT_DATA" --kl_coef="$beta" --eval_every="$LAB_EVAL_EVERY" --num_updates="$LAB_UPDATES" \
+        $SEED_ARG $PPO_ARGS
       POLICIES="$POLICIES,beta=$beta:$RUN_DIR/ppo_beta$beta/final"
       RUNS="${RUNS:+$RUNS,}beta=$beta:$RUN_DIR/ppo_beta$beta"
     done
@@ -340,7 +344,7 @@ case "$MODE" in
         # The single-RM arm is ablate-kl's run of that beta (same stage name and arguments): done once for both.
         stage="ens_${arm}_beta$beta"; [ "$arm" = single ] && stage="ppo_beta$beta"
         run_stage "$stage" ppo.py --sft="$RUN_DIR/sft/final" "${RM[@]}" --dataset="$PROMPT_DATA" \
-          --kl_coef="$beta" --eval_every="$LAB_EVAL_EVERY" $SEED_ARG $PPO_ARGS
+          --kl_coef="$beta" --eval_every="$LAB_EVAL_EVERY" --num_updates="$LAB_UPDATES" $SEED_ARG $PPO_ARGS
         POLICIES="$POLICIES,$arm@$beta:$RUN_DIR/$stage/final"
         RUNS="${RUNS:+$RUNS,}$arm@$beta:$RUN_DIR/$stage"
       done
