@@ -12,7 +12,7 @@ config make it mean 0 (and, with --normalize_gain, std 1) on responses sampled f
 (OpenAI 2019 `train_reward.py`) or on the SFT dataset's reference responses (N+ `reward.py`); ppo.py
 applies them (`evaluate.reward_scores`). The output, run_dir/final/reward/, is what ppo.py --reward_model loads.
 
-    python reward_model.py --sft=runs/sft/final     # the built-in default task: ~1 min on 2 CPU cores, gold accuracy ~0.8
+    python reward_model.py --sft=runs/sft/final     # the built-in default task: ~1.5 min on 2 CPU cores, gold accuracy ~0.9
     python reward_model.py --sft=runs/sft/final --data_format=ranked --k=4    # K-wise rankings
     python reward_model.py --sft=runs/sft/final --run_dir=runs/rm_ens --ensemble_size=3 [--bootstrap]
         # three members (seeds 0, 1, 2) in runs/rm_ens/member_k/final/reward; ppo.py --reward_model=runs/rm_ens
