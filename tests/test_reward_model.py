@@ -293,6 +293,17 @@ def tiny_args(sft: str, run_dir: Path, *extra) -> list[str]:
             "--normalize_examples=24", "--log_every=1", "--lr=1e-3", *extra]
 
 
+@pytest.mark.parametrize("flag, suffix_calls", [([], 8), (["--loss_positions=last"], 0)])
+def test_training_uses_the_loss_that_loss_positions_names(tmp_path, monkeypatch, flag, suffix_calls):
+    """The loop hands comparison_loss the per-position scores, so the default trains on the divergent suffix (one
+    call per micro-batch: 4 steps x 2 micro-batches) and --loss_positions=last never calls it; evaluation never does."""
+    calls, suffix = [], rm.divergent_suffix_loss
+    monkeypatch.setattr(rm, "divergent_suffix_loss", lambda *a, **k: calls.append(1) or suffix(*a, **k))
+    sft = tiny_sft(tmp_path / "sft")
+    rm.main(tiny_args(sft, tmp_path / "rm", *flag))
+    assert len(calls) == suffix_calls
+
+
 @pytest.mark.parametrize("extra", [[], ["--normalize_gain", "--normalize_on=references"],
                                    ["--data_format=ranked", "--k=4"]], ids=["samples", "references+gain", "ranked"])
 def test_end_to_end_writes_a_normalized_reward_model(tmp_path, extra):

@@ -1,4 +1,4 @@
-"""Reward-model variants that docs/lab.md tried on the weak one-thread RMs ("What else was tried on the weak RMs"),
+"""Reward-model variants that docs/lab.md tried on the weak one-thread RMs ("What was tried on the weak RMs"),
 none of which became a default. Each patches reward_model.py in this process only, then runs it with the flags after
 "--" (packed batches, the built-in task's default; docs/lab.md's runs add --loss_positions=last, the default then):
 
@@ -9,9 +9,9 @@ none of which became a default. Each patches reward_model.py in this process onl
         # the first 100 optimizer steps train the head alone, the trunk frozen ("linear probing, then fine-tuning",
         # Kumar et al. 2022: a random head's gradients distort the features it reads)
     PYTHONPATH=. python docs/lab/rm_variants.py sft_reg=0.1 -- ...
-        # loss (1 - a) * Bradley-Terry + a * the SFT loss on the chosen responses, through the tied LM head (GRM, Yang
-        # et al. 2024, "Regularizing Hidden States Enables Learning Generalizable Reward Model for LLMs"; their
-        # scripts use a = 0.01)
+        # loss (1 - a) * the comparison loss + a * the SFT loss on the chosen responses, through the tied LM head,
+        # after GRM's SFT regularizer (Yang et al. 2024, "Regularizing Hidden States Enables Learning Generalizable
+        # Reward Model for LLMs"; its scripts' weight_ratio is 0.01)
 """
 import sys
 
