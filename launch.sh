@@ -86,7 +86,7 @@ SEED_ARG=""
 # Periodic evaluations of the ablations' PPO runs (each ~1 s): the points of the gold-vs-sqrt(KL) curves.
 LAB_EVAL_EVERY=${LAB_EVAL_EVERY:-10}
 # The ablations' PPO runs go three times the default's 150 updates: against the default RM, beta 0 needs more than
-# 150 to over-optimize (its gold peaks near update 75, then falls while the learned reward rises; docs/lab.md).
+# 150 to over-optimize (its gold peaks near update 70, then falls while the learned reward rises; docs/lab.md).
 LAB_UPDATES=${LAB_UPDATES:-450}
 ENSEMBLE_SIZE=${ENSEMBLE_SIZE:-3}
 ENSEMBLE_BETAS=${ENSEMBLE_BETAS:-"0 0.1"}

@@ -310,12 +310,13 @@ def comparison_scores(model, batch: dict, d: Dist, bf16: bool) -> tuple[torch.Te
     if docs is None:  # padded: row r is sequence r, right-padded, so its positions are the columns
         docs = torch.arange(ids.size(0), device=ids.device)[:, None].expand_as(ids).masked_fill(mask == 0, -1)
         positions = torch.arange(ids.size(1), device=ids.device).expand_as(ids)
+    # The longest sequence's length, read from the CPU batch: no device sync in the training loop.
+    L = int(batch["position_ids"].max()) + 1 if "position_ids" in batch else ids.size(1)
     real = docs >= 0
     seq, pos = docs[real], positions[real]
-    L = int(pos.max()) + 1
     grid = scalars.new_zeros(K * B, L).index_put((seq, pos), scalars[real])
     tokens = torch.full((K * B, L), -1, dtype=torch.long, device=ids.device).index_put((seq, pos), ids[real])
-    length = torch.zeros(K * B, dtype=torch.long, device=ids.device).index_add_(0, seq, torch.ones_like(seq))
+    length = (tokens >= 0).sum(1)
     held = grid.gather(1, torch.minimum(torch.arange(L, device=ids.device), length[:, None] - 1))
     return held.view(K, B, L).transpose(0, 1), tokens.view(K, B, L).transpose(0, 1)
 
